@@ -1,0 +1,33 @@
+# JEM-EO: `make demo` runs the main job on bundled data, `make test` runs the whole suite.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+SYSTEM_PY := /usr/bin/python3
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+APT_PACKAGES := qgis python3-qgis python3-gdal python3-rasterio python3-matplotlib xvfb
+PIP_PACKAGES := torch==2.13.0 pytest pytest-qgis matplotlib hypothesis
+export QT_QPA_PLATFORM ?= offscreen
+
+.PHONY: setup system-packages test demo package clean
+
+setup: system-packages $(VENV)/.installed
+
+# Debian's QGIS, GDAL, rasterio, numpy and matplotlib: one GDAL in the process.
+system-packages:
+	@$(SYSTEM_PY) -c "import qgis.core, osgeo.gdal, rasterio, matplotlib" 2>/dev/null || { \
+	  $(SUDO) apt-get update && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y --no-install-recommends $(APT_PACKAGES); }
+
+# numpy stays Debian's (GDAL and rasterio are built against it): pin it for pip.
+$(VENV)/.installed: pyproject.toml Makefile
+	@test -x $(PY) || $(SYSTEM_PY) -m venv --system-site-packages $(VENV)
+	$(SYSTEM_PY) -c "import numpy; print('numpy==' + numpy.__version__)" > $(VENV)/constraints.txt
+	$(PY) -m pip install -q --disable-pip-version-check -c $(VENV)/constraints.txt $(PIP_PACKAGES)
+	$(PY) -m pip install -q --disable-pip-version-check -c $(VENV)/constraints.txt --no-deps -e .
+	@touch $@
+
+test: setup
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) dist build *.egg-info .pytest_cache

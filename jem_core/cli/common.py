@@ -1,0 +1,47 @@
+"""Helpers shared by the sub-commands: progress bar, JSON output, common options."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ..device import DEVICE_CHOICES
+from ..model_file import atomic_write
+
+
+class ProgressBar:
+    """A one-line text progress bar on stderr, redrawn at most a few times a second."""
+
+    def __init__(self, label: str, stream=sys.stderr) -> None:
+        self.label, self.stream = label, stream
+        self.start = self.last = time.monotonic()
+        self.interactive = stream.isatty()
+
+    def __call__(self, fraction: float, message: str = "") -> None:
+        now = time.monotonic()
+        if now - self.last < (0.2 if self.interactive else 10.0) and fraction < 1.0:
+            return
+        self.last = now
+        filled = int(30 * min(max(fraction, 0.0), 1.0))
+        line = f"{self.label} [{'#' * filled}{'.' * (30 - filled)}] {fraction:5.1%} {now - self.start:6.0f}s {message}"
+        if self.interactive:
+            self.stream.write("\r" + line[:150].ljust(150) + ("\n" if fraction >= 1.0 else ""))
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    text = json.dumps(data, indent=2)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text), suffix=".json")
+
+
+def add_device_option(parser) -> None:
+    parser.add_argument("--device", default="auto", choices=DEVICE_CHOICES,
+                        help="compute device: auto picks CUDA when present (default: auto)")

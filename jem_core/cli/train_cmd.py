@@ -1,0 +1,117 @@
+"""`jem train` and `jem evaluate`."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from ..data import load_class_folder, split_dataset
+from ..device import resolve_device
+from ..metrics import classification_metrics, predict_logits
+from ..model_file import load_model
+from ..models import ARCHITECTURES, NORMS
+from ..plots import reliability_diagram
+from ..sampler import INIT_CHOICES, SGLDConfig
+from ..training import TrainConfig, train
+from .common import ProgressBar, add_device_option, log, write_json
+
+
+def register(subparsers) -> None:
+    defaults, sgld = TrainConfig(), SGLDConfig()
+    p = subparsers.add_parser("train", help="train a JEM (or the CE baseline) on a class-folder dataset",
+                              description="Train a Joint Energy-based Model on DATA_DIR (one folder per class).")
+    p.add_argument("data_dir", type=Path, metavar="DATA_DIR")
+    p.add_argument("--out", type=Path, required=True, help="model file to write (.pt)")
+    p.add_argument("--labels-per-class", type=int, default=0,
+                   help="semi-supervised: keep K labels per class, the rest unlabelled (0 = all labelled)")
+    p.add_argument("--arch", default=defaults.arch, choices=list(ARCHITECTURES))
+    p.add_argument("--stem-stride", type=int, default=defaults.stem_stride, choices=(1, 2),
+                   help="2 halves every feature map (4x cheaper) (default: %(default)s)")
+    p.add_argument("--norm", default=defaults.norm, choices=NORMS)
+    p.add_argument("--image-size", type=int, default=defaults.image_size)
+    p.add_argument("--epochs", type=int, default=defaults.epochs)
+    p.add_argument("--time-budget-min", type=float, default=None, help="stop after this many minutes")
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    p.add_argument("--lr", type=float, default=defaults.lr)
+    p.add_argument("--baseline", action="store_true", help="plain cross-entropy training of the same network")
+    p.add_argument("--sgld-steps", type=int, default=sgld.steps)
+    p.add_argument("--sgld-step-size", type=float, default=sgld.step_size)
+    p.add_argument("--sgld-noise", type=float, default=sgld.noise)
+    p.add_argument("--sgld-batch-size", type=int, default=defaults.sgld_batch_size)
+    p.add_argument("--sgld-init", default=sgld.init, choices=INIT_CHOICES)
+    p.add_argument("--buffer-size", type=int, default=sgld.buffer_size)
+    p.add_argument("--reinit-prob", type=float, default=sgld.reinit_prob)
+    p.add_argument("--energy-reg", type=float, default=defaults.energy_reg)
+    p.add_argument("--weight-gen", type=float, default=defaults.weight_gen)
+    p.add_argument("--patience", type=int, default=defaults.patience, help="early-stopping patience in epochs")
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--metrics-json", type=Path, help="also write the test metrics here")
+    add_device_option(p)
+    p.set_defaults(run=run_train)
+
+    e = subparsers.add_parser("evaluate", help="accuracy, NLL, ECE and a reliability diagram of a model",
+                              description="Evaluate MODEL on DATA_DIR (the test split by the model's seed, or all).")
+    e.add_argument("model", type=Path, metavar="MODEL")
+    e.add_argument("data_dir", type=Path, metavar="DATA_DIR")
+    e.add_argument("--split", default="test", choices=("test", "all"),
+                   help="test: the held-out split of training (same seed); all: every image")
+    e.add_argument("--json", type=Path, help="write the metrics as JSON here")
+    e.add_argument("--plot", type=Path, help="write a reliability diagram PNG here")
+    e.add_argument("--batch-size", type=int, default=256)
+    add_device_option(e)
+    e.set_defaults(run=run_evaluate)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    sgld = SGLDConfig(steps=args.sgld_steps, step_size=args.sgld_step_size, noise=args.sgld_noise,
+                      buffer_size=args.buffer_size, reinit_prob=args.reinit_prob, init=args.sgld_init)
+    return TrainConfig(arch=args.arch, stem_stride=args.stem_stride, norm=args.norm, image_size=args.image_size,
+                       epochs=args.epochs, time_budget_min=args.time_budget_min, batch_size=args.batch_size,
+                       sgld_batch_size=args.sgld_batch_size, lr=args.lr,
+                       labels_per_class=args.labels_per_class or None, baseline=args.baseline,
+                       energy_reg=args.energy_reg, weight_gen=args.weight_gen, patience=args.patience,
+                       seed=args.seed, device=args.device, sgld=sgld)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    log(f"reading {args.data_dir} at {config.image_size} px ...")
+    dataset = load_class_folder(args.data_dir, config.image_size)
+    result = train(dataset, config, out_path=args.out, progress=ProgressBar("train"), log=log)
+    m = result.metrics
+    log(f"test accuracy {m['accuracy']:.1%}, NLL {m['nll']:.3f}, ECE {m['ece']:.3f} "
+        f"({m['count']} test images); model written to {args.out}")
+    if args.metrics_json:
+        write_json(args.metrics_json, m)
+    return 0
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    loaded = load_model(args.model, resolve_device(args.device))
+    meta = loaded.meta
+    dataset = load_class_folder(args.data_dir, meta.image_size, class_names=meta.class_names)
+    check_bands(dataset.images.shape[1], meta.band_names, args.data_dir)
+    indices = torch.arange(len(dataset))
+    if args.split == "test":
+        cfg = meta.train_config
+        indices = split_dataset(dataset.labels, cfg.get("seed", 0), cfg.get("val_fraction", 0.1),
+                                cfg.get("test_fraction", 0.2)).test
+    logits = predict_logits(loaded, dataset.images[indices], batch_size=args.batch_size)
+    metrics = classification_metrics(logits, dataset.labels[indices], meta.class_names)
+    metrics["split"] = args.split
+    print(f"accuracy {metrics['accuracy']:.1%}  NLL {metrics['nll']:.3f}  ECE {metrics['ece']:.3f}  "
+          f"({metrics['count']} images, split {args.split})")
+    if args.json:
+        write_json(args.json, metrics)
+    if args.plot:
+        reliability_diagram({args.model.stem: metrics}, args.plot)
+    return 0
+
+
+def check_bands(count: int, band_names: list[str], source: Path) -> None:
+    from .. import JEMError
+
+    if count != len(band_names):
+        raise JEMError(f"'{source}' has {count}-band images but the model expects {len(band_names)} bands "
+                       f"({', '.join(band_names)}). Use data with the model's bands.")

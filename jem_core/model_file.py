@@ -1,0 +1,136 @@
+"""The model file: one `.pt` holding weights and metadata, safe to load.
+
+Format (a plain dict, loadable with ``torch.load(path, weights_only=True)``, so loading
+never runs code from the file):
+
+    format          "jem-eo-model"
+    format_version  FORMAT_VERSION (int)
+    spec            ModelSpec as a dict (architecture, bands count, classes, norm, stem)
+    state_dict      the network's weights
+    meta            ModelMeta as a dict (class names, band names, image size,
+                    normalisation, value range, training config, metrics)
+
+Files are written to a temporary name beside the target and renamed, so a crash never
+leaves a half-written model under the real name.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import JEMError, __version__
+from .models import JEM, ModelSpec, build_model
+
+FORMAT = "jem-eo-model"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class ModelMeta:
+    """What a user of the model must know to feed it the right pixels."""
+
+    class_names: list[str]
+    band_names: list[str]
+    image_size: int
+    # Per-band statistics in the units of `value_range`: x_net = (x - mean) / std.
+    mean: list[float]
+    std: list[float]
+    # Pixel value range of the training images (e.g. [0, 255] for 8-bit imagery).
+    value_range: list[float] = field(default_factory=lambda: [0.0, 255.0])
+    train_config: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    created_by: str = f"jem-eo {__version__}"
+
+
+@dataclass
+class LoadedModel:
+    model: JEM
+    meta: ModelMeta
+
+    @property
+    def spec(self) -> ModelSpec:
+        return self.model.spec
+
+    def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels (N, bands, H, W) in the model's value range → network input."""
+        mean = torch.tensor(self.meta.mean, dtype=pixels.dtype, device=pixels.device)[None, :, None, None]
+        std = torch.tensor(self.meta.std, dtype=pixels.dtype, device=pixels.device)[None, :, None, None]
+        return (pixels - mean) / std
+
+    def denormalise(self, x: torch.Tensor) -> torch.Tensor:
+        mean = torch.tensor(self.meta.mean, dtype=x.dtype, device=x.device)[None, :, None, None]
+        std = torch.tensor(self.meta.std, dtype=x.dtype, device=x.device)[None, :, None, None]
+        return x * std + mean
+
+
+def atomic_write(path: str | os.PathLike, write: Any, suffix: str = "") -> None:
+    """Call write(tmp_path), then rename tmp_path → path; remove tmp_path if anything fails."""
+    path = Path(path)
+    if not path.parent.exists():
+        raise JEMError(f"Output folder '{path.parent}' does not exist. Create it or choose another path.")
+    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix + ".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        write(tmp_name)
+        os.replace(tmp_name, path)
+    except OSError as error:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise JEMError(f"Could not write '{path}': {error.strerror or error}. Check free space and permissions.") from error
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+def model_payload(model: JEM, meta: ModelMeta) -> dict[str, Any]:
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "spec": model.spec.to_dict(),
+            "state_dict": state, "meta": asdict(meta)}
+
+
+def save_model(path: str | os.PathLike, model: JEM, meta: ModelMeta) -> None:
+    payload = model_payload(model, meta)
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+def read_payload(path: str | os.PathLike) -> dict[str, Any]:
+    """torch.load with weights_only=True, every failure turned into one clear JEMError."""
+    path = Path(path)
+    if not path.is_file():
+        raise JEMError(f"Model file '{path}' does not exist. Train one with `jem train` or pick an existing .pt file.")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types: pickle, zip, unsafe globals
+        raise JEMError(f"'{path}' is not a readable JEM model file (it may be truncated, corrupt or not "
+                       f"a model at all; loading refused: {type(error).__name__}). Retrain or re-download it.") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise JEMError(f"'{path}' is a PyTorch file but not a JEM-EO model. Use a model written by `jem train`.")
+    version = payload.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise JEMError(f"'{path}' has model format version {version}; this JEM-EO reads up to version "
+                       f"{FORMAT_VERSION}. Update JEM-EO to load it.")
+    return payload
+
+
+def model_from_payload(payload: dict[str, Any], source: str = "model file") -> LoadedModel:
+    try:
+        spec = ModelSpec(**payload["spec"])
+        meta = ModelMeta(**payload["meta"])
+        model = build_model(spec)
+        model.load_state_dict(payload["state_dict"])
+    except JEMError:
+        raise
+    except (KeyError, TypeError, RuntimeError) as error:
+        raise JEMError(f"The {source} is damaged or incompatible ({type(error).__name__}: {str(error)[:200]}). "
+                       "Retrain the model.") from None
+    return LoadedModel(model.eval(), meta)
+
+
+def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> LoadedModel:
+    loaded = model_from_payload(read_payload(path), source=f"model file '{path}'")
+    loaded.model.to(device)
+    return loaded

@@ -1,0 +1,160 @@
+"""Wide-ResNet without batch norm, as in JEM, wrapped as a joint energy-based model.
+
+The same network is a classifier p(y|x) = softmax(f(x)) and an energy model
+p(x) ∝ exp(-E(x)) with E(x) = -logsumexp_y f(x)[y].  Batch norm is left out because it
+makes E(x) depend on the rest of the batch, which breaks SGLD sampling.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import JEMError
+
+# name -> (depth, widen factor).  Depth = 6 n + 4 with n residual blocks per group.
+ARCHITECTURES: dict[str, tuple[int, int]] = {
+    "wrn-10-1": (10, 1),
+    "wrn-10-2": (10, 2),
+    "wrn-16-2": (16, 2),
+    "wrn-16-4": (16, 4),
+    "wrn-16-8": (16, 8),
+    "wrn-28-2": (28, 2),
+    "wrn-28-10": (28, 10),
+}
+NORMS = ("none", "layer", "group", "instance")
+
+
+@dataclass
+class ModelSpec:
+    """Everything needed to rebuild the network; stored in the model file."""
+
+    arch: str = "wrn-16-2"
+    in_channels: int = 3
+    num_classes: int = 10
+    norm: str = "none"
+    dropout: float = 0.0
+    # A stride-2 stem halves every feature map: 64 px inputs then cost what 32 px do.
+    stem_stride: int = 1
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHITECTURES:
+            raise JEMError(f"Unknown architecture '{self.arch}'. Choose one of: {', '.join(ARCHITECTURES)}.")
+        if self.norm not in NORMS:
+            raise JEMError(f"Unknown norm '{self.norm}'. Choose one of: {', '.join(NORMS)}.")
+        if self.in_channels < 1:
+            raise JEMError(f"A model needs at least one input band (got {self.in_channels}).")
+        if self.num_classes < 2:
+            raise JEMError(f"A classifier needs at least two classes (got {self.num_classes}).")
+        if self.stem_stride not in (1, 2):
+            raise JEMError(f"stem_stride must be 1 or 2 (got {self.stem_stride}).")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _norm_layer(kind: str, channels: int) -> nn.Module:
+    if kind == "layer":
+        return nn.GroupNorm(1, channels)
+    if kind == "group":
+        return nn.GroupNorm(min(32, channels // 4) or 1, channels)
+    if kind == "instance":
+        return nn.GroupNorm(channels, channels)
+    return nn.Identity()
+
+
+class WideBasic(nn.Module):
+    """Pre-activation residual block: norm → LeakyReLU → conv, twice, plus a shortcut."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int, norm: str, dropout: float) -> None:
+        super().__init__()
+        self.norm1 = _norm_layer(norm, in_planes)
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, padding=1, bias=True)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.norm2 = _norm_layer(norm, planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=stride, padding=1, bias=True)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Conv2d(in_planes, planes, 1, stride=stride, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.dropout(self.conv1(F.leaky_relu(self.norm1(x), 0.2)))
+        out = self.conv2(F.leaky_relu(self.norm2(out), 0.2))
+        return out + self.shortcut(x)
+
+
+class WideResNet(nn.Module):
+    """Feature extractor; global average pooling makes it work for any input size ≥ 8 px."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        depth, widen = ARCHITECTURES[spec.arch]
+        blocks_per_group = (depth - 4) // 6
+        widths = [16, 16 * widen, 32 * widen, 64 * widen]
+        self.stem = nn.Conv2d(spec.in_channels, widths[0], 3, stride=spec.stem_stride, padding=1, bias=True)
+        layers: list[nn.Module] = []
+        in_planes = widths[0]
+        for group, stride in zip(range(1, 4), (1, 2, 2)):
+            for block in range(blocks_per_group):
+                layers.append(WideBasic(in_planes, widths[group], stride if block == 0 else 1, spec.norm, spec.dropout))
+                in_planes = widths[group]
+        self.blocks = nn.Sequential(*layers)
+        self.final_norm = _norm_layer(spec.norm, in_planes)
+        self.out_features = in_planes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.leaky_relu(self.final_norm(self.blocks(self.stem(x))), 0.2)
+        return F.adaptive_avg_pool2d(out, 1).flatten(1)
+
+
+class JEM(nn.Module):
+    """Wide-ResNet + linear head: logits f(x), energy E(x) = -logsumexp f(x)."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.features = WideResNet(spec)
+        self.head = nn.Linear(self.features.out_features, spec.num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+    @staticmethod
+    def energy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+        return -torch.logsumexp(logits, dim=1)
+
+    def energy(self, x: torch.Tensor) -> torch.Tensor:
+        """E(x) = -log Σ_y exp f(x)[y]; lower energy = more typical of the training data."""
+        return self.energy_from_logits(self(x))
+
+    def class_energy(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """E(x, y) = -f(x)[y], the energy of the joint p(x, y)."""
+        return -self(x).gather(1, y[:, None]).squeeze(1)
+
+
+def build_model(spec: ModelSpec) -> JEM:
+    return JEM(spec)
+
+
+def flops_per_image(model: JEM, image_size: int) -> float:
+    """Multiply-adds ×2 of one forward pass, counted from the conv and linear layers."""
+    total = 0.0
+
+    def count(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        nonlocal total
+        if isinstance(module, nn.Conv2d):
+            kh, kw = module.kernel_size
+            total += 2.0 * output.numel() * (module.in_channels // module.groups) * kh * kw
+        elif isinstance(module, nn.Linear):
+            total += 2.0 * output.numel() * module.in_features
+
+    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, model.spec.in_channels, image_size, image_size, device=next(model.parameters()).device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return total

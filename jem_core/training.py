@@ -1,0 +1,289 @@
+"""JEM training (supervised and semi-supervised) and the plain cross-entropy baseline.
+
+Loss per iteration:
+    weight_ce · CE(f(x_l), y_l)                         on a labelled batch
+  + weight_gen · (mean E(x_data) − mean E(x_sgld))      on all training images, labelled or not
+  + energy_reg · mean(E(x_data)² + E(x_sgld)²)          keeps energies near 0 (stability)
+
+x_sgld comes from a short SGLD chain continued from a replay buffer.  The baseline drops the
+generative term and trains the same network with CE alone.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import JEMError
+from .data import SceneDataset, band_statistics, choose_labelled, split_dataset
+from .device import resolve_device
+from .metrics import classification_metrics, predict_logits
+from .model_file import LoadedModel, ModelMeta, save_model
+from .models import ModelSpec, build_model
+from .sampler import ReplayBuffer, SGLDConfig, SGLDSampler, make_initialiser
+
+
+class Cancelled(JEMError):
+    def __init__(self) -> None:
+        super().__init__("Cancelled by the user; nothing was written.")
+
+
+class Diverged(JEMError):
+    pass
+
+
+@dataclass
+class TrainConfig:
+    arch: str = "wrn-10-2"
+    stem_stride: int = 2
+    norm: str = "none"
+    dropout: float = 0.0
+    image_size: int = 64
+    epochs: int = 10
+    time_budget_min: Optional[float] = None
+    batch_size: int = 64
+    sgld_batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_iters: int = 100
+    labels_per_class: Optional[int] = None  # None: every training image is labelled
+    baseline: bool = False
+    weight_ce: float = 1.0
+    weight_gen: float = 1.0
+    energy_reg: float = 0.1
+    input_noise: float = 0.03
+    augment: bool = True
+    patience: Optional[int] = 5
+    val_fraction: float = 0.1
+    test_fraction: float = 0.2
+    seed: int = 0
+    device: str = "auto"
+    divergence_threshold: float = 1e4
+    sgld: SGLDConfig = field(default_factory=SGLDConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class TrainResult:
+    loaded: LoadedModel
+    metrics: dict[str, Any]
+    history: list[dict[str, float]]
+
+
+ProgressFn = Callable[[float, str], None]
+
+
+def augment(x: torch.Tensor) -> torch.Tensor:
+    """Random flips per image and a random quarter turn per batch: scenes seen from above have no 'up'."""
+    flip_h = torch.rand(len(x), device=x.device) < 0.5
+    flip_v = torch.rand(len(x), device=x.device) < 0.5
+    x = torch.where(flip_h[:, None, None, None], x.flip(3), x)
+    x = torch.where(flip_v[:, None, None, None], x.flip(2), x)
+    return torch.rot90(x, int(torch.randint(0, 4, ())), dims=(2, 3))
+
+
+def learning_rate(config: TrainConfig, iteration: int, progress: float) -> float:
+    """Linear warm-up, then cosine decay over the run (progress ∈ [0, 1], by iterations or time)."""
+    warm = min(1.0, (iteration + 1) / max(config.warmup_iters, 1))
+    return config.lr * warm * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+class BatchStream:
+    """Endless shuffled batches of indices, reshuffled after each pass."""
+
+    def __init__(self, indices: torch.Tensor, batch_size: int, generator: torch.Generator) -> None:
+        self.indices, self.batch_size, self.generator = indices, batch_size, generator
+        self.order = torch.empty(0, dtype=torch.long)
+
+    def next(self) -> torch.Tensor:
+        if len(self.order) < self.batch_size:
+            shuffled = self.indices[torch.randperm(len(self.indices), generator=self.generator)]
+            self.order = torch.cat([self.order, shuffled])
+        batch, self.order = self.order[:self.batch_size], self.order[self.batch_size:]
+        return batch
+
+
+def check_config(config: TrainConfig, dataset: SceneDataset) -> None:
+    if config.epochs < 1:
+        raise JEMError(f"--epochs must be at least 1 (got {config.epochs}).")
+    if config.time_budget_min is not None and config.time_budget_min <= 0:
+        raise JEMError(f"--time-budget-min must be positive (got {config.time_budget_min}).")
+    if config.labels_per_class is not None and config.labels_per_class < 1:
+        raise JEMError("--labels-per-class must be at least 1 (0 or omitted means: use every label).")
+    if config.image_size < 8:
+        raise JEMError(f"--image-size must be at least 8 px (got {config.image_size}).")
+    if dataset.images.shape[-1] != config.image_size:
+        raise JEMError(f"Dataset images are {dataset.images.shape[-1]} px but the config asks for "
+                       f"{config.image_size} px; load the dataset at the training size.")
+
+
+def train(dataset: SceneDataset, config: TrainConfig, out_path: str | Path | None = None,
+          progress: ProgressFn | None = None, should_stop: Callable[[], bool] | None = None,
+          log: Callable[[str], None] | None = None) -> TrainResult:
+    """Train a JEM (or the CE baseline) on a class-folder dataset; optionally save the model file.
+
+    progress(fraction, message) is called every iteration; should_stop() is polled every
+    iteration and raises Cancelled (nothing is written) when it returns True.
+    """
+    check_config(config, dataset)
+    log = log or (lambda message: None)
+    progress = progress or (lambda fraction, message: None)
+    torch.manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    device = resolve_device(config.device)
+    start_time = time.monotonic()
+
+    split = split_dataset(dataset.labels, config.seed, config.val_fraction, config.test_fraction)
+    if len(split.train) == 0:
+        raise JEMError("The training split is empty: the dataset has too few images per class.")
+    labelled = split.train if config.labels_per_class is None else \
+        choose_labelled(split.train, dataset.labels, config.labels_per_class, config.seed)
+    # Labels the trainer may see: -1 for every training image outside the labelled subset.
+    visible_labels = torch.full_like(dataset.labels, -1)
+    visible_labels[labelled] = dataset.labels[labelled]
+
+    mean, std = band_statistics(dataset.images[split.train])
+    spec = ModelSpec(arch=config.arch, in_channels=dataset.images.shape[1], num_classes=dataset.num_classes,
+                     norm=config.norm, dropout=config.dropout, stem_stride=config.stem_stride)
+    meta = ModelMeta(class_names=list(dataset.class_names), band_names=list(dataset.band_names),
+                     image_size=config.image_size, mean=mean, std=std, value_range=list(dataset.value_range),
+                     train_config=config.to_dict())
+    model = build_model(spec).to(device)
+    loaded = LoadedModel(model, meta)
+    inputs = loaded.normalise(dataset.images).to(device)  # whole normalised dataset on the device
+    train_labels = visible_labels.to(device)
+
+    sampler = None
+    if not config.baseline:
+        initialiser = make_initialiser(config.sgld, inputs[labelled], train_labels[labelled], spec.num_classes)
+        buffer = ReplayBuffer(initialiser, config.sgld.buffer_size, spec.num_classes, device)
+        sampler = SGLDSampler(model, config.sgld, buffer)
+
+    optimiser = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    iters_per_epoch = max(1, math.ceil(len(split.train) / config.batch_size))
+    total_iters = iters_per_epoch * config.epochs
+    budget_s = config.time_budget_min * 60 if config.time_budget_min else None
+    labelled_stream = BatchStream(labelled, config.batch_size, generator)
+    data_stream = BatchStream(split.train, config.sgld_batch_size, generator)
+
+    mode = "baseline (CE only)" if config.baseline else "JEM"
+    log(f"{mode}: {spec.arch} on {device}, {len(split.train)} train images ({len(labelled)} labelled), "
+        f"{len(split.val)} val, {len(split.test)} test, {iters_per_epoch} iterations/epoch")
+    history: list[dict[str, float]] = []
+    best = {"val_accuracy": -1.0, "state": None, "epoch": 0}
+    iteration = 0
+    stop_reason = f"{config.epochs} epochs done"
+    for epoch in range(1, config.epochs + 1):
+        model.train()
+        sums = {"ce": 0.0, "gen": 0.0, "gap": 0.0}
+        done = 0
+        for _ in range(iters_per_epoch):
+            if should_stop is not None and should_stop():
+                raise Cancelled()
+            elapsed = time.monotonic() - start_time
+            fraction = max(iteration / total_iters, elapsed / budget_s if budget_s else 0.0)
+            if budget_s and elapsed >= budget_s:
+                stop_reason = f"time budget of {config.time_budget_min} min reached in epoch {epoch}"
+                break
+            for group in optimiser.param_groups:
+                group["lr"] = learning_rate(config, iteration, fraction)
+            losses = training_step(model, sampler, optimiser, inputs, train_labels, labelled_stream,
+                                   data_stream, config)
+            check_divergence(losses, config, epoch, iteration)
+            for key in sums:
+                sums[key] += losses[key]
+            iteration += 1
+            done += 1
+            progress(min(fraction, 1.0), f"epoch {epoch}/{config.epochs} ce {losses['ce']:.3f} "
+                                         f"gap {losses['gap']:+.2f}")
+        if done:
+            record = end_of_epoch(loaded, dataset, split.val, epoch, iteration, sums, done, start_time)
+            history.append(record)
+            log(format_record(record))
+            if record["val_accuracy"] > best["val_accuracy"]:
+                best = {"val_accuracy": record["val_accuracy"], "epoch": epoch,
+                        "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+            elif config.patience is not None and epoch - best["epoch"] >= config.patience:
+                stop_reason = f"early stop: no val improvement for {config.patience} epochs"
+                break
+        if done < iters_per_epoch:
+            break
+
+    if best["state"] is not None:
+        model.load_state_dict(best["state"])
+    log(f"stopped ({stop_reason}); keeping the weights of epoch {best['epoch']}")
+    metrics = classification_metrics(predict_logits(loaded, dataset.images[split.test]),
+                                     dataset.labels[split.test], dataset.class_names)
+    metrics.update(split="test", best_epoch=best["epoch"], iterations=iteration, stop_reason=stop_reason,
+                   train_seconds=round(time.monotonic() - start_time, 1), labelled_images=len(labelled),
+                   mode="baseline" if config.baseline else "jem")
+    meta.metrics = {k: v for k, v in metrics.items() if k not in ("confusion_matrix", "reliability")}
+    meta.train_config["history"] = history
+    model.eval()
+    if out_path is not None:
+        save_model(out_path, model, meta)
+    progress(1.0, "done")
+    return TrainResult(loaded, metrics, history)
+
+
+def training_step(model, sampler: SGLDSampler | None, optimiser: torch.optim.Optimizer, inputs: torch.Tensor,
+                  labels: torch.Tensor, labelled_stream: BatchStream, data_stream: BatchStream,
+                  config: TrainConfig) -> dict[str, float]:
+    """One optimiser step; labelled, data and SGLD images share one forward pass."""
+    labelled_idx = labelled_stream.next().to(inputs.device)
+    x_labelled = inputs[labelled_idx]
+    parts = [x_labelled]
+    if sampler is not None:
+        parts.append(inputs[data_stream.next().to(inputs.device)])
+    if config.augment:
+        parts = [augment(x) for x in parts]
+    if config.input_noise > 0:
+        parts = [x + config.input_noise * torch.randn_like(x) for x in parts]
+    if sampler is not None:
+        parts.append(sampler.sample(config.sgld_batch_size))
+    logits = model(torch.cat(parts))
+    n_lab = len(x_labelled)
+    ce = F.cross_entropy(logits[:n_lab], labels[labelled_idx])
+    loss = config.weight_ce * ce
+    gen = gap = torch.zeros((), device=inputs.device)
+    if sampler is not None:
+        n_data = len(parts[1])
+        energy_data = -torch.logsumexp(logits[n_lab:n_lab + n_data], 1)
+        energy_sgld = -torch.logsumexp(logits[n_lab + n_data:], 1)
+        gap = energy_data.mean() - energy_sgld.mean()
+        gen = gap + config.energy_reg * (energy_data.pow(2).mean() + energy_sgld.pow(2).mean())
+        loss = loss + config.weight_gen * gen
+    optimiser.zero_grad(set_to_none=True)
+    loss.backward()
+    optimiser.step()
+    return {"loss": loss.item(), "ce": ce.item(), "gen": gen.item(), "gap": gap.item()}
+
+
+def check_divergence(losses: dict[str, float], config: TrainConfig, epoch: int, iteration: int) -> None:
+    if not all(math.isfinite(v) for v in losses.values()) or abs(losses["gap"]) > config.divergence_threshold:
+        raise Diverged(f"Training diverged in epoch {epoch} (iteration {iteration}): loss {losses['loss']:.3g}, "
+                       f"energy gap {losses['gap']:.3g}. Retry with a lower --lr, more --sgld-steps or a larger "
+                       "--energy-reg.")
+
+
+def end_of_epoch(loaded: LoadedModel, dataset: SceneDataset, val: torch.Tensor, epoch: int, iteration: int,
+                 sums: dict[str, float], iters: int, start_time: float) -> dict[str, float]:
+    val_metrics = classification_metrics(predict_logits(loaded, dataset.images[val]), dataset.labels[val],
+                                         dataset.class_names) if len(val) else {"accuracy": 0.0, "nll": 0.0,
+                                                                                "ece": 0.0}
+    return {"epoch": epoch, "iteration": iteration, "minutes": (time.monotonic() - start_time) / 60,
+            "train_ce": sums["ce"] / iters, "train_gap": sums["gap"] / iters,
+            "val_accuracy": val_metrics["accuracy"], "val_nll": val_metrics["nll"], "val_ece": val_metrics["ece"]}
+
+
+def format_record(record: dict[str, float]) -> str:
+    return (f"epoch {record['epoch']:3d}  {record['minutes']:6.1f} min  train CE {record['train_ce']:.3f}  "
+            f"gap {record['train_gap']:+.3f}  val acc {record['val_accuracy']:.1%}  val NLL {record['val_nll']:.3f}  "
+            f"val ECE {record['val_ece']:.3f}")
