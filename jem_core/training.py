@@ -10,6 +10,7 @@ generative term and trains the same network with CE alone.
 """
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -126,13 +127,18 @@ def check_config(config: TrainConfig, dataset: SceneDataset) -> None:
 
 def train(dataset: SceneDataset, config: TrainConfig, out_path: str | Path | None = None,
           progress: ProgressFn | None = None, should_stop: Callable[[], bool] | None = None,
-          log: Callable[[str], None] | None = None) -> TrainResult:
+          log: Callable[[str], None] | None = None, *, unlabelled: torch.Tensor | None = None,
+          start_model: LoadedModel | None = None) -> TrainResult:
     """Train a JEM (or the CE baseline) on a class-folder dataset; optionally save the model file.
 
     progress(fraction, message) is called every iteration; should_stop() is polled every
     iteration and raises Cancelled (nothing is written) when it returns True.
+    unlabelled: extra images (N, bands, H, W) for the generative term only (never in val/test).
+    start_model: fine-tune this model (same bands and classes as the dataset; keeps its normalisation).
+    With no validation images (val_fraction 0) the last epoch's weights are kept.
     """
     check_config(config, dataset)
+    check_extras(dataset, unlabelled, start_model)
     log = log or (lambda message: None)
     progress = progress or (lambda fraction, message: None)
     torch.manual_seed(config.seed)
@@ -145,19 +151,24 @@ def train(dataset: SceneDataset, config: TrainConfig, out_path: str | Path | Non
         raise JEMError("The training split is empty: the dataset has too few images per class.")
     labelled = split.train if config.labels_per_class is None else \
         choose_labelled(split.train, dataset.labels, config.labels_per_class, config.seed)
-    # Labels the trainer may see: -1 for every training image outside the labelled subset.
-    visible_labels = torch.full_like(dataset.labels, -1)
+    # Unlabelled extras go after the dataset's images: training pool only, never val/test.
+    pool = dataset.images if unlabelled is None else torch.cat([dataset.images, unlabelled.float()])
+    data_indices = torch.cat([split.train, torch.arange(len(dataset), len(pool))])
+    # Labels the trainer may see: -1 for every pool image outside the labelled subset.
+    visible_labels = torch.full((len(pool),), -1, dtype=torch.long)
     visible_labels[labelled] = dataset.labels[labelled]
 
-    mean, std = band_statistics(dataset.images[split.train])
-    spec = ModelSpec(arch=config.arch, in_channels=dataset.images.shape[1], num_classes=dataset.num_classes,
-                     norm=config.norm, dropout=config.dropout, stem_stride=config.stem_stride)
+    mean, std = band_statistics(pool[data_indices]) if start_model is None else \
+        (list(start_model.meta.mean), list(start_model.meta.std))
+    spec = start_model.spec if start_model is not None else \
+        ModelSpec(arch=config.arch, in_channels=dataset.images.shape[1], num_classes=dataset.num_classes,
+                  norm=config.norm, dropout=config.dropout, stem_stride=config.stem_stride)
     meta = ModelMeta(class_names=list(dataset.class_names), band_names=list(dataset.band_names),
                      image_size=config.image_size, mean=mean, std=std, value_range=list(dataset.value_range),
                      train_config=config.to_dict())
-    model = build_model(spec).to(device)
+    model = (build_model(spec) if start_model is None else copy.deepcopy(start_model.model)).to(device)
     loaded = LoadedModel(model, meta)
-    inputs = loaded.normalise(dataset.images).to(device)  # whole normalised dataset on the device
+    inputs = loaded.normalise(pool).to(device)  # whole normalised training pool on the device
     train_labels = visible_labels.to(device)
 
     sampler = None
@@ -167,14 +178,14 @@ def train(dataset: SceneDataset, config: TrainConfig, out_path: str | Path | Non
         sampler = SGLDSampler(model, config.sgld, buffer)
 
     optimiser = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    iters_per_epoch = max(1, math.ceil(len(split.train) / config.batch_size))
+    iters_per_epoch = max(1, math.ceil(len(data_indices) / config.batch_size))
     total_iters = iters_per_epoch * config.epochs
     budget_s = config.time_budget_min * 60 if config.time_budget_min else None
     labelled_stream = BatchStream(labelled, config.batch_size, generator)
-    data_stream = BatchStream(split.train, config.sgld_batch_size, generator)
+    data_stream = BatchStream(data_indices, config.sgld_batch_size, generator)
 
     mode = "baseline (CE only)" if config.baseline else "JEM"
-    log(f"{mode}: {spec.arch} on {device}, {len(split.train)} train images ({len(labelled)} labelled), "
+    log(f"{mode}: {spec.arch} on {device}, {len(data_indices)} train images ({len(labelled)} labelled), "
         f"{len(split.val)} val, {len(split.test)} test, {iters_per_epoch} iterations/epoch")
     history: list[dict[str, float]] = []
     best = {"val_accuracy": -1.0, "state": None, "epoch": 0}
@@ -207,7 +218,7 @@ def train(dataset: SceneDataset, config: TrainConfig, out_path: str | Path | Non
             record = end_of_epoch(loaded, dataset, split.val, epoch, iteration, sums, done, start_time)
             history.append(record)
             log(format_record(record))
-            if record["val_accuracy"] > best["val_accuracy"]:
+            if record["val_accuracy"] > best["val_accuracy"] or len(split.val) == 0:
                 best = {"val_accuracy": record["val_accuracy"], "epoch": epoch,
                         "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
             elif config.patience is not None and epoch - best["epoch"] >= config.patience:
@@ -231,6 +242,18 @@ def train(dataset: SceneDataset, config: TrainConfig, out_path: str | Path | Non
         save_model(out_path, model, meta)
     progress(1.0, "done")
     return TrainResult(loaded, metrics, history)
+
+
+def check_extras(dataset: SceneDataset, unlabelled: torch.Tensor | None, start_model: LoadedModel | None) -> None:
+    shape = tuple(dataset.images.shape[1:])
+    if unlabelled is not None and tuple(unlabelled.shape[1:]) != shape:
+        raise JEMError(f"Unlabelled images are {tuple(unlabelled.shape[1:])} (bands, H, W) but the labelled ones "
+                       f"are {shape}; give both the same bands and size.")
+    if start_model is not None and (start_model.spec.in_channels, start_model.spec.num_classes) != \
+            (shape[0], dataset.num_classes):
+        raise JEMError(f"The starting model takes {start_model.spec.in_channels} bands and {start_model.spec.num_classes} "
+                       f"classes; the data has {shape[0]} bands and {dataset.num_classes} classes. Extend its head "
+                       "first (jem_core.active.extend_head) or start without a model.")
 
 
 def training_step(model, sampler: SGLDSampler | None, optimiser: torch.optim.Optimizer, inputs: torch.Tensor,
