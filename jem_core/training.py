@@ -4,6 +4,7 @@ Loss per iteration:
     weight_ce · CE(f(x_l), y_l)                         on a labelled batch
   + weight_gen · (mean E(x_data) − mean E(x_sgld))      on all training images, labelled or not
   + energy_reg · mean(E(x_data)² + E(x_sgld)²)          keeps energies near 0 (stability)
+  + consistency_weight · FixMatch CE(strong view, pseudo-label of weak view)   optional (JEM + consistency)
 
 x_sgld comes from a short SGLD chain continued from a replay buffer.  The baseline drops the
 generative term and trains the same network with CE alone.
@@ -65,6 +66,10 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     divergence_threshold: float = 1e4
+    # JEM + consistency (FixMatch): CE on strongly augmented unlabelled images towards the pseudo-label of
+    # their weakly augmented view, where that view is confident.  0 = off.
+    consistency_weight: float = 0.0
+    consistency_threshold: float = 0.95
     sgld: SGLDConfig = field(default_factory=SGLDConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -88,6 +93,36 @@ def augment(x: torch.Tensor) -> torch.Tensor:
     x = torch.where(flip_h[:, None, None, None], x.flip(3), x)
     x = torch.where(flip_v[:, None, None, None], x.flip(2), x)
     return torch.rot90(x, int(torch.randint(0, 4, ())), dims=(2, 3))
+
+
+def strong_augment(x: torch.Tensor) -> torch.Tensor:
+    """FixMatch-style strong view of normalised images: weak flips/turn, then a random shift, per-band
+    contrast and brightness changes, a cut-out square and noise (the RandAugment idea without torchvision)."""
+    x = augment(x)
+    n, bands, size, _ = x.shape
+    shift = max(size // 8, 1)
+    padded = F.pad(x, (shift, shift, shift, shift), mode="reflect")
+    offsets = torch.randint(0, 2 * shift + 1, (n, 2))
+    x = torch.stack([padded[i, :, dy:dy + size, dx:dx + size] for i, (dy, dx) in enumerate(offsets.tolist())])
+    contrast = torch.empty(n, 1, 1, 1, device=x.device).uniform_(0.6, 1.4)
+    brightness = torch.empty(n, bands, 1, 1, device=x.device).uniform_(-0.4, 0.4)
+    x = x * contrast + brightness
+    cut = torch.randint(size // 4, size // 2 + 1, ())
+    top, left = torch.randint(0, size - cut + 1, (2, n)).tolist()
+    keep = torch.ones(n, 1, size, size, device=x.device)
+    for i in range(n):
+        keep[i, :, top[i]:top[i] + cut, left[i]:left[i] + cut] = 0
+    return x * keep + 0.1 * torch.randn_like(x)
+
+
+def consistency_loss(weak_logits: torch.Tensor, strong_logits: torch.Tensor,
+                     threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """FixMatch: CE of the strong view towards the weak view's argmax where its confidence ≥ threshold,
+    averaged over the whole unlabelled batch; also the fraction of images that passed the threshold."""
+    confidence, pseudo = weak_logits.detach().softmax(1).max(1)
+    mask = (confidence >= threshold).float()
+    loss = (F.cross_entropy(strong_logits, pseudo, reduction="none") * mask).mean()
+    return loss, mask.mean()
 
 
 def learning_rate(config: TrainConfig, iteration: int, progress: float) -> float:
@@ -118,6 +153,8 @@ def check_config(config: TrainConfig, dataset: SceneDataset) -> None:
         raise JEMError(f"--time-budget-min must be positive (got {config.time_budget_min}).")
     if config.labels_per_class is not None and config.labels_per_class < 1:
         raise JEMError("--labels-per-class must be at least 1 (0 or omitted means: use every label).")
+    if config.consistency_weight < 0 or not 0.0 < config.consistency_threshold <= 1.0:
+        raise JEMError("--consistency must be ≥ 0 and --consistency-threshold in (0, 1].")
     if config.image_size < 8:
         raise JEMError(f"--image-size must be at least 8 px (got {config.image_size}).")
     if dataset.images.shape[-1] != config.image_size:
@@ -259,34 +296,45 @@ def check_extras(dataset: SceneDataset, unlabelled: torch.Tensor | None, start_m
 def training_step(model, sampler: SGLDSampler | None, optimiser: torch.optim.Optimizer, inputs: torch.Tensor,
                   labels: torch.Tensor, labelled_stream: BatchStream, data_stream: BatchStream,
                   config: TrainConfig) -> dict[str, float]:
-    """One optimiser step; labelled, data and SGLD images share one forward pass."""
+    """One optimiser step; labelled, data, strong-view and SGLD images share one forward pass.
+
+    The data batch (all training images, labelled or not) feeds the generative term and, with
+    consistency on, is also the weak view whose confident predictions become pseudo-labels.
+    """
     labelled_idx = labelled_stream.next().to(inputs.device)
     x_labelled = inputs[labelled_idx]
     parts = [x_labelled]
-    if sampler is not None:
-        parts.append(inputs[data_stream.next().to(inputs.device)])
+    consistency_on = config.consistency_weight > 0
+    if sampler is not None or consistency_on:
+        x_data = inputs[data_stream.next().to(inputs.device)]
+        parts.append(x_data)
     if config.augment:
         parts = [augment(x) for x in parts]
     if config.input_noise > 0:
         parts = [x + config.input_noise * torch.randn_like(x) for x in parts]
+    if consistency_on:
+        parts.append(strong_augment(x_data))
     if sampler is not None:
         parts.append(sampler.sample(config.sgld_batch_size))
-    logits = model(torch.cat(parts))
-    n_lab = len(x_labelled)
-    ce = F.cross_entropy(logits[:n_lab], labels[labelled_idx])
+    chunks = model(torch.cat(parts)).split([len(x) for x in parts])
+    ce = F.cross_entropy(chunks[0], labels[labelled_idx])
     loss = config.weight_ce * ce
-    gen = gap = torch.zeros((), device=inputs.device)
+    zero = torch.zeros((), device=inputs.device)
+    gen = gap = consistency = mask_rate = zero
+    if consistency_on:
+        consistency, mask_rate = consistency_loss(chunks[1], chunks[2], config.consistency_threshold)
+        loss = loss + config.consistency_weight * consistency
     if sampler is not None:
-        n_data = len(parts[1])
-        energy_data = -torch.logsumexp(logits[n_lab:n_lab + n_data], 1)
-        energy_sgld = -torch.logsumexp(logits[n_lab + n_data:], 1)
+        energy_data = -torch.logsumexp(chunks[1], 1)
+        energy_sgld = -torch.logsumexp(chunks[-1], 1)
         gap = energy_data.mean() - energy_sgld.mean()
         gen = gap + config.energy_reg * (energy_data.pow(2).mean() + energy_sgld.pow(2).mean())
         loss = loss + config.weight_gen * gen
     optimiser.zero_grad(set_to_none=True)
     loss.backward()
     optimiser.step()
-    return {"loss": loss.item(), "ce": ce.item(), "gen": gen.item(), "gap": gap.item()}
+    return {"loss": loss.item(), "ce": ce.item(), "gen": gen.item(), "gap": gap.item(),
+            "consistency": consistency.item(), "mask_rate": mask_rate.item()}
 
 
 def check_divergence(losses: dict[str, float], config: TrainConfig, epoch: int, iteration: int) -> None:

@@ -44,6 +44,11 @@ def register(subparsers) -> None:
     p.add_argument("--reinit-prob", type=float, default=sgld.reinit_prob)
     p.add_argument("--energy-reg", type=float, default=defaults.energy_reg)
     p.add_argument("--weight-gen", type=float, default=defaults.weight_gen)
+    p.add_argument("--consistency", type=float, nargs="?", const=1.0, default=defaults.consistency_weight,
+                   metavar="WEIGHT", help="JEM + consistency: FixMatch pseudo-labels on unlabelled images "
+                                          "(weight of the term; the bare flag means 1.0; default: off)")
+    p.add_argument("--consistency-threshold", type=float, default=defaults.consistency_threshold,
+                   help="confidence a weak view needs to become a pseudo-label (default: %(default)s)")
     p.add_argument("--patience", type=int, default=defaults.patience, help="early-stopping patience in epochs")
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--metrics-json", type=Path, help="also write the test metrics here")
@@ -71,6 +76,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
                        sgld_batch_size=args.sgld_batch_size, lr=args.lr,
                        labels_per_class=args.labels_per_class or None, baseline=args.baseline,
                        energy_reg=args.energy_reg, weight_gen=args.weight_gen, patience=args.patience,
+                       consistency_weight=args.consistency, consistency_threshold=args.consistency_threshold,
                        seed=args.seed, device=args.device, sgld=sgld)
 
 
