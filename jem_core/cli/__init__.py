@@ -8,9 +8,9 @@ import argparse
 import sys
 
 from .. import JEMError, __version__
-from . import train_cmd
+from . import map_cmd, train_cmd
 
-COMMAND_MODULES = [train_cmd]
+COMMAND_MODULES = [train_cmd, map_cmd]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,53 @@
+"""`jem map`: a class map and a −E(x) confidence map of a raster."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict
+from pathlib import Path
+
+from ..mapping import RESOLUTIONS, map_raster
+from .common import ProgressBar, add_device_option, log, write_json
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "map", help="classify a raster patch by patch: class map + confidence −E(x)",
+        description="Slide MODEL over RASTER (one multi-band raster, or several single-band files to stack on "
+                    "the finest grid) and write a class map and a confidence map −E(x) as GeoTIFFs.")
+    p.add_argument("model", type=Path, metavar="MODEL")
+    p.add_argument("inputs", type=Path, nargs="+", metavar="RASTER")
+    p.add_argument("--out-classes", type=Path, required=True, help="class map GeoTIFF (Byte, colour table)")
+    p.add_argument("--out-confidence", type=Path, help="confidence −E(x) GeoTIFF (Float32)")
+    p.add_argument("--out-max-probability", type=Path, help="max p(y|x) GeoTIFF (Float32)")
+    p.add_argument("--out-probabilities", type=Path, help="p(y|x) per class, one band each (Float32)")
+    p.add_argument("--bands", help="bands in the model's order, by name or 1-based index, e.g. B04,B03,B02")
+    p.add_argument("--stride", type=int, help="pixels between patches; divides the patch size (default: patch size)")
+    p.add_argument("--resolution", default="patch", choices=RESOLUTIONS,
+                   help="patch: one pixel per stride cell; input: the input grid (default: %(default)s)")
+    p.add_argument("--target-gsd", type=float, help="resample to this pixel size (raster CRS units) first")
+    p.add_argument("--stretch", default="auto",
+                   help="auto | none | percentile[:2,98] | linear:MIN,MAX — raster values → the model's value "
+                        "range; auto stretches percentiles 2–98 when an 8-bit model meets non-8-bit data")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--read-ahead", type=int, default=2, help="strips a reader thread keeps ready (0: no thread)")
+    p.add_argument("--json", type=Path, help="also write the run summary as JSON here")
+    add_device_option(p)
+    p.set_defaults(run=run_map)
+
+
+def run_map(args: argparse.Namespace) -> int:
+    bands = [b for b in args.bands.split(",") if b.strip()] if args.bands else None
+    result = map_raster(args.model, args.inputs, args.out_classes, args.out_confidence, bands=bands,
+                        stride=args.stride, batch_size=args.batch_size, device=args.device,
+                        out_max_probability=args.out_max_probability, out_probabilities=args.out_probabilities,
+                        resolution=args.resolution, target_gsd=args.target_gsd, stretch=args.stretch,
+                        read_ahead=args.read_ahead, progress=ProgressBar("map"))
+    log(f"bands {','.join(result.bands)}; stretch {result.stretch}")
+    for note in result.notes:
+        log(note)
+    log(result.summary())
+    written = [p for p in (result.classes, result.confidence, result.max_probability, result.probabilities) if p]
+    log("written: " + ", ".join(str(p) for p in written))
+    if args.json:
+        write_json(args.json, {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(result).items()})
+    return 0

@@ -1,0 +1,245 @@
+"""Mapping rasters: georeferencing, overlap averaging, nodata, band choice, stacking, cancel, CLI."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+from rasterio.transform import from_origin
+
+from jem_core import JEMError
+from jem_core.cli import main as cli_main
+from jem_core.mapping import iter_patches, map_raster, patch_grid
+from jem_core.model_file import ModelMeta, load_model, save_model
+from jem_core.models import ModelSpec, build_model
+from jem_core.training import Cancelled
+
+PATCH = 16
+TRANSFORM = from_origin(500000.0, 4000000.0, 10.0, 10.0)
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory) -> Path:
+    """A tiny untrained 3-class RGB model with 16 px patches; random weights give varied logits."""
+    torch.manual_seed(0)
+    model = build_model(ModelSpec(arch="wrn-10-1", in_channels=3, num_classes=3, stem_stride=2))
+    meta = ModelMeta(class_names=["water", "forest", "urban"], band_names=["red", "green", "blue"],
+                     image_size=PATCH, mean=[120.0, 110.0, 100.0], std=[50.0, 45.0, 40.0])
+    path = tmp_path_factory.mktemp("model") / "tiny.pt"
+    save_model(path, model, meta)
+    return path
+
+
+def write_raster(path: Path, pixels: np.ndarray, nodata: float | None = None, descriptions=None,
+                 transform=TRANSFORM) -> Path:
+    with rasterio.open(path, "w", driver="GTiff", width=pixels.shape[2], height=pixels.shape[1],
+                       count=pixels.shape[0], dtype=pixels.dtype, crs="EPSG:32633", transform=transform,
+                       nodata=nodata) as dst:
+        dst.write(pixels)
+        for i, name in enumerate(descriptions or []):
+            dst.set_band_description(i + 1, name)
+    return path
+
+
+def scene(height: int = 53, width: int = 70, bands: int = 3, seed: int = 0) -> np.ndarray:
+    """Smooth random structure plus noise, 8-bit."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.uniform(0, 255, (bands, height // 8 + 2, width // 8 + 2))
+    smooth = np.repeat(np.repeat(coarse, 8, axis=1), 8, axis=2)[:, :height, :width]
+    return np.clip(smooth + rng.normal(0, 20, smooth.shape), 0, 255).astype(np.uint8)
+
+
+def read(path: Path) -> tuple[np.ndarray, dict]:
+    with rasterio.open(path) as src:
+        return src.read(), {"transform": src.transform, "crs": src.crs, "shape": (src.height, src.width),
+                            "tags": src.tags(), "band_tags": src.tags(1), "colormap": src.colormap(1)
+                            if src.dtypes[0] == "uint8" else None, "nodata": src.nodata, "tiled": src.is_tiled}
+
+
+def patch_logits(model_path: Path, pixels: np.ndarray, windows: list[tuple[int, int]]) -> torch.Tensor:
+    """Logits of the patches whose top-left corners are `windows` (row, col), computed directly."""
+    loaded = load_model(model_path)
+    batch = torch.stack([torch.from_numpy(pixels[:, r:r + PATCH, c:c + PATCH].astype(np.float32)) for r, c in windows])
+    with torch.no_grad():
+        return loaded.model(loaded.normalise(batch)).double()
+
+
+def test_patch_grid_covers_raster_with_margin_below_one_stride():
+    grid = patch_grid(70, 53, 16, 8)
+    assert (grid.patch_cols, grid.patch_rows) == (7, 5)
+    assert (grid.cell_cols, grid.cell_rows) == (8, 6)
+    assert 0 <= 70 - grid.covered_width < 8 and 0 <= 53 - grid.covered_height < 8
+    assert grid.patch_window(2, 3) == (24, 16, 16, 16)
+    assert grid.cells_of_patch(2, 3) == (slice(2, 4), slice(3, 5))
+    with pytest.raises(JEMError, match="does not divide"):
+        patch_grid(70, 53, 16, 6)
+    with pytest.raises(JEMError, match="smaller than the model's 16"):
+        patch_grid(15, 53, 16)
+
+
+def test_georeferencing_is_exact_at_patch_and_input_resolution(tmp_path, model_path):
+    raster = write_raster(tmp_path / "in.tif", scene())
+    patch = map_raster(model_path, [raster], tmp_path / "c.tif", tmp_path / "e.tif", stride=8, device="cpu")
+    classes, info = read(patch.classes)
+    assert info["crs"] == rasterio.crs.CRS.from_epsg(32633)
+    assert info["transform"] == TRANSFORM * TRANSFORM.scale(8)
+    assert info["shape"] == (6, 8) and info["tiled"]
+    assert json.loads(info["tags"]["jem_class_names"]) == ["water", "forest", "urban"]
+    assert info["band_tags"]["CLASS_2"] == "urban" and len(info["colormap"]) >= 3
+    assert (classes < 3).all()
+
+    full = map_raster(model_path, [raster], tmp_path / "cf.tif", tmp_path / "ef.tif", stride=8,
+                      resolution="input", device="cpu")
+    full_classes, full_info = read(full.classes)
+    assert full_info["transform"] == TRANSFORM and full_info["shape"] == (53, 70)
+    # Each cell's value fills its 8 × 8 pixels; the margin past the last cell is nodata.
+    assert np.array_equal(full_classes[0, :48, :64], np.repeat(np.repeat(classes[0], 8, 0), 8, 1))
+    assert (full_classes[0, 48:] == 255).all() and (full_classes[0, :, 64:] == 255).all()
+    confidence, _ = read(full.confidence)
+    assert np.isnan(confidence[0, 48:]).all() and np.isfinite(confidence[0, :48, :64]).all()
+
+
+def test_overlapping_stride_averages_logits(tmp_path, model_path):
+    pixels = scene(seed=3)
+    raster = write_raster(tmp_path / "in.tif", pixels)
+    result = map_raster(model_path, raster, tmp_path / "c.tif", tmp_path / "e.tif", stride=8, device="cpu",
+                        out_max_probability=tmp_path / "p.tif", out_probabilities=tmp_path / "probs.tif",
+                        stretch="none")
+    confidence, _ = read(result.confidence)
+    probs, _ = read(result.probabilities)
+    maxp, _ = read(result.max_probability)
+    classes, _ = read(result.classes)
+    # Cell (2, 3) lies under patches with origins rows {8, 16} × cols {16, 24} (stride 8, patch 16).
+    inner = patch_logits(model_path, pixels, [(8, 16), (8, 24), (16, 16), (16, 24)]).mean(0)
+    assert confidence[0, 2, 3] == pytest.approx(torch.logsumexp(inner, 0).item(), abs=1e-4)
+    assert probs[:, 2, 3] == pytest.approx(inner.softmax(0).numpy(), abs=1e-5)
+    assert maxp[0, 2, 3] == pytest.approx(inner.softmax(0).max().item(), abs=1e-5)
+    assert classes[0, 2, 3] == inner.argmax().item()
+    # The corner cell has one patch only; a single patch's logits differ from the average.
+    corner = patch_logits(model_path, pixels, [(0, 0)])[0]
+    assert confidence[0, 0, 0] == pytest.approx(torch.logsumexp(corner, 0).item(), abs=1e-4)
+    assert abs(torch.logsumexp(corner, 0).item() - confidence[0, 2, 3]) > 1e-4
+
+
+def test_nodata_in_input_gives_nodata_in_outputs(tmp_path, model_path):
+    pixels = scene(48, 64)
+    pixels[pixels == 0] = 1
+    pixels[:, 20, 40] = 0  # one nodata pixel inside patch (1, 2) only (stride = patch)
+    raster = write_raster(tmp_path / "in.tif", pixels, nodata=0)
+    result = map_raster(model_path, raster, tmp_path / "c.tif", tmp_path / "e.tif", device="cpu")
+    classes, info = read(result.classes)
+    confidence, _ = read(result.confidence)
+    assert info["nodata"] == 255
+    assert classes[0, 1, 2] == 255 and np.isnan(confidence[0, 1, 2])
+    others = np.ones((3, 4), bool)
+    others[1, 2] = False
+    assert (classes[0][others] < 3).all() and np.isfinite(confidence[0][others]).all()
+    assert result.skipped_patches == 1 and result.patches == 11
+    assert sum(result.class_counts.values()) == 11
+
+
+def test_band_mismatch_is_a_clear_error(tmp_path, model_path):
+    two_bands = write_raster(tmp_path / "two.tif", scene(bands=2))
+    with pytest.raises(JEMError, match="expects 3"):
+        map_raster(model_path, two_bands, tmp_path / "c.tif", device="cpu")
+    four = write_raster(tmp_path / "four.tif", scene(bands=4), descriptions=["B02", "B03", "B04", "B08"])
+    with pytest.raises(JEMError, match="expects 3"):
+        map_raster(model_path, four, tmp_path / "c.tif", bands=["B04", "B03"], device="cpu")
+    with pytest.raises(JEMError, match="'B11' is not in"):
+        map_raster(model_path, four, tmp_path / "c.tif", bands=["B04", "B03", "B11"], device="cpu")
+    assert not (tmp_path / "c.tif").exists()
+
+
+def test_raster_smaller_than_a_patch_is_a_clear_error(tmp_path, model_path):
+    small = write_raster(tmp_path / "small.tif", scene(12, 40))
+    with pytest.raises(JEMError, match="smaller than the model's 16 × 16 px patch"):
+        map_raster(model_path, small, tmp_path / "c.tif", device="cpu")
+
+
+@pytest.mark.parametrize("stop_after", [0, 2])
+def test_cancel_leaves_no_output_files(tmp_path, model_path, stop_after):
+    raster = write_raster(tmp_path / "in.tif", scene(96, 96))
+    out = tmp_path / "out"
+    out.mkdir()
+    calls = []
+
+    def should_stop() -> bool:
+        calls.append(1)
+        return len(calls) > stop_after
+
+    with pytest.raises(Cancelled):
+        map_raster(model_path, raster, out / "c.tif", out / "e.tif", out_probabilities=out / "p.tif", stride=8,
+                   batch_size=4, should_stop=should_stop, device="cpu")
+    assert len(calls) == stop_after + 1
+    assert list(out.iterdir()) == []
+
+
+def test_stacked_single_band_files_match_a_multiband_raster(tmp_path, model_path):
+    pixels = scene(48, 64, bands=3, seed=5)  # bands in B02, B03, B04 order
+    folder = tmp_path / "s2"
+    folder.mkdir()
+    for band, name in zip(pixels, ["B02", "B03", "B04"]):
+        write_raster(folder / f"T36SYC_{name}.tif", band[None])
+    coarse = pixels[0, ::2, ::2][None]  # a 20 m band: stacked on the 10 m grid
+    write_raster(folder / "T36SYC_B05.tif", coarse, transform=from_origin(500000.0, 4000000.0, 20.0, 20.0))
+    files = sorted(folder.glob("*.tif"))
+    stacked = map_raster(model_path, files, tmp_path / "c1.tif", tmp_path / "e1.tif", bands=["B4", "B03", "B02"],
+                         device="cpu", stretch="none")
+    multi = write_raster(tmp_path / "rgb.tif", pixels[::-1].copy())
+    single = map_raster(model_path, multi, tmp_path / "c2.tif", tmp_path / "e2.tif", device="cpu", stretch="none")
+    assert stacked.bands == ["B04", "B03", "B02"]
+    assert np.array_equal(read(stacked.classes)[0], read(single.classes)[0])
+    assert np.allclose(read(stacked.confidence)[0], read(single.confidence)[0], atol=1e-5)
+    with_coarse = map_raster(model_path, files, tmp_path / "c3.tif", bands=["B05", "B03", "B02"], device="cpu")
+    assert read(with_coarse.classes)[1]["transform"] == TRANSFORM * TRANSFORM.scale(PATCH)
+    assert (with_coarse.width, with_coarse.height) == (4, 3)
+
+
+def test_auto_stretch_maps_uint16_reflectance_onto_an_8bit_model(tmp_path, model_path):
+    pixels = scene(seed=7)
+    eight_bit = write_raster(tmp_path / "u8.tif", pixels)
+    reflectance = write_raster(tmp_path / "u16.tif", pixels.astype(np.uint16) * 10 + 300)
+    a = map_raster(model_path, eight_bit, tmp_path / "a.tif", tmp_path / "ea.tif", stretch="percentile", device="cpu")
+    b = map_raster(model_path, reflectance, tmp_path / "b.tif", tmp_path / "eb.tif", device="cpu")
+    assert b.stretch.startswith("percentile 2–98") and "→ [0, 255]" in b.stretch
+    assert np.allclose(read(a.confidence)[0], read(b.confidence)[0], atol=1e-3)
+    none = map_raster(model_path, eight_bit, tmp_path / "n.tif", tmp_path / "en.tif", device="cpu")
+    assert none.stretch.startswith("none")
+    with pytest.raises(JEMError, match="linear:0,3000"):
+        map_raster(model_path, reflectance, tmp_path / "x.tif", stretch="linear", device="cpu")
+
+
+def test_reader_thread_gives_the_same_map_and_iter_patches_cuts_exact_windows(tmp_path, model_path):
+    pixels = scene(64, 80, seed=9)
+    raster = write_raster(tmp_path / "in.tif", pixels)
+    threaded = map_raster(model_path, raster, tmp_path / "t.tif", tmp_path / "et.tif", stride=4, read_ahead=3,
+                          device="cpu", batch_size=7)
+    inline = map_raster(model_path, raster, tmp_path / "i.tif", tmp_path / "ei.tif", stride=4, read_ahead=0,
+                        device="cpu")
+    assert np.array_equal(read(threaded.confidence)[0], read(inline.confidence)[0])
+    seen = 0
+    for batch in iter_patches(raster, PATCH, stride=8, batch_size=5):
+        assert len(batch.rows) <= 5
+        for r, c, patch in zip(batch.rows, batch.cols, batch.pixels):
+            col_off, row_off, w, h = batch.grid.patch_window(r, c)
+            assert np.array_equal(patch, pixels[:, row_off:row_off + h, col_off:col_off + w])
+            seen += 1
+    assert seen == patch_grid(80, 64, PATCH, 8).patch_rows * patch_grid(80, 64, PATCH, 8).patch_cols
+
+
+def test_cli_map_end_to_end(tmp_path, model_path, capsys):
+    raster = write_raster(tmp_path / "in.tif", scene())
+    code = cli_main(["map", str(model_path), str(raster), "--out-classes", str(tmp_path / "c.tif"),
+                     "--out-confidence", str(tmp_path / "e.tif"), "--stride", "8", "--device", "cpu",
+                     "--json", str(tmp_path / "r.json")])
+    assert code == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["width"] == 8 and report["stride"] == 8 and report["patches"] == 35
+    assert read(tmp_path / "e.tif")[1]["shape"] == (6, 8)
+    code = cli_main(["map", str(model_path), str(raster), "--out-classes", str(tmp_path / "d.tif"),
+                     "--bands", "1,2", "--device", "cpu"])
+    assert code == 2 and "expects 3" in capsys.readouterr().err
+    assert not (tmp_path / "d.tif").exists()
