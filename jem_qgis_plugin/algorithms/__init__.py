@@ -1,0 +1,1 @@
+"""Processing algorithms of the `jem` provider: thin adapters over jem_core."""

@@ -1,0 +1,70 @@
+"""What every JEM algorithm shares: torch check, JEMError → QgsProcessingException, progress, cancel."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from qgis.core import (QgsProcessingAlgorithm, QgsProcessingContext, QgsProcessingException,
+                       QgsProcessingFeedback, QgsProcessingParameterEnum)
+
+from jem_core import JEMError
+
+from ..lazy_torch import core_constant, require_torch
+from ..paths import icon
+
+DEVICES: list[str] = list(core_constant("device", "DEVICE_CHOICES"))
+
+
+class JemAlgorithm(QgsProcessingAlgorithm):
+    """Subclasses set ALGORITHM_ID, DISPLAY_NAME, ICON, HELP and implement run()."""
+
+    ALGORITHM_ID = ""
+    DISPLAY_NAME = ""
+    ICON = "jem.svg"
+    HELP = ""
+
+    def name(self) -> str:
+        return self.ALGORITHM_ID
+
+    def displayName(self) -> str:  # noqa: N802 (QGIS API name)
+        return self.DISPLAY_NAME
+
+    def shortHelpString(self) -> str:  # noqa: N802 (QGIS API name)
+        return self.HELP
+
+    def icon(self):
+        return icon(self.ICON)
+
+    def createInstance(self) -> "JemAlgorithm":  # noqa: N802 (QGIS API name)
+        return type(self)()
+
+    def processAlgorithm(self, parameters: dict[str, Any], context: QgsProcessingContext,  # noqa: N802
+                         feedback: QgsProcessingFeedback) -> dict[str, Any]:
+        """Runs in a background thread: no GUI calls, only feedback and files."""
+        try:
+            require_torch()
+            return self.run(parameters, context, feedback)
+        except JEMError as error:  # the message already names the problem and the fix
+            raise QgsProcessingException(str(error)) from None
+
+    def run(self, parameters: dict[str, Any], context: QgsProcessingContext,
+            feedback: QgsProcessingFeedback) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def add_device_parameter(self, name: str = "DEVICE") -> None:
+        """Static strings: scripts pass DEVICE='cpu' rather than an index; 'auto' picks CUDA when present."""
+        self.addParameter(QgsProcessingParameterEnum(name, "Device (auto: CUDA GPU when present, else CPU)",
+                                                     options=DEVICES, defaultValue="auto", usesStaticStrings=True))
+
+    def device(self, parameters: dict[str, Any], context: QgsProcessingContext, name: str = "DEVICE") -> str:
+        return self.parameterAsEnumString(parameters, name, context)
+
+
+def progress_reporter(feedback: QgsProcessingFeedback, start: float = 0.0,
+                      end: float = 100.0) -> Callable[[float, str], None]:
+    """jem_core's progress(fraction, message) mapped onto start..end % of the Processing progress bar."""
+    def report(fraction: float, message: str = "") -> None:
+        feedback.setProgress(start + (end - start) * min(max(fraction, 0.0), 1.0))
+        if message:
+            feedback.setProgressText(message)
+
+    return report

@@ -1,0 +1,92 @@
+"""`jem:landcovermap`: a trained model slid over a raster → class map and confidence (−E(x)) map."""
+from __future__ import annotations
+
+from typing import Any
+
+from qgis.core import (QgsProcessingContext, QgsProcessingException, QgsProcessingFeedback,
+                       QgsProcessingParameterDefinition, QgsProcessingParameterEnum,
+                       QgsProcessingParameterFile, QgsProcessingParameterNumber,
+                       QgsProcessingParameterRasterDestination, QgsProcessingParameterRasterLayer,
+                       QgsProcessingParameterString)
+
+from ..lazy_torch import core_constant
+from ..styles import post_processor, write_style_beside
+from .base import JemAlgorithm, progress_reporter
+
+# jem_core.mapping.RESOLUTIONS, read without importing torch; the first is the default.
+RESOLUTIONS: list[str] = list(core_constant("mapping", "RESOLUTIONS"))
+
+
+class LandCoverMapAlgorithm(JemAlgorithm):
+    ALGORITHM_ID = "landcovermap"
+    DISPLAY_NAME = "JEM land cover map"
+    ICON = "landcovermap.svg"
+    HELP = ("Slides a trained JEM model over a raster and writes two rasters aligned with the input: the "
+            "<b>class map</b> (most probable class per pixel, named and coloured) and the <b>confidence map</b> "
+            "−E(x) = logsumexp f(x) (high: the scene looks like the training data; low: unusual, treat the "
+            "class with care).<br><br>"
+            "<b>Bands</b>: the input bands to feed the model, in the model's order, as names or 1-based "
+            "indexes separated by commas (e.g. <i>3,2,1</i> or <i>B04,B03,B02</i>); empty picks them by the "
+            "model's band names, or all bands when the counts match. <b>Stride</b>: pixels between patch "
+            "origins; it must divide the model's patch size (0 = the patch size, no overlap). Smaller strides give a "
+            "finer map and cost more: overlapping patches are averaged.<br>"
+            "Advanced: <b>Output grid</b> <i>patch</i> writes one pixel per stride × stride cell, <i>input</i> the "
+            "input's own grid; <b>Value stretch</b> maps raster values to the model's range (auto: percentile "
+            "2–98 when an 8-bit model meets a 16-bit raster).")
+
+    def initAlgorithm(self, config=None) -> None:  # noqa: N802 (QGIS API name)
+        self.addParameter(QgsProcessingParameterRasterLayer("INPUT", "Input raster"))
+        self.addParameter(QgsProcessingParameterFile("MODEL", "JEM model file", fileFilter="JEM model (*.pt)"))
+        self.addParameter(QgsProcessingParameterString("BANDS", "Bands (names or 1-based indexes, comma separated)",
+                                                       optional=True))
+        self.addParameter(QgsProcessingParameterNumber("STRIDE", "Stride in pixels (0 = the patch size)",
+                                                       QgsProcessingParameterNumber.Integer, 0, minValue=0))
+        self.add_device_parameter()
+        for parameter in (
+                QgsProcessingParameterNumber("BATCH_SIZE", "Batch size (patches per forward pass)",
+                                             QgsProcessingParameterNumber.Integer, 64, minValue=1),
+                QgsProcessingParameterEnum("RESOLUTION", "Output grid (patch: one pixel per stride × stride "
+                                           "cell; input: the input's pixels)", options=list(RESOLUTIONS),
+                                           defaultValue=RESOLUTIONS[0], usesStaticStrings=True),
+                QgsProcessingParameterString("STRETCH", "Value stretch (auto, none, percentile:2,98, "
+                                             "linear:MIN,MAX)", defaultValue="auto")):
+            parameter.setFlags(parameter.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
+            self.addParameter(parameter)
+        self.addParameter(QgsProcessingParameterRasterDestination("OUTPUT", "Class map"))
+        self.addParameter(QgsProcessingParameterRasterDestination("CONFIDENCE", "Confidence map (−E(x))",
+                                                                  optional=True, createByDefault=True))
+
+    def run(self, parameters: dict[str, Any], context: QgsProcessingContext,
+            feedback: QgsProcessingFeedback) -> dict[str, Any]:
+        from jem_core.mapping import map_raster
+
+        layer = self.parameterAsRasterLayer(parameters, "INPUT", context)
+        if layer is None or layer.providerType() != "gdal":
+            raise QgsProcessingException("The input must be a raster file layer (GDAL); save web or memory "
+                                         "rasters to a GeoTIFF first.")
+        bands_text = self.parameterAsString(parameters, "BANDS", context).strip()
+        bands = [token.strip() for token in bands_text.split(",") if token.strip()] or None
+        out_classes = self.parameterAsOutputLayer(parameters, "OUTPUT", context)
+        out_confidence = self.parameterAsOutputLayer(parameters, "CONFIDENCE", context) or None
+        result = map_raster(
+            self.parameterAsFile(parameters, "MODEL", context), layer.source(), out_classes, out_confidence,
+            bands=bands, stride=self.parameterAsInt(parameters, "STRIDE", context) or None,
+            batch_size=self.parameterAsInt(parameters, "BATCH_SIZE", context),
+            device=self.device(parameters, context),
+            resolution=self.parameterAsEnumString(parameters, "RESOLUTION", context),
+            stretch=self.parameterAsString(parameters, "STRETCH", context).strip() or "auto",
+            progress=progress_reporter(feedback), should_stop=feedback.isCanceled)
+        for note in result.notes:
+            feedback.pushInfo(note)
+        feedback.pushInfo(f"Bands {', '.join(result.bands)}; stretch {result.stretch}.")
+        feedback.pushInfo(result.summary())
+        outputs = {"OUTPUT": out_classes}
+        styled = [("OUTPUT", out_classes, "class_map")]
+        if out_confidence:
+            outputs["CONFIDENCE"] = out_confidence
+            styled.append(("CONFIDENCE", out_confidence, "confidence"))
+        for name, path, kind in styled:
+            write_style_beside(path, kind)
+            if context.willLoadLayerOnCompletion(path):
+                context.layerToLoadOnCompletionDetails(path).setPostProcessor(post_processor(kind))
+        return outputs
