@@ -29,5 +29,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 test: setup
 	$(PY) -m pytest -q tests
 
+# The installable QGIS plugin zip (plugin, metadata.txt, icons, QML styles, jem_core inside); stdlib only.
+PLUGIN_ZIP ?= dist/jem_qgis_plugin.zip
+package:
+	$(SYSTEM_PY) -m jem_qgis_plugin.packaging $(PLUGIN_ZIP)
+
 clean:
 	rm -rf $(VENV) dist build *.egg-info .pytest_cache

@@ -23,13 +23,16 @@ class TorchMissing(JEMError):
 
 
 def qgis_python() -> str:
-    """The interpreter behind QGIS's Python: sys.executable is the QGIS binary when embedded."""
-    executable = Path(sys.executable)
-    if executable.name.lower().startswith("python"):
-        return str(executable)
+    """The interpreter whose site-packages QGIS's Python uses.
+
+    Not sys.executable: embedded in QGIS that is the QGIS binary, or whatever `python3` is first on
+    PATH (a pyenv shim, another Python), so it is rebuilt from the prefix of the running Python.
+    """
+    in_venv = sys.prefix != sys.base_prefix
+    prefix = Path(sys.prefix if in_venv else sys.base_exec_prefix)
     if sys.platform == "win32":
-        return str(Path(sys.exec_prefix) / "python.exe")
-    return str(Path(sys.base_exec_prefix) / "bin" / f"python{sys.version_info.major}")
+        return str(prefix / ("Scripts" if in_venv else "") / "python.exe")
+    return str(prefix / "bin" / ("python" if in_venv else f"python{sys.version_info.major}"))
 
 
 def externally_managed() -> bool:

@@ -15,7 +15,7 @@ DEVICES: list[str] = list(core_constant("device", "DEVICE_CHOICES"))
 
 
 class JemAlgorithm(QgsProcessingAlgorithm):
-    """Subclasses set ALGORITHM_ID, DISPLAY_NAME, ICON, HELP and implement run()."""
+    """Subclasses set ALGORITHM_ID, DISPLAY_NAME, ICON, HELP and implement execute()."""
 
     ALGORITHM_ID = ""
     DISPLAY_NAME = ""
@@ -42,11 +42,11 @@ class JemAlgorithm(QgsProcessingAlgorithm):
         """Runs in a background thread: no GUI calls, only feedback and files."""
         try:
             require_torch()
-            return self.run(parameters, context, feedback)
+            return self.execute(parameters, context, feedback)
         except JEMError as error:  # the message already names the problem and the fix
             raise QgsProcessingException(str(error)) from None
 
-    def run(self, parameters: dict[str, Any], context: QgsProcessingContext,
+    def execute(self, parameters: dict[str, Any], context: QgsProcessingContext,
             feedback: QgsProcessingFeedback) -> dict[str, Any]:
         raise NotImplementedError
 

@@ -56,7 +56,7 @@ class LandCoverMapAlgorithm(JemAlgorithm):
         self.addParameter(QgsProcessingParameterRasterDestination("CONFIDENCE", "Confidence map (−E(x))",
                                                                   optional=True, createByDefault=True))
 
-    def run(self, parameters: dict[str, Any], context: QgsProcessingContext,
+    def execute(self, parameters: dict[str, Any], context: QgsProcessingContext,
             feedback: QgsProcessingFeedback) -> dict[str, Any]:
         from jem_core.mapping import map_raster
 

@@ -80,7 +80,7 @@ class TrainAlgorithm(JemAlgorithm):
                                   ("NLL", "Test negative log-likelihood")):
             self.addOutput(QgsProcessingOutputNumber(name, description))
 
-    def run(self, parameters: dict[str, Any], context: QgsProcessingContext,
+    def execute(self, parameters: dict[str, Any], context: QgsProcessingContext,
             feedback: QgsProcessingFeedback) -> dict[str, Any]:
         from jem_core.cli.common import write_json
         from jem_core.data import load_class_folder

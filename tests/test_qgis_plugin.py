@@ -1,0 +1,217 @@
+"""The QGIS plugin through Processing, headless: every algorithm run by processing.run on data made here."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from qgis.core import (QgsCoordinateReferenceSystem, QgsProcessingException, QgsProcessingFeedback, QgsProject,
+                       QgsRasterLayer)
+
+from jem_core import __version__
+from jem_core.data import load_class_folder
+from jem_core.model_file import load_model
+from jem_core.models import ARCHITECTURES
+from jem_core.training import TrainConfig, train
+from tests.conftest import make_class_folder
+
+PATCH = 16
+CLASSES = ["class_a", "class_b", "class_c"]
+
+
+class CancelAfter(QgsProcessingFeedback):
+    """Feedback that reports 'cancelled' from the n-th poll on, like a user pressing Cancel mid-run."""
+
+    def __init__(self, polls: int) -> None:
+        super().__init__()
+        self.polls_left = polls
+
+    def isCanceled(self) -> bool:  # noqa: N802 (QGIS API name)
+        self.polls_left -= 1
+        if self.polls_left < 0 and not super().isCanceled():
+            self.cancel()
+        return super().isCanceled()
+
+
+@pytest.fixture(scope="module")
+def provider(qgis_processing):
+    import jem_qgis_plugin
+
+    plugin = jem_qgis_plugin.classFactory(None)
+    plugin.initGui()
+    yield plugin.provider
+    plugin.unload()
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory) -> Path:
+    return make_class_folder(tmp_path_factory.mktemp("data") / "scenes", classes=3, per_class=10, size=PATCH)
+
+
+@pytest.fixture(scope="module")
+def model_file(scenes, tmp_path_factory) -> Path:
+    """A tiny model really trained with jem_core (cross-entropy, one epoch: the plugin is under test here)."""
+    path = tmp_path_factory.mktemp("model") / "tiny.pt"
+    config = TrainConfig(arch="wrn-10-1", image_size=PATCH, epochs=1, batch_size=16, baseline=True, warmup_iters=1)
+    train(load_class_folder(scenes, PATCH), config, out_path=path)
+    return path
+
+
+def write_geotiff(path: Path, width: int, height: int, epsg: int = 32633) -> Path:
+    """A 3-band uint8 raster in a projected CRS: left half like class a's colour, right half like class c's."""
+    from osgeo import gdal, osr
+
+    rng = np.random.default_rng(1)
+    pixels = rng.integers(0, 60, (3, height, width)).astype(np.uint8)
+    pixels[0, :, : width // 2] += 180
+    pixels[2, :, width // 2:] += 180
+    dataset = gdal.GetDriverByName("GTiff").Create(str(path), width, height, 3, gdal.GDT_Byte)
+    dataset.SetGeoTransform((500000.0, 10.0, 0.0, 4100000.0, 0.0, -10.0))
+    srs = osr.SpatialReference()
+    srs.ImportFromEPSG(epsg)
+    dataset.SetProjection(srs.ExportToWkt())
+    for band in range(3):
+        dataset.GetRasterBand(band + 1).WriteArray(pixels[band])
+    dataset = None
+    return path
+
+
+@pytest.fixture
+def raster(tmp_path) -> Path:
+    return write_geotiff(tmp_path / "scene.tif", 4 * PATCH, 3 * PATCH)
+
+
+def run(algorithm: str, parameters: dict, feedback: QgsProcessingFeedback | None = None) -> dict:
+    import processing
+
+    return processing.run(algorithm, parameters, feedback=feedback or QgsProcessingFeedback())
+
+
+def test_provider_offers_every_algorithm_with_documented_parameters(provider):
+    ids = {algorithm.id() for algorithm in provider.algorithms()}
+    assert {"jem:landcovermap", "jem:train"} <= ids
+    assert provider.versionInfo() == __version__
+    mapping = provider.algorithm("landcovermap")
+    names = [p.name() for p in mapping.parameterDefinitions()]
+    assert names[:8] == ["INPUT", "MODEL", "BANDS", "STRIDE", "DEVICE", "BATCH_SIZE", "RESOLUTION", "STRETCH"]
+    assert {"OUTPUT", "CONFIDENCE"} <= set(names)
+    arch = provider.algorithm("train").parameterDefinition("ARCH")
+    assert arch.options() == list(ARCHITECTURES)  # read from jem_core's source, without importing torch
+    for algorithm in provider.algorithms():
+        assert algorithm.shortHelpString() and not algorithm.icon().isNull()
+        assert not algorithm.flags() & algorithm.FlagNoThreading  # runs in a background task in QGIS
+
+
+def test_land_cover_map_outputs_are_aligned_styled_and_named(provider, model_file, raster, tmp_path):
+    out_classes, out_confidence = tmp_path / "classes.tif", tmp_path / "confidence.tif"
+    progress = []
+    feedback = QgsProcessingFeedback()
+    feedback.progressChanged.connect(progress.append)
+    result = run("jem:landcovermap", {"INPUT": str(raster), "MODEL": str(model_file), "STRIDE": 8, "DEVICE": "cpu",
+                                      "OUTPUT": str(out_classes), "CONFIDENCE": str(out_confidence)}, feedback)
+    assert result == {"OUTPUT": str(out_classes), "CONFIDENCE": str(out_confidence)}
+    source = QgsRasterLayer(str(raster), "input")
+    # A fresh layer loads <name>.qml beside the file as its default style: what a user sees on reload.
+    classes = QgsRasterLayer(str(out_classes), "classes")
+    confidence = QgsRasterLayer(str(out_confidence), "confidence")
+    for layer in (classes, confidence):
+        assert layer.isValid()
+        assert layer.crs() == source.crs() == QgsCoordinateReferenceSystem("EPSG:32633")
+        assert layer.extent() == source.extent()
+        assert Path(layer.source()).with_suffix(".qml").is_file()
+    assert (classes.width(), classes.height()) == (raster_width(raster) // 8, raster_height(raster) // 8)
+    assert classes.renderer().type() == "paletted"
+    assert [c.label for c in classes.renderer().classes()] == CLASSES
+    assert len({c.color.name() for c in classes.renderer().classes()}) == len(CLASSES)
+    assert confidence.renderer().type() == "singlebandpseudocolor"
+    ramp = confidence.renderer().shader().rasterShaderFunction().colorRampItemList()
+    stats = confidence.dataProvider().bandStatistics(1)
+    assert len(ramp) >= 3 and stats.minimumValue <= ramp[0].value < ramp[-1].value <= stats.maximumValue
+    assert progress and max(progress) == pytest.approx(100)
+
+
+def raster_width(path: Path) -> int:
+    return QgsRasterLayer(str(path), "r").width()
+
+
+def raster_height(path: Path) -> int:
+    return QgsRasterLayer(str(path), "r").height()
+
+
+def test_outputs_loaded_into_the_project_get_the_styles(provider, model_file, raster, tmp_path):
+    import processing
+
+    QgsProject.instance().clear()
+    processing.runAndLoadResults("jem:landcovermap", {
+        "INPUT": str(raster), "MODEL": str(model_file), "RESOLUTION": "input",
+        "OUTPUT": str(tmp_path / "c.tif"), "CONFIDENCE": str(tmp_path / "e.tif")}, feedback=QgsProcessingFeedback())
+    layers = {Path(layer.source()).name: layer for layer in QgsProject.instance().mapLayers().values()}
+    assert set(layers) == {"c.tif", "e.tif"}
+    assert layers["c.tif"].renderer().type() == "paletted"
+    assert [c.label for c in layers["c.tif"].renderer().classes()] == CLASSES
+    assert layers["e.tif"].renderer().type() == "singlebandpseudocolor"
+    assert layers["c.tif"].extent() == QgsRasterLayer(str(raster), "input").extent()
+    QgsProject.instance().clear()
+
+
+def test_cancelled_map_leaves_no_output(provider, model_file, tmp_path):
+    raster = write_geotiff(tmp_path / "big.tif", 12 * PATCH, 12 * PATCH)
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(QgsProcessingException, match="Cancelled"):
+        run("jem:landcovermap", {"INPUT": str(raster), "MODEL": str(model_file), "BATCH_SIZE": 4, "STRIDE": 8,
+                                 "OUTPUT": str(out / "classes.tif"), "CONFIDENCE": str(out / "conf.tif")},
+            CancelAfter(polls=3))
+    assert list(out.iterdir()) == []
+
+
+def test_user_errors_arrive_as_processing_exceptions_with_the_core_message(provider, model_file, raster, tmp_path):
+    with pytest.raises(QgsProcessingException, match="Band index 9 is out of range"):
+        run("jem:landcovermap", {"INPUT": str(raster), "MODEL": str(model_file), "BANDS": "1,2,9",
+                                 "OUTPUT": str(tmp_path / "c.tif")})
+    with pytest.raises(QgsProcessingException, match="does not divide"):
+        run("jem:landcovermap", {"INPUT": str(raster), "MODEL": str(model_file), "STRIDE": 5,
+                                 "OUTPUT": str(tmp_path / "c.tif")})
+    assert not (tmp_path / "c.tif").exists()
+
+
+def test_missing_torch_is_explained_with_the_install_command(provider, model_file, raster, tmp_path, monkeypatch):
+    from jem_qgis_plugin import lazy_torch
+
+    monkeypatch.setattr(lazy_torch, "torch_available", lambda: False)
+    with pytest.raises(QgsProcessingException, match=r"needs PyTorch.*-m pip install .*torch==2\.13\.0"):
+        run("jem:landcovermap", {"INPUT": str(raster), "MODEL": str(model_file), "OUTPUT": str(tmp_path / "c.tif")})
+
+
+TRAIN_FAST = {"ARCH": "wrn-10-1", "IMAGE_SIZE": PATCH, "EPOCHS": 2, "BATCH_SIZE": 8, "SGLD_STEPS": 2,
+              "BUFFER_SIZE": 64, "DEVICE": "cpu"}
+
+
+def test_train_writes_model_metrics_and_plot(provider, scenes, tmp_path):
+    outputs = {"OUTPUT_MODEL": str(tmp_path / "m.pt"), "METRICS": str(tmp_path / "m.json"),
+               "RELIABILITY_PLOT": str(tmp_path / "m.png")}
+    messages = []
+    feedback = QgsProcessingFeedback()
+    feedback.progressChanged.connect(messages.append)
+    result = run("jem:train", {"DATASET": str(scenes), "LABELS_PER_CLASS": 3, **TRAIN_FAST, **outputs}, feedback)
+    loaded = load_model(outputs["OUTPUT_MODEL"])
+    assert loaded.meta.class_names == CLASSES and loaded.meta.image_size == PATCH
+    assert loaded.meta.train_config["labels_per_class"] == 3 and not loaded.meta.train_config["baseline"]
+    metrics = json.loads(Path(outputs["METRICS"]).read_text())
+    assert result["ACCURACY"] == pytest.approx(metrics["accuracy"]) and 0 <= result["ECE"] <= 1
+    assert Path(outputs["RELIABILITY_PLOT"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert messages and max(messages) == pytest.approx(100)
+
+
+def test_cancelled_training_writes_nothing(provider, scenes, tmp_path):
+    with pytest.raises(QgsProcessingException, match="Cancelled"):
+        run("jem:train", {"DATASET": str(scenes), **TRAIN_FAST, "BASELINE": True,
+                          "OUTPUT_MODEL": str(tmp_path / "m.pt"), "METRICS": str(tmp_path / "m.json")},
+            CancelAfter(polls=1))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_train_on_a_missing_folder_says_so(provider, tmp_path):
+    with pytest.raises(QgsProcessingException, match="does not exist"):
+        run("jem:train", {"DATASET": str(tmp_path / "nowhere"), **TRAIN_FAST, "OUTPUT_MODEL": str(tmp_path / "m.pt")})
