@@ -25,6 +25,7 @@ ARCHITECTURES: dict[str, tuple[int, int]] = {
     "wrn-28-10": (28, 10),
 }
 NORMS = ("none", "layer", "group", "instance")
+AMP_CHOICES = ("auto", "off", "bf16")
 
 
 @dataclass
@@ -53,6 +54,29 @@ class ModelSpec:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass
+class SpeedOptions:
+    """Switches for the speed optimisations; docs/performance.md gives each one's measured effect."""
+
+    # NHWC tensors: oneDNN's fast convolution path on CPU, tensor cores on GPU.
+    channels_last: bool = True
+    # bf16 autocast: "auto" = on for CUDA, off on CPU (a CPU without AVX512-BF16 runs it ~10x slower).
+    amp: str = "auto"
+    # torch.compile the feature extractor (needs a C++ compiler on CPU / Triton on CUDA).
+    compile: bool = False
+    # Fused Adam and in-place SGLD updates.
+    fused: bool = True
+
+    def __post_init__(self) -> None:
+        if self.amp not in AMP_CHOICES:
+            raise JEMError(f"Unknown mixed-precision mode '{self.amp}'. Choose one of: {', '.join(AMP_CHOICES)}.")
+
+    def autocast_dtype(self, device: torch.device) -> torch.dtype | None:
+        if self.amp == "bf16" or (self.amp == "auto" and device.type == "cuda"):
+            return torch.bfloat16
+        return None
 
 
 def _norm_layer(kind: str, channels: int) -> nn.Module:
@@ -117,9 +141,18 @@ class JEM(nn.Module):
         self.spec = spec
         self.features = WideResNet(spec)
         self.head = nn.Linear(self.features.out_features, spec.num_classes)
+        # Set by apply_speed_options; a freshly loaded model runs plain float32 NCHW.
+        self.channels_last = False
+        self.autocast_dtype: torch.dtype | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if self.autocast_dtype is None:
+            return self.head(self.features(x))
+        with torch.autocast(x.device.type, dtype=self.autocast_dtype):
+            features = self.features(x)
+        return self.head(features.float())  # logits, energies and losses stay float32
 
     @staticmethod
     def energy_from_logits(logits: torch.Tensor) -> torch.Tensor:
@@ -136,6 +169,18 @@ class JEM(nn.Module):
 
 def build_model(spec: ModelSpec) -> JEM:
     return JEM(spec)
+
+
+def apply_speed_options(model: JEM, options: SpeedOptions, device: torch.device) -> JEM:
+    """Move the model to device with the chosen memory format, precision and compilation."""
+    model.to(device)
+    if options.channels_last:
+        model.to(memory_format=torch.channels_last)
+    model.channels_last = options.channels_last
+    model.autocast_dtype = options.autocast_dtype(device)
+    if options.compile:
+        model.features.compile(dynamic=False)  # in place: state_dict keys stay the same
+    return model
 
 
 def flops_per_image(model: JEM, image_size: int) -> float:

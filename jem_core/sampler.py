@@ -134,6 +134,10 @@ class ReplayBuffer:
     def store(self, samples: torch.Tensor, slots: torch.Tensor) -> None:
         self.images[slots] = samples.detach()
 
+    def reset(self) -> None:
+        """Restart every chain from the initial distribution (after a divergence)."""
+        self.images = self.initialiser.sample(len(self.labels), self.labels, self.device)
+
 
 def make_initialiser(config: SGLDConfig, images: torch.Tensor, labels: torch.Tensor,
                      num_classes: int) -> UniformInit | ClassGaussianInit:
@@ -145,22 +149,32 @@ def make_initialiser(config: SGLDConfig, images: torch.Tensor, labels: torch.Ten
 
 
 class SGLDSampler:
-    def __init__(self, model: JEM, config: SGLDConfig, buffer: ReplayBuffer) -> None:
+    def __init__(self, model: JEM, config: SGLDConfig, buffer: ReplayBuffer, fused: bool = True) -> None:
         self.model = model
         self.config = config
         self.buffer = buffer
+        self.fused = fused
+        # Fraction of the last batch's values pinned at ±sample_clamp (a sign of divergence), kept
+        # as a device tensor so reading it is the caller's choice of when to synchronise.
+        self.last_saturation = torch.zeros(())
 
     def sample(self, n: int, y: torch.Tensor | None = None, steps: int | None = None) -> torch.Tensor:
         """n samples from p(x) (or p(x|y)), continuing persistent chains from the buffer."""
         starts, slots = self.buffer.draw(n, y, self.config.reinit_prob)
-        samples = run_chain(self.model, starts, self.config, y=y, steps=steps)
+        samples = run_chain(self.model, starts, self.config, y=y, steps=steps, fused=self.fused)
         self.buffer.store(samples, slots)
+        if self.config.sample_clamp is not None:
+            self.last_saturation = (samples.abs() >= 0.999 * self.config.sample_clamp).float().mean()
         return samples
 
 
 def run_chain(model: JEM, x: torch.Tensor, config: SGLDConfig, y: torch.Tensor | None = None,
-              steps: int | None = None) -> torch.Tensor:
-    """Run SGLD from x; parameters are frozen so no weight gradients are computed."""
+              steps: int | None = None, fused: bool = True) -> torch.Tensor:
+    """Run SGLD from x; parameters are frozen so no weight gradients are computed.
+
+    fused=True updates x in place (one buffer, no temporaries per step); False is the
+    out-of-place form, kept as the switch docs/performance.md measures against.
+    """
     was_training = model.training
     frozen = [p for p in model.parameters() if p.requires_grad]
     model.eval()
@@ -172,16 +186,34 @@ def run_chain(model: JEM, x: torch.Tensor, config: SGLDConfig, y: torch.Tensor |
             x.requires_grad_(True)
             energy = model.energy(x) if y is None else model.class_energy(x, y)
             (grad,) = torch.autograd.grad(energy.sum(), x)
-            if config.grad_clip is not None:
-                grad = grad.clamp(-config.grad_clip, config.grad_clip)
-            with torch.no_grad():
-                x = x - config.step_size * grad
-                if config.noise > 0:
-                    x.add_(torch.randn_like(x), alpha=config.noise)
-                if config.sample_clamp is not None:
-                    x.clamp_(-config.sample_clamp, config.sample_clamp)
-        return x.detach()
+            x = x.detach()  # the graph is freed, so x's storage can be updated in place
+            if fused:
+                sgld_update_(x, grad, config)
+            else:
+                x = sgld_update_out_of_place(x, grad, config)
+        return x
     finally:
         for p in frozen:
             p.requires_grad_(True)
         model.train(was_training)
+
+
+def sgld_update_(x: torch.Tensor, grad: torch.Tensor, config: SGLDConfig) -> None:
+    if config.grad_clip is not None:
+        grad.clamp_(-config.grad_clip, config.grad_clip)
+    x.add_(grad, alpha=-config.step_size)
+    if config.noise > 0:
+        x.add_(torch.randn_like(x), alpha=config.noise)
+    if config.sample_clamp is not None:
+        x.clamp_(-config.sample_clamp, config.sample_clamp)
+
+
+def sgld_update_out_of_place(x: torch.Tensor, grad: torch.Tensor, config: SGLDConfig) -> torch.Tensor:
+    if config.grad_clip is not None:
+        grad = grad.clamp(-config.grad_clip, config.grad_clip)
+    x = x - config.step_size * grad
+    if config.noise > 0:
+        x = x + config.noise * torch.randn_like(x)
+    if config.sample_clamp is not None:
+        x = x.clamp(-config.sample_clamp, config.sample_clamp)
+    return x

@@ -1,0 +1,207 @@
+"""JEM training-iteration speed: the original JEM loop versus ours, at equal settings.
+
+Both sides train the same network (same weights at the start) on batches of the same size with
+the same number of SGLD steps: a labelled batch of B images for the classifier, B data images and
+B SGLD samples for the generative term, a replay buffer of --buffer images.
+
+(a) reference — written the way the original JEM code (wgrathwohl/JEM, train_wrn_ebm.py) does it:
+    replay buffer on the CPU, the model switched eval()/train() around every chain, a Python loop
+    of autograd.grad over logsumexp f(x) with retain_graph=True, `x.data +=` updates, and three
+    separate forward passes (data, samples, labelled batch) for the loss.
+(b) ours — jem_core.training.training_step with the sampler and every speed switch at its default,
+    then with the switches turned off one at a time so each one's effect is measured.
+
+Prints a table (seconds per iteration, SGLD image-steps per second, the share of the machine's
+measured convolution throughput the sampler reaches) and ends with `speedup: N.NN`, ours (all
+defaults) over the reference, per iteration.
+
+    /work/cpu-slot .venv/bin/python bench/training_speed.py            # WRN-16-2, 32 px, B=64, 20 steps
+    .venv/bin/python bench/training_speed.py --device cuda --amp-row   # on a GPU
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from dataclasses import replace
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from jem_core.models import JEM, ModelSpec, SpeedOptions, apply_speed_options, build_model, flops_per_image
+from jem_core.sampler import ReplayBuffer, SGLDConfig, SGLDSampler, UniformInit
+from jem_core.training import BatchStream, TrainConfig, training_step
+
+
+def synchronise(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_calls(fn: Callable[[], None], repeats: int, device: torch.device) -> float:
+    """Median seconds per call after one warm-up call."""
+    fn()
+    synchronise(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        synchronise(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def conv_throughput(device: torch.device, seconds: float = 3.0) -> float:
+    """FLOP/s of a 3×3, 64→64 channel float32 convolution (forward) on 64 × 32 × 32 maps."""
+    conv = torch.nn.Conv2d(64, 64, 3, padding=1).to(device)
+    x = torch.randn(64, 64, 32, 32, device=device)
+    flops = 2.0 * x.numel() * 64 * 9
+    best = 0.0
+    with torch.no_grad():
+        conv(x)
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            start = time.perf_counter()
+            conv(x)
+            synchronise(device)
+            best = max(best, flops / (time.perf_counter() - start))
+    return best
+
+
+class ReferenceJEM:
+    """One training iteration as the original JEM code writes it (see the module docstring)."""
+
+    def __init__(self, model: JEM, batch: int, steps: int, buffer_size: int, image_shape: tuple[int, ...],
+                 device: torch.device, sgld: SGLDConfig, lr: float) -> None:
+        self.f, self.batch, self.steps, self.device, self.sgld = model, batch, steps, device, sgld
+        self.replay_buffer = torch.FloatTensor(buffer_size, *image_shape).uniform_(-1, 1)  # on the CPU
+        self.optim = torch.optim.Adam(model.parameters(), lr=lr)
+
+    def sample_p_0(self) -> tuple[torch.Tensor, torch.Tensor]:
+        inds = torch.randint(0, len(self.replay_buffer), (self.batch,))
+        buffer_samples = self.replay_buffer[inds]
+        random_samples = torch.FloatTensor(buffer_samples.shape).uniform_(-1, 1)
+        choose_random = (torch.rand(self.batch) < self.sgld.reinit_prob).float()[:, None, None, None]
+        samples = choose_random * random_samples + (1 - choose_random) * buffer_samples
+        return samples.to(self.device), inds
+
+    def sample_q(self) -> torch.Tensor:
+        self.f.eval()
+        init_sample, buffer_inds = self.sample_p_0()
+        x_k = torch.autograd.Variable(init_sample, requires_grad=True)
+        for _ in range(self.steps):
+            f_prime = torch.autograd.grad(self.f(x_k).logsumexp(1).sum(), [x_k], retain_graph=True)[0]
+            x_k.data += self.sgld.step_size * f_prime + self.sgld.noise * torch.randn_like(x_k)
+        self.f.train()
+        final_samples = x_k.detach()
+        self.replay_buffer[buffer_inds] = final_samples.cpu()
+        return final_samples
+
+    def iteration(self, x_lab: torch.Tensor, y_lab: torch.Tensor, x_p_d: torch.Tensor) -> None:
+        x_q = self.sample_q()
+        fp, fq = self.f(x_p_d).logsumexp(1).mean(), self.f(x_q).logsumexp(1).mean()
+        loss = -(fp - fq) + F.cross_entropy(self.f(x_lab), y_lab)
+        self.optim.zero_grad()
+        loss.backward()
+        self.optim.step()
+
+
+class Ours:
+    """jem_core.training.training_step with the sampler, under the given speed options."""
+
+    def __init__(self, model: JEM, options: SpeedOptions, config: TrainConfig, inputs: torch.Tensor,
+                 labels: torch.Tensor, device: torch.device) -> None:
+        self.model = apply_speed_options(model, options, device)
+        self.config, self.inputs, self.labels = config, inputs, labels
+        buffer = ReplayBuffer(UniformInit(tuple(inputs.shape[1:])), config.sgld.buffer_size, int(labels.max()) + 1,
+                              device)
+        self.sampler = SGLDSampler(self.model, config.sgld, buffer, fused=options.fused)
+        self.optimiser = torch.optim.Adam(self.model.parameters(), lr=config.lr, fused=options.fused)
+        generator = torch.Generator().manual_seed(0)
+        indices = torch.arange(len(inputs))
+        self.labelled = BatchStream(indices, config.batch_size, generator)
+        self.data = BatchStream(indices, config.sgld_batch_size, generator)
+
+    def iteration(self) -> None:
+        training_step(self.model, self.sampler, self.optimiser, self.inputs, self.labels, self.labelled,
+                      self.data, self.config)
+
+    def chain(self) -> None:
+        self.sampler.sample(self.config.sgld_batch_size)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", default="wrn-16-2")
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--stem-stride", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--buffer", type=int, default=10000)
+    parser.add_argument("--repeats", type=int, default=2, help="timed iterations per row (after one warm-up)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--amp-row", action="store_true", help="also time bf16 autocast (slow on CPUs without AVX512-BF16)")
+    parser.add_argument("--compile-row", action="store_true", help="also time torch.compile")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+
+    spec = ModelSpec(arch=args.arch, num_classes=10, stem_stride=args.stem_stride)
+    initial = build_model(spec)
+    flops = flops_per_image(initial, args.image_size)
+    shape = (3, args.image_size, args.image_size)
+    inputs = torch.randn(4 * args.batch, *shape, device=device)
+    labels = torch.arange(len(inputs), device=device) % spec.num_classes
+    sgld = SGLDConfig(steps=args.steps, buffer_size=args.buffer, init="uniform", sample_clamp=None)
+    config = TrainConfig(arch=args.arch, stem_stride=args.stem_stride, image_size=args.image_size,
+                         batch_size=args.batch, sgld_batch_size=args.batch, augment=False, input_noise=0.0,
+                         energy_reg=0.0, lr=1e-4, sgld=sgld)
+
+    def fresh_model() -> JEM:
+        model = build_model(spec)
+        model.load_state_dict(initial.state_dict())
+        return model
+
+    gflops = conv_throughput(device) / 1e9
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    print(f"device: {device} ({name}), torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"net {args.arch} stem {args.stem_stride}, {args.image_size} px, {flops / 1e9:.3f} GFLOP/image forward; "
+          f"batch {args.batch} labelled + {args.batch} data + {args.batch} SGLD, {args.steps} SGLD steps")
+    print(f"measured conv throughput: {gflops:.1f} GFLOP/s (3x3 conv, 64 ch, 32x32, float32)\n")
+
+    sgld_flops = args.batch * args.steps * 2 * flops  # forward + input-gradient backward per image-step
+    rows: list[tuple[str, float, float]] = []
+
+    reference = ReferenceJEM(fresh_model().to(device), args.batch, args.steps, args.buffer, shape, device, sgld, 1e-4)
+    x_lab, y_lab, x_p_d = inputs[:args.batch], labels[:args.batch], inputs[args.batch:2 * args.batch]
+    rows.append(("reference (original JEM loop)",
+                 time_calls(lambda: reference.iteration(x_lab, y_lab, x_p_d), args.repeats, device),
+                 time_calls(reference.sample_q, args.repeats, device)))
+
+    default = SpeedOptions()
+    variants = [("ours, all switches off", SpeedOptions(channels_last=False, fused=False, amp="off")),
+                ("ours, fused/in-place only", SpeedOptions(channels_last=False, amp="off")),
+                ("ours, channels_last only", SpeedOptions(fused=False, amp="off")),
+                ("ours, defaults", default)]
+    if args.amp_row:
+        variants.append(("ours, defaults + bf16 autocast", replace(default, amp="bf16")))
+    if args.compile_row:
+        variants.append(("ours, defaults + torch.compile", replace(default, compile=True)))
+    for label, options in variants:
+        ours = Ours(fresh_model(), options, config, inputs, labels, device)
+        rows.append((label, time_calls(ours.iteration, args.repeats, device), time_calls(ours.chain, args.repeats, device)))
+
+    print(f"{'variant':36s} {'s/iter':>8s} {'vs ref':>7s} {'SGLD s':>7s} {'img-steps/s':>12s} {'% conv peak':>12s}")
+    ref_iter = rows[0][1]
+    for label, per_iter, per_chain in rows:
+        rate = args.batch * args.steps / per_chain
+        share = sgld_flops / per_chain / (gflops * 1e9)
+        print(f"{label:36s} {per_iter:8.2f} {ref_iter / per_iter:6.2f}x {per_chain:7.2f} {rate:12.1f} {share:11.0%}")
+    ours_default = next(per_iter for label, per_iter, _ in rows if label == "ours, defaults")
+    print(f"\nspeedup: {ref_iter / ours_default:.2f}")
+
+
+if __name__ == "__main__":
+    main()
