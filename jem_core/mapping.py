@@ -228,8 +228,9 @@ class _Pending:
 
     def take(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         rows, cols, pixels = (np.concatenate(parts) for parts in (self.rows, self.cols, self.pixels))
-        self.rows, self.cols, self.pixels = [rows[n:]], [cols[n:]], [pixels[n:]]
         self.count = len(rows) - n
+        keep = self.count > 0
+        self.rows, self.cols, self.pixels = ([rows[n:]], [cols[n:]], [pixels[n:]]) if keep else ([], [], [])
         return rows[:n], cols[:n], np.ascontiguousarray(pixels[:n])
 
     def first_row(self) -> int | None:
