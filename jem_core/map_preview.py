@@ -61,7 +61,7 @@ def render_map_preview(classes_path: str | os.PathLike, confidence_path: str | o
     colormap = info["colormap"] or {}
     colours = np.array([colormap.get(i, (128, 128, 128, 255)) for i in range(len(names))], float) / 255
     panels = (1 if inputs else 0) + 1 + (1 if confidence_path else 0)
-    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels + 1.5, 5.6), squeeze=False)
+    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 6.4), squeeze=False)
     axes = list(axes[0])
     b = info["bounds"]
     extent = (b.left, b.right, b.bottom, b.top)
@@ -77,7 +77,7 @@ def render_map_preview(classes_path: str | os.PathLike, confidence_path: str | o
     order = [i for i in np.argsort(-counts) if counts[i] > 0][:max_legend]
     total = max(int(counts.sum()), 1)
     ax.legend(handles=[Patch(color=colours[i], label=f"{names[i]} {counts[i] / total:.0%}") for i in order],
-              loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7, frameon=False)
+              loc="upper center", bbox_to_anchor=(0.5, -0.06), ncol=3, fontsize=7, frameon=False)
     ax.set_title("class map argmax p(y|x)")
     if confidence_path:
         ax = axes.pop(0)

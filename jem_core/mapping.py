@@ -58,6 +58,7 @@ from __future__ import annotations
 import colorsys
 import json
 import os
+import re
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -247,34 +248,35 @@ def _check_stop(should_stop: Callable[[], bool] | None) -> None:
 # ---------------------------------------------------------------------------------------------
 # Output rasters
 # ---------------------------------------------------------------------------------------------
-_PALETTE_GROUPS = [  # keyword → base colour, so water is blue and forest green on any class list
-    (("water", "river", "pond", "lake", "sea", "port", "harbo"), (31, 105, 180)),
+_PALETTE_GROUPS = [  # word prefix → base colour (first match wins: Parking before Park)
+    (("water", "river", "pond", "lake", "sea", "port", "harbo", "ocean"), (31, 105, 180)),
     (("forest", "tree", "wood"), (24, 110, 40)),
-    (("meadow", "grass", "park", "farm", "crop", "pasture", "herbaceous", "vegetation", "golf"), (120, 190, 70)),
     (("bare", "desert", "mountain", "beach", "sand"), (200, 170, 110)),
     (("industrial", "storage", "commercial", "airport", "railway", "station", "parking", "viaduct", "bridge",
-      "highway"), (150, 150, 150)),
-    (("residential", "center", "church", "school", "square", "stadium", "playground", "baseball", "urban",
-      "building", "resort"), (205, 60, 45)),
+      "highway", "road"), (140, 140, 150)),
+    (("meadow", "grass", "park", "farm", "crop", "pasture", "herbaceous", "vegetation", "golf"), (120, 190, 70)),
+    (("residential", "center", "church", "school", "square", "urban", "building", "resort"), (205, 60, 45)),
+    (("stadium", "playground", "baseball", "sport", "tennis"), (230, 140, 200)),
 ]
 
 
 def class_colours(class_names: Sequence[str]) -> dict[int, tuple[int, int, int, int]]:
-    """A colour per class: a thematic base colour by keyword, shifted in lightness within a group."""
+    """A colour per class: a thematic base colour when a word of the name matches, varied within a group."""
     colours = {}
     used: dict[int, int] = {}
     for i, name in enumerate(class_names):
-        lower = name.lower()
-        group = next((g for g, (keys, _) in enumerate(_PALETTE_GROUPS) if any(k in lower for k in keys)), None)
+        words = [w.lower() for w in re.findall(r"[A-Za-z][a-z]*", name)]
+        group = next((g for g, (keys, _) in enumerate(_PALETTE_GROUPS)
+                      if any(w.startswith(k) for w in words for k in keys)), None)
         if group is None:
-            hue = (i * 0.618034) % 1.0  # golden-ratio hues for unmatched names
-            rgb = tuple(int(255 * v) for v in colorsys.hsv_to_rgb(hue, 0.55, 0.85))
+            hue, saturation, value = (i * 0.618034) % 1.0, 0.55, 0.85  # golden-ratio hues for unmatched names
         else:
-            shift = used.get(group, 0)
-            used[group] = shift + 1
-            factor = 1.0 + 0.18 * ((shift + 1) // 2) * (1 if shift % 2 else -1)
-            rgb = tuple(int(min(255, max(0, c * factor))) for c in _PALETTE_GROUPS[group][1])
-        colours[i] = (*rgb, 255)
+            member = used.get(group, 0)
+            used[group] = member + 1
+            hue, saturation, value = colorsys.rgb_to_hsv(*(c / 255 for c in _PALETTE_GROUPS[group][1]))
+            hue = (hue + 0.035 * ((member + 1) // 2) * (1 if member % 2 else -1)) % 1.0
+            value = 0.55 + 0.4 * ((value + 0.37 * member) % 1.0)
+        colours[i] = (*(int(round(255 * c)) for c in colorsys.hsv_to_rgb(hue, saturation, value)), 255)
     return colours
 
 

@@ -238,11 +238,12 @@ def test_cli_map_end_to_end(tmp_path, model_path, capsys):
     raster = write_raster(tmp_path / "in.tif", scene())
     code = cli_main(["map", str(model_path), str(raster), "--out-classes", str(tmp_path / "c.tif"),
                      "--out-confidence", str(tmp_path / "e.tif"), "--stride", "8", "--device", "cpu",
-                     "--json", str(tmp_path / "r.json")])
+                     "--json", str(tmp_path / "r.json"), "--preview", str(tmp_path / "p.png")])
     assert code == 0
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["width"] == 8 and report["stride"] == 8 and report["patches"] == 35
     assert read(tmp_path / "e.tif")[1]["shape"] == (6, 8)
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
     code = cli_main(["map", str(model_path), str(raster), "--out-classes", str(tmp_path / "d.tif"),
                      "--bands", "1,2", "--device", "cpu"])
     assert code == 2 and "expects 3" in capsys.readouterr().err

@@ -5,6 +5,7 @@ import argparse
 from dataclasses import asdict
 from pathlib import Path
 
+from ..map_preview import render_map_preview
 from ..mapping import RESOLUTIONS, map_raster
 from .common import ProgressBar, add_device_option, log, write_json
 
@@ -31,6 +32,7 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--read-ahead", type=int, default=2, help="strips a reader thread keeps ready (0: no thread)")
     p.add_argument("--json", type=Path, help="also write the run summary as JSON here")
+    p.add_argument("--preview", type=Path, help="also write a PNG: input, class map with legend, −E(x)")
     add_device_option(p)
     p.set_defaults(run=run_map)
 
@@ -48,6 +50,10 @@ def run_map(args: argparse.Namespace) -> int:
     log(result.summary())
     written = [p for p in (result.classes, result.confidence, result.max_probability, result.probabilities) if p]
     log("written: " + ", ".join(str(p) for p in written))
+    if args.preview:
+        render_map_preview(result.classes, result.confidence, args.preview, inputs=args.inputs, bands=bands,
+                           title=f"{args.model.name}: {result.patch_size} px patches, stride {result.stride} px")
+        log(f"preview: {args.preview}")
     if args.json:
         write_json(args.json, {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(result).items()})
     return 0
