@@ -1,0 +1,181 @@
+"""The paper's science as features: OOD analysis, SGLD sample grids, report, JEM + consistency, CLI."""
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from jem_core import JEMError
+from jem_core.cli import main as cli_main
+from jem_core.data import load_class_folder
+from jem_core.generation import sample_grid
+from jem_core.model_file import load_model
+from jem_core.ood import ood_analysis, source_kind
+from jem_core.sampler import SGLDConfig
+from jem_core.training import Cancelled, TrainConfig, consistency_loss, strong_augment, train
+from tests.conftest import make_class_folder, write_image
+
+SIZE = 16
+
+
+def tiny_config(**overrides) -> TrainConfig:
+    base = dict(arch="wrn-10-1", image_size=SIZE, epochs=2, batch_size=16, sgld_batch_size=8, warmup_iters=2,
+                patience=None, sgld=SGLDConfig(buffer_size=60, steps=2))
+    base.update(overrides)
+    return TrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict[str, Path]:
+    """A tiny JEM and CE baseline on 3 synthetic classes, plus data to compare with."""
+    root = tmp_path_factory.mktemp("science")
+    data = make_class_folder(root / "scenes", classes=3, per_class=10, size=SIZE)
+    dataset = load_class_folder(data, SIZE)
+    paths = {"data": data, "jem": root / "jem.pt", "ce": root / "ce.pt", "root": root}
+    train(dataset, tiny_config(), paths["jem"])
+    train(dataset, tiny_config(baseline=True), paths["ce"])
+    # Other data: a flat folder of noise images and a raster with a nodata corner.
+    rng = np.random.default_rng(5)
+    noise = root / "noise"
+    noise.mkdir()
+    for i in range(6):
+        write_image(noise / f"n{i}.png", rng.integers(0, 255, (3, SIZE, SIZE), dtype=np.uint8))
+    raster = rng.integers(1, 255, (3, 3 * SIZE, 2 * SIZE), dtype=np.uint8)
+    raster[:, :SIZE, :SIZE] = 0
+    paths["raster"] = root / "scene.tif"
+    write_raster_with_nodata(paths["raster"], raster)
+    return paths
+
+
+def write_raster_with_nodata(path: Path, pixels: np.ndarray) -> None:
+    import rasterio
+    from rasterio.errors import NotGeoreferencedWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        with rasterio.open(path, "w", driver="GTiff", width=pixels.shape[2], height=pixels.shape[1],
+                           count=pixels.shape[0], dtype=pixels.dtype, nodata=0) as dst:
+            dst.write(pixels)
+
+
+# ---------------------------------------------------------------- OOD analysis
+def test_ood_analysis_scores_every_kind_of_source(trained, tmp_path):
+    messages = []
+    result = ood_analysis(trained["jem"], trained["data"], [trained["data"], trained["root"] / "noise",
+                                                            trained["raster"]],
+                          json_path=tmp_path / "ood.json", plot_path=tmp_path / "ood.png",
+                          progress=lambda f, m: messages.append(f))
+    assert result["reference"]["split"] == "test" and result["reference"]["count"] == 6  # 20 % of 30
+    compare = result["compare"]
+    assert list(compare) == ["scenes (2)", "noise", "scene.tif"]
+    assert compare["scenes (2)"]["count"] == 30 and compare["noise"]["count"] == 6
+    assert compare["scene.tif"]["count"] == 5  # 3 × 2 patches, the nodata one skipped
+    assert [compare[n]["kind"] for n in compare] == ["class-folder", "image-folder", "raster"]
+    for entry in compare.values():
+        assert entry["kl_to_reference"] >= 0 and 0 <= entry["auroc"] <= 1
+    # The same data as the reference overlaps it far more than uniform noise does.
+    assert compare["scenes (2)"]["kl_to_reference"] < compare["noise"]["kl_to_reference"]
+    saved = json.loads((tmp_path / "ood.json").read_text())
+    assert saved["compare"]["noise"]["auroc"] == pytest.approx(compare["noise"]["auroc"])
+    assert sum(saved["histograms"]["noise"]) == 6 and len(saved["bins"]) == 51
+    assert (tmp_path / "ood.png").read_bytes()[:4] == b"\x89PNG"
+    assert messages[-1] == 1.0 and messages == sorted(messages)
+
+
+def test_ood_reference_splits_and_pixels(trained):
+    model = load_model(trained["jem"])
+    pixels = torch.rand(4, 3, SIZE, SIZE) * 255
+    result = ood_analysis(model, trained["data"], [("random", pixels)], reference_split="train")
+    assert result["reference"]["split"] == "train" and result["reference"]["count"] == 21
+    assert result["compare"]["random"]["count"] == 4
+    other = make_class_folder(trained["root"] / "other_classes", classes=2, per_class=3, size=SIZE, seed=3)
+    result = ood_analysis(model, other, [("random", pixels)])
+    assert result["reference"]["split"].startswith("all") and result["reference"]["count"] == 6
+
+
+def test_ood_errors_are_clear(trained, tmp_path):
+    with pytest.raises(JEMError, match="does not exist"):
+        ood_analysis(trained["jem"], trained["data"], [tmp_path / "missing"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(JEMError, match="holds no images"):
+        source_kind(tmp_path / "empty")
+    with pytest.raises(JEMError, match="Nothing to compare"):
+        ood_analysis(trained["jem"], trained["data"], [])
+    with pytest.raises(JEMError, match="bands"):
+        ood_analysis(trained["jem"], trained["data"], [("gray", torch.zeros(2, 1, SIZE, SIZE))])
+    with pytest.raises(Cancelled):
+        ood_analysis(trained["jem"], trained["data"], [trained["root"] / "noise"], json_path=tmp_path / "x.json",
+                     should_stop=lambda: True)
+    assert not (tmp_path / "x.json").exists()
+
+
+# ---------------------------------------------------------------- generation
+def test_sample_grid_with_quality_score(trained, tmp_path):
+    result = sample_grid(trained["jem"], tmp_path / "grid.png", per_class=2, steps=3, data=trained["data"],
+                         feature_model=trained["ce"], json_path=tmp_path / "samples.json", unconditional_count=4)
+    assert result["steps"] == 3 and result["init"].startswith("informative")
+    assert 0 <= result["conditional"]["classified_as_their_class"] <= 1
+    assert sum(result["unconditional"]["predicted_classes"].values()) == 4
+    quality = result["quality"]
+    assert quality["count"] == 10 and "NOT Inception" in quality["feature_space"]
+    assert "ce.pt" in quality["feature_space"]
+    for key in ("samples", "init", "real"):
+        assert quality[key]["frechet"] >= 0 and np.isfinite(quality[key]["kernel"])
+    assert (tmp_path / "grid.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((tmp_path / "samples.json").read_text())["quality"]["samples"]["frechet"] == \
+        pytest.approx(quality["samples"]["frechet"])
+
+
+def test_sample_grid_without_data_uses_uniform_init_and_no_score(trained, tmp_path):
+    result = sample_grid(trained["jem"], tmp_path / "grid.png", per_class=1, steps=2, unconditional=False)
+    assert result["init"] == "uniform noise" and "quality" not in result and "unconditional" not in result
+    with pytest.raises(JEMError, match="Nothing to sample"):
+        sample_grid(trained["jem"], tmp_path / "g.png", conditional=False, unconditional=False)
+    with pytest.raises(Cancelled):
+        sample_grid(trained["jem"], tmp_path / "g2.png", per_class=1, steps=2, should_stop=lambda: True)
+    assert not (tmp_path / "g2.png").exists()
+
+
+def test_sgld_samples_move_towards_lower_energy(trained):
+    """Longer chains must lower the class energy E(x, y) of their samples: the sampler does its job."""
+    from jem_core.generation import run_chains, sgld_config
+
+    model = load_model(trained["jem"])
+    config = sgld_config(model, 20, step_size=1.0, noise=0.0)
+    labels = torch.arange(3).repeat(4)
+    starts = torch.rand(12, 3, SIZE, SIZE) * 2 - 1
+    samples = run_chains(model, starts, labels, config, 64, lambda work: None, None)
+    with torch.no_grad():
+        assert model.model.class_energy(samples, labels).mean() < model.model.class_energy(starts, labels).mean()
+
+
+# ---------------------------------------------------------------- JEM + consistency
+def test_consistency_loss_uses_only_confident_pseudo_labels():
+    weak = torch.tensor([[10.0, 0.0], [0.0, 0.1]])  # first confident (class 0), second not
+    strong = torch.tensor([[0.0, 0.0], [5.0, -5.0]])
+    loss, rate = consistency_loss(weak, strong, threshold=0.95)
+    # Only image 0 counts: CE of uniform logits towards class 0 = ln 2, averaged over the batch of 2.
+    assert rate.item() == pytest.approx(0.5)
+    assert loss.item() == pytest.approx(np.log(2) / 2, rel=1e-5)
+    assert consistency_loss(weak, strong, threshold=1.0)[0].item() == 0.0
+
+
+def test_strong_augment_changes_images_but_keeps_shape():
+    torch.manual_seed(0)
+    x = torch.randn(5, 4, SIZE, SIZE)
+    y = strong_augment(x)
+    assert y.shape == x.shape and not torch.allclose(x, y)
+
+
+def test_consistency_training_runs_for_jem_and_baseline(trained):
+    dataset = load_class_folder(trained["data"], SIZE)
+    for baseline in (False, True):
+        result = train(dataset, tiny_config(epochs=1, labels_per_class=2, baseline=baseline, consistency_weight=1.0,
+                                            consistency_threshold=0.3))
+        assert result.metrics["iterations"] >= 1 and result.loaded.meta.train_config["consistency_weight"] == 1.0
+    with pytest.raises(JEMError, match="consistency"):
+        train(dataset, tiny_config(consistency_threshold=0.0))
