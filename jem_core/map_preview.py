@@ -61,7 +61,7 @@ def render_map_preview(classes_path: str | os.PathLike, confidence_path: str | o
     colormap = info["colormap"] or {}
     colours = np.array([colormap.get(i, (128, 128, 128, 255)) for i in range(len(names))], float) / 255
     panels = (1 if inputs else 0) + 1 + (1 if confidence_path else 0)
-    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 6.4), squeeze=False)
+    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 6.0), squeeze=False, layout="constrained")
     axes = list(axes[0])
     b = info["bounds"]
     extent = (b.left, b.right, b.bottom, b.top)

@@ -248,3 +248,18 @@ def test_cli_map_end_to_end(tmp_path, model_path, capsys):
                      "--bands", "1,2", "--device", "cpu"])
     assert code == 2 and "expects 3" in capsys.readouterr().err
     assert not (tmp_path / "d.tif").exists()
+
+
+def test_target_gsd_resamples_before_cutting_patches(tmp_path, model_path):
+    pixels = scene(96, 128, seed=11)
+    raster = write_raster(tmp_path / "in.tif", pixels)
+    result = map_raster(model_path, raster, tmp_path / "c.tif", tmp_path / "e.tif", target_gsd=20.0, stride=8,
+                        device="cpu", stretch="none")
+    _, info = read(result.classes)
+    assert info["transform"] == TRANSFORM * TRANSFORM.scale(2) * TRANSFORM.scale(8)
+    assert (result.width, result.height) == (8, 6)  # 64 × 48 px at 20 m, stride 8
+    assert any("resampled" in note for note in result.notes)
+    # The first patch at 20 m is the 2 × 2 average of the top-left 32 × 32 px at 10 m.
+    averaged = pixels[:, :32, :32].astype(np.float64).reshape(3, 16, 2, 16, 2).mean(axis=(2, 4))
+    expected = patch_logits(model_path, averaged.astype(np.float32), [(0, 0)])[0]
+    assert read(result.confidence)[0][0, 0, 0] == pytest.approx(torch.logsumexp(expected, 0).item(), abs=1e-3)
