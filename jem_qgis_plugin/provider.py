@@ -6,6 +6,8 @@ from qgis.core import QgsProcessingProvider
 from jem_core import __version__
 
 from .algorithms.landcover_map import LandCoverMapAlgorithm
+from .algorithms.ood import OodAlgorithm
+from .algorithms.samples import SamplesAlgorithm
 from .algorithms.train import TrainAlgorithm
 from .paths import icon
 
@@ -13,6 +15,8 @@ from .paths import icon
 ALGORITHMS = [
     LandCoverMapAlgorithm,
     TrainAlgorithm,
+    OodAlgorithm,
+    SamplesAlgorithm,
 ]
 
 

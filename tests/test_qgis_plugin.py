@@ -215,3 +215,44 @@ def test_cancelled_training_writes_nothing(provider, scenes, tmp_path):
 def test_train_on_a_missing_folder_says_so(provider, tmp_path):
     with pytest.raises(QgsProcessingException, match="does not exist"):
         run("jem:train", {"DATASET": str(tmp_path / "nowhere"), **TRAIN_FAST, "OUTPUT_MODEL": str(tmp_path / "m.pt")})
+
+
+def test_ood_reports_kl_and_auroc_for_rasters_and_folders(provider, model_file, scenes, raster, tmp_path):
+    outputs = {"OUTPUT_HTML": str(tmp_path / "ood.html"), "OUTPUT_PLOT": str(tmp_path / "ood.png"),
+               "OUTPUT_JSON": str(tmp_path / "ood.json")}
+    result = run("jem:ood", {"MODEL": str(model_file), "REFERENCE": str(scenes), "REFERENCE_SPLIT": "all",
+                             "COMPARE_RASTERS": [str(raster)], "COMPARE_FOLDERS": f"{scenes / 'class_a'}",
+                             "DEVICE": "cpu", **outputs})
+    numbers = json.loads(Path(outputs["OUTPUT_JSON"]).read_text())
+    assert numbers["reference"]["count"] == 30
+    assert set(numbers["compare"]) == {"scene.tif", "class_a"}
+    assert numbers["compare"]["scene.tif"]["count"] == 12  # 4 × 3 patches of 16 px
+    for name, c in numbers["compare"].items():
+        assert f"KL to reference {c['kl_to_reference']:.3f}" in result["SUMMARY"]
+    page = Path(outputs["OUTPUT_HTML"]).read_text()
+    assert "scene.tif" in page and "data:image/png;base64," in page
+    assert Path(outputs["OUTPUT_PLOT"]).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_ood_without_anything_to_compare_says_so(provider, model_file, scenes, tmp_path):
+    with pytest.raises(QgsProcessingException, match="Nothing to compare"):
+        run("jem:ood", {"MODEL": str(model_file), "REFERENCE": str(scenes), "OUTPUT_HTML": str(tmp_path / "o.html")})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_samples_grid_and_numbers(provider, model_file, scenes, tmp_path):
+    out = {"OUTPUT": str(tmp_path / "samples.png"), "OUTPUT_JSON": str(tmp_path / "samples.json")}
+    result = run("jem:samples", {"MODEL": str(model_file), "PER_CLASS": 2, "STEPS": 3, "DATASET": str(scenes),
+                                 "DEVICE": "cpu", **out})
+    numbers = json.loads(Path(out["OUTPUT_JSON"]).read_text())
+    assert numbers["steps"] == 3 and numbers["conditional"]["per_class"] == 2
+    assert result["CLASSIFIED_AS_THEIR_CLASS"] == pytest.approx(numbers["conditional"]["classified_as_their_class"])
+    image = QgsRasterLayer(out["OUTPUT"], "grid")
+    assert image.isValid() and image.width() > 2 * PATCH
+
+
+def test_cancelled_sampling_writes_nothing(provider, model_file, tmp_path):
+    with pytest.raises(QgsProcessingException, match="Cancelled"):
+        run("jem:samples", {"MODEL": str(model_file), "STEPS": 50, "OUTPUT": str(tmp_path / "s.png"),
+                            "OUTPUT_JSON": str(tmp_path / "s.json")}, CancelAfter(polls=1))
+    assert list(tmp_path.iterdir()) == []
