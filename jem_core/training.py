@@ -13,20 +13,23 @@ from __future__ import annotations
 
 import copy
 import math
+import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from collections import deque
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
-from . import JEMError
+from . import JEMError, distributed
+from .checkpoint import (LoopState, Snapshot, check_resumable, cpu_state, load_checkpoint, restore_snapshot,
+                         rng_state, save_checkpoint, set_rng_state, take_snapshot)
 from .data import SceneDataset, band_statistics, choose_labelled, split_dataset
-from .device import resolve_device
 from .metrics import classification_metrics, predict_logits
 from .model_file import LoadedModel, ModelMeta, save_model
-from .models import ModelSpec, build_model
+from .models import ModelSpec, SpeedOptions, apply_speed_options, build_model
 from .sampler import ReplayBuffer, SGLDConfig, SGLDSampler, make_initialiser
 
 
@@ -66,6 +69,15 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     divergence_threshold: float = 1e4
+    # Divergence recovery: also a divergence when the gradient norm exceeds grad_blowup × its recent
+    # median or more than saturation_limit of SGLD sample values sit at ±sample_clamp; roll back
+    # at most max_recoveries times (0 = fail at the first divergence).
+    grad_blowup: float = 1e3
+    saturation_limit: float = 0.5
+    max_recoveries: int = 3
+    # Iterations between validations/checkpoints; None = one pass over the training images.
+    epoch_iters: Optional[int] = None
+    speed: SpeedOptions = field(default_factory=SpeedOptions)
     # JEM + consistency (FixMatch): CE on strongly augmented unlabelled images towards the pseudo-label of
     # their weakly augmented view, where that view is confident.  0 = off.
     consistency_weight: float = 0.0
@@ -165,7 +177,8 @@ def check_config(config: TrainConfig, dataset: SceneDataset) -> None:
 def train(dataset: SceneDataset, config: TrainConfig, out_path: str | Path | None = None,
           progress: ProgressFn | None = None, should_stop: Callable[[], bool] | None = None,
           log: Callable[[str], None] | None = None, *, unlabelled: torch.Tensor | None = None,
-          start_model: LoadedModel | None = None) -> TrainResult:
+          start_model: LoadedModel | None = None, checkpoint_path: str | Path | None = None,
+          checkpoint_every_min: float | None = 10.0, resume: bool = False) -> TrainResult:
     """Train a JEM (or the CE baseline) on a class-folder dataset; optionally save the model file.
 
     progress(fraction, message) is called every iteration; should_stop() is polled every
@@ -173,14 +186,20 @@ def train(dataset: SceneDataset, config: TrainConfig, out_path: str | Path | Non
     unlabelled: extra images (N, bands, H, W) for the generative term only (never in val/test).
     start_model: fine-tune this model (same bands and classes as the dataset; keeps its normalisation).
     With no validation images (val_fraction 0) the last epoch's weights are kept.
+    checkpoint_path: write the training state there at every epoch end and every checkpoint_every_min
+    minutes (deleted when the run finishes or is cancelled); resume=True continues from it.
+    Under torchrun (see distributed.py) each rank trains on its shard; rank 0 writes the files.
     """
     check_config(config, dataset)
     check_extras(dataset, unlabelled, start_model)
-    log = log or (lambda message: None)
-    progress = progress or (lambda fraction, message: None)
+    if resume and checkpoint_path is None:
+        raise JEMError("resume needs the checkpoint path of the run to continue.")
+    ctx = distributed.current()
+    log = log if log and ctx.is_main else (lambda message: None)
+    progress = progress if progress and ctx.is_main else (lambda fraction, message: None)
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
-    device = resolve_device(config.device)
+    device = distributed.device_for(ctx, config.device)
     start_time = time.monotonic()
 
     split = split_dataset(dataset.labels, config.seed, config.val_fraction, config.test_fraction)
@@ -204,81 +223,121 @@ def train(dataset: SceneDataset, config: TrainConfig, out_path: str | Path | Non
                      image_size=config.image_size, mean=mean, std=std, value_range=list(dataset.value_range),
                      train_config=config.to_dict())
     model = (build_model(spec) if start_model is None else copy.deepcopy(start_model.model)).to(device)
+    apply_speed_options(model, config.speed, device)
     loaded = LoadedModel(model, meta)
     inputs = loaded.normalise(pool).to(device)  # whole normalised training pool on the device
     train_labels = visible_labels.to(device)
 
+    if ctx.active:  # same initial weights everywhere, but each rank its own chains and noise
+        torch.manual_seed(config.seed + 7919 * ctx.rank)
     sampler = None
     if not config.baseline:
         initialiser = make_initialiser(config.sgld, inputs[labelled], train_labels[labelled], spec.num_classes)
-        buffer = ReplayBuffer(initialiser, config.sgld.buffer_size, spec.num_classes, device)
-        sampler = SGLDSampler(model, config.sgld, buffer)
+        buffer = ReplayBuffer(initialiser, max(config.sgld.buffer_size // ctx.world_size, 1), spec.num_classes, device)
+        sampler = SGLDSampler(model, replace(config.sgld), buffer, fused=config.speed.fused)
 
-    optimiser = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    iters_per_epoch = max(1, math.ceil(len(data_indices) / config.batch_size))
+    optimiser = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
+                                 fused=config.speed.fused)
+    step_model = distributed.wrap(model, ctx, device)
+    iters_per_epoch = config.epoch_iters or \
+        max(1, math.ceil(len(data_indices) / (config.batch_size * ctx.world_size)))
     total_iters = iters_per_epoch * config.epochs
     budget_s = config.time_budget_min * 60 if config.time_budget_min else None
-    labelled_stream = BatchStream(labelled, config.batch_size, generator)
-    data_stream = BatchStream(data_indices, config.sgld_batch_size, generator)
+    labelled_stream = BatchStream(distributed.shard(labelled, ctx), config.batch_size, generator)
+    data_stream = BatchStream(distributed.shard(data_indices, ctx), config.sgld_batch_size, generator)
+    run = RunParts(model, optimiser, sampler, [labelled_stream, data_stream], generator, device, ctx,
+                   checkpoint_path, {"images": len(pool), "class_names": list(dataset.class_names)})
 
     mode = "baseline (CE only)" if config.baseline else "JEM"
     log(f"{mode}: {spec.arch} on {device}, {len(data_indices)} train images ({len(labelled)} labelled), "
-        f"{len(split.val)} val, {len(split.test)} test, {iters_per_epoch} iterations/epoch")
-    history: list[dict[str, float]] = []
-    best = {"val_accuracy": -1.0, "state": None, "epoch": 0}
-    iteration = 0
+        f"{len(split.val)} val, {len(split.test)} test, {iters_per_epoch} iterations/epoch"
+        + (f", {ctx.world_size} processes" if ctx.active else ""))
+    state, best_model = LoopState(sgld_steps=config.sgld.steps), None
+    if resume:
+        state, best_model = resume_run(run, config)
+        log(f"resumed from '{checkpoint_path}' at epoch {state.epoch}, iteration {state.iteration}")
+    if sampler is not None:
+        sampler.config.steps = state.sgld_steps
+    start_time = time.monotonic() - state.elapsed_s
+    snapshot = save_point(run, config, state, best_model, start_time, write=False)
+    last_save = time.monotonic()
+    grad_norms: deque[float] = deque(maxlen=50)
     stop_reason = f"{config.epochs} epochs done"
-    for epoch in range(1, config.epochs + 1):
-        model.train()
-        sums = {"ce": 0.0, "gen": 0.0, "gap": 0.0}
-        done = 0
-        for _ in range(iters_per_epoch):
-            if should_stop is not None and should_stop():
-                raise Cancelled()
-            elapsed = time.monotonic() - start_time
-            fraction = max(iteration / total_iters, elapsed / budget_s if budget_s else 0.0)
-            if budget_s and elapsed >= budget_s:
-                stop_reason = f"time budget of {config.time_budget_min} min reached in epoch {epoch}"
+    try:
+        while state.epoch <= config.epochs:
+            model.train()
+            over_budget = early_stop = False
+            while state.done < iters_per_epoch:
+                elapsed = time.monotonic() - start_time
+                save_due = checkpoint_every_min is not None and time.monotonic() - last_save >= checkpoint_every_min * 60
+                cancel, over_budget, save_due = distributed.any_rank(
+                    [should_stop is not None and should_stop(), bool(budget_s and elapsed >= budget_s), save_due],
+                    ctx, device)
+                if cancel:
+                    raise Cancelled()
+                if over_budget:
+                    stop_reason = f"time budget of {config.time_budget_min} min reached in epoch {state.epoch}"
+                    break
+                fraction = max(state.iteration / total_iters, elapsed / budget_s if budget_s else 0.0)
+                for group in optimiser.param_groups:
+                    group["lr"] = learning_rate(config, state.iteration, fraction) * state.lr_scale
+                losses = training_step(step_model, sampler, optimiser, inputs, train_labels, labelled_stream,
+                                       data_stream, config)
+                if sampler is not None:
+                    losses["saturation"] = float(sampler.last_saturation)
+                losses = dict(zip(losses, distributed.average(list(losses.values()), ctx, device)))
+                reason = divergence_reason(losses, config, grad_norms)
+                if reason is not None:
+                    state, best_model = recover(reason, snapshot, state, run, config, log)
+                    grad_norms.clear()
+                    continue
+                grad_norms.append(losses["grad_norm"])
+                for key in state.sums:
+                    state.sums[key] += losses[key]
+                state.iteration += 1
+                state.done += 1
+                progress(min(fraction, 1.0), f"epoch {state.epoch}/{config.epochs} ce {losses['ce']:.3f} "
+                                             f"gap {losses['gap']:+.2f}")
+                if save_due:
+                    snapshot = save_point(run, config, state, best_model, start_time)
+                    last_save = time.monotonic()
+            if state.done:
+                record = end_of_epoch(loaded, dataset, split.val, state.epoch, state.iteration, state.sums,
+                                      state.done, start_time)
+                state.history.append(record)
+                log(format_record(record))
+                if record["val_accuracy"] > state.best_val_accuracy or len(split.val) == 0:
+                    state.best_val_accuracy, state.best_epoch = record["val_accuracy"], state.epoch
+                    best_model = cpu_state(model.state_dict())
+                elif config.patience is not None and state.epoch - state.best_epoch >= config.patience:
+                    stop_reason = f"early stop: no val improvement for {config.patience} epochs"
+                    early_stop = True
+            if over_budget or early_stop:
                 break
-            for group in optimiser.param_groups:
-                group["lr"] = learning_rate(config, iteration, fraction)
-            losses = training_step(model, sampler, optimiser, inputs, train_labels, labelled_stream,
-                                   data_stream, config)
-            check_divergence(losses, config, epoch, iteration)
-            for key in sums:
-                sums[key] += losses[key]
-            iteration += 1
-            done += 1
-            progress(min(fraction, 1.0), f"epoch {epoch}/{config.epochs} ce {losses['ce']:.3f} "
-                                         f"gap {losses['gap']:+.2f}")
-        if done:
-            record = end_of_epoch(loaded, dataset, split.val, epoch, iteration, sums, done, start_time)
-            history.append(record)
-            log(format_record(record))
-            if record["val_accuracy"] > best["val_accuracy"] or len(split.val) == 0:
-                best = {"val_accuracy": record["val_accuracy"], "epoch": epoch,
-                        "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
-            elif config.patience is not None and epoch - best["epoch"] >= config.patience:
-                stop_reason = f"early stop: no val improvement for {config.patience} epochs"
-                break
-        if done < iters_per_epoch:
-            break
+            state.epoch, state.done = state.epoch + 1, 0
+            state.sums = dict.fromkeys(state.sums, 0.0)
+            snapshot = save_point(run, config, state, best_model, start_time)
+            last_save = time.monotonic()
+    except Cancelled:
+        remove_checkpoint(run)
+        raise
 
-    if best["state"] is not None:
-        model.load_state_dict(best["state"])
-    log(f"stopped ({stop_reason}); keeping the weights of epoch {best['epoch']}")
+    if best_model is not None:
+        model.load_state_dict(best_model)
+    log(f"stopped ({stop_reason}); keeping the weights of epoch {state.best_epoch}")
     metrics = classification_metrics(predict_logits(loaded, dataset.images[split.test]),
                                      dataset.labels[split.test], dataset.class_names)
-    metrics.update(split="test", best_epoch=best["epoch"], iterations=iteration, stop_reason=stop_reason,
+    metrics.update(split="test", best_epoch=state.best_epoch, iterations=state.iteration, stop_reason=stop_reason,
                    train_seconds=round(time.monotonic() - start_time, 1), labelled_images=len(labelled),
-                   mode="baseline" if config.baseline else "jem")
+                   mode="baseline" if config.baseline else "jem", recoveries=state.recoveries)
     meta.metrics = {k: v for k, v in metrics.items() if k not in ("confusion_matrix", "reliability")}
-    meta.train_config["history"] = history
+    meta.train_config["history"] = state.history
     model.eval()
-    if out_path is not None:
+    if out_path is not None and ctx.is_main:
         save_model(out_path, model, meta)
+    remove_checkpoint(run)
     progress(1.0, "done")
-    return TrainResult(loaded, metrics, history)
+    return TrainResult(loaded, metrics, state.history)
 
 
 def check_extras(dataset: SceneDataset, unlabelled: torch.Tensor | None, start_model: LoadedModel | None) -> None:
@@ -332,16 +391,115 @@ def training_step(model, sampler: SGLDSampler | None, optimiser: torch.optim.Opt
         loss = loss + config.weight_gen * gen
     optimiser.zero_grad(set_to_none=True)
     loss.backward()
+    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
     optimiser.step()
     return {"loss": loss.item(), "ce": ce.item(), "gen": gen.item(), "gap": gap.item(),
-            "consistency": consistency.item(), "mask_rate": mask_rate.item()}
+            "consistency": consistency.item(), "mask_rate": mask_rate.item(), "grad_norm": grad_norm.item()}
 
 
-def check_divergence(losses: dict[str, float], config: TrainConfig, epoch: int, iteration: int) -> None:
-    if not all(math.isfinite(v) for v in losses.values()) or abs(losses["gap"]) > config.divergence_threshold:
-        raise Diverged(f"Training diverged in epoch {epoch} (iteration {iteration}): loss {losses['loss']:.3g}, "
-                       f"energy gap {losses['gap']:.3g}. Retry with a lower --lr, more --sgld-steps or a larger "
-                       "--energy-reg.")
+def divergence_reason(losses: dict[str, float], config: TrainConfig, grad_norms: deque[float]) -> str | None:
+    """Why this step looks like a divergence, or None: non-finite loss, energy gap or gradient norm
+    blowing up, SGLD samples saturating at the clamp."""
+    if not all(math.isfinite(v) for v in losses.values()):
+        return f"non-finite loss (loss {losses['loss']:.3g}, energy gap {losses['gap']:.3g})"
+    if abs(losses["gap"]) > config.divergence_threshold:
+        return f"energy gap {losses['gap']:.3g} beyond ±{config.divergence_threshold:g}"
+    if len(grad_norms) >= 10 and losses["grad_norm"] > config.grad_blowup * statistics.median(grad_norms):
+        return (f"gradient norm {losses['grad_norm']:.3g} is over {config.grad_blowup:g}× its recent median "
+                f"{statistics.median(grad_norms):.3g}")
+    if losses.get("saturation", 0.0) > config.saturation_limit:
+        return f"{losses['saturation']:.0%} of SGLD sample values pinned at the clamp"
+    return None
+
+
+@dataclass
+class RunParts:
+    """The mutable pieces of a run that checkpoints save and restore."""
+
+    model: torch.nn.Module
+    optimiser: torch.optim.Optimizer
+    sampler: SGLDSampler | None
+    streams: list[BatchStream]
+    generator: torch.Generator
+    device: torch.device
+    ctx: distributed.DistContext
+    checkpoint_path: str | Path | None
+    dataset_id: dict[str, Any]
+
+
+RECOVERY_LR_FACTOR = 0.5
+RECOVERY_SGLD_FACTOR = 1.5
+
+
+def recover(reason: str, snapshot: Snapshot, state: LoopState, run: RunParts, config: TrainConfig,
+            log: Callable[[str], None]) -> tuple[LoopState, dict[str, torch.Tensor] | None]:
+    """Roll back to the last good state with a lower learning rate, longer SGLD chains and a fresh
+    replay buffer; raise Diverged after config.max_recoveries attempts."""
+    if state.recoveries >= config.max_recoveries:
+        saved = f" The last good state is in '{run.checkpoint_path}' (continue it with --resume and a lower " \
+                "--lr)." if run.checkpoint_path is not None and Path(run.checkpoint_path).exists() else ""
+        raise Diverged(f"Training diverged in epoch {state.epoch} (iteration {state.iteration}): {reason}, after "
+                       f"{state.recoveries} automatic recoveries (learning rate ×{state.lr_scale:g}, {state.sgld_steps} "
+                       "SGLD steps). Retry with a lower --lr, a larger --energy-reg or more --sgld-steps." + saved)
+    restored = restore_snapshot(snapshot, run.model, run.optimiser)
+    restored.recoveries = state.recoveries + 1
+    restored.lr_scale = state.lr_scale * RECOVERY_LR_FACTOR
+    restored.sgld_steps = math.ceil(state.sgld_steps * RECOVERY_SGLD_FACTOR)
+    if run.sampler is not None:
+        run.sampler.config.steps = restored.sgld_steps
+        run.sampler.buffer.reset()
+    log(f"divergence in epoch {state.epoch} (iteration {state.iteration}): {reason}. Recovery "
+        f"{restored.recoveries}/{config.max_recoveries}: back to epoch {restored.epoch} iteration {restored.iteration}, "
+        f"learning rate ×{restored.lr_scale:g}, {restored.sgld_steps} SGLD steps, replay buffer reset.")
+    return restored, snapshot.best_model
+
+
+def save_point(run: RunParts, config: TrainConfig, state: LoopState, best_model: dict[str, torch.Tensor] | None,
+               start_time: float, write: bool = True) -> Snapshot:
+    """Keep the current state in memory for rollback and, with a checkpoint path, write it (rank 0)."""
+    state.elapsed_s = time.monotonic() - start_time
+    snapshot = take_snapshot(run.model, run.optimiser, state, best_model)
+    if not write or run.checkpoint_path is None:
+        return snapshot
+    local = {"rng": rng_state(run.device), "generator": run.generator.get_state(),
+             "orders": [stream.order.clone() for stream in run.streams],
+             "buffer": run.sampler.buffer.images.cpu() if run.sampler is not None else None}
+    ranks = distributed.gather(local, run.ctx)
+    if run.ctx.is_main:
+        save_checkpoint(run.checkpoint_path, {
+            "config": config.to_dict(), "dataset": run.dataset_id, "world_size": run.ctx.world_size,
+            "model": snapshot.model, "optimiser": snapshot.optimiser, "loop": state.to_dict(),
+            "best_model": best_model, "ranks": ranks})
+    return snapshot
+
+
+def resume_run(run: RunParts, config: TrainConfig) -> tuple[LoopState, dict[str, torch.Tensor] | None]:
+    """Load the checkpoint into the run's model, optimiser, buffer, batch orders and RNGs."""
+    assert run.checkpoint_path is not None
+    payload = load_checkpoint(run.checkpoint_path)
+    check_resumable(payload, config.to_dict(), run.dataset_id["images"], run.dataset_id["class_names"],
+                    run.ctx.world_size, run.checkpoint_path)
+    try:
+        run.model.load_state_dict(payload["model"])
+        run.optimiser.load_state_dict(payload["optimiser"])
+        state = LoopState(**payload["loop"])
+        local = payload["ranks"][run.ctx.rank]
+        if run.sampler is not None:
+            run.sampler.buffer.images = local["buffer"].to(run.device)
+        for stream, order in zip(run.streams, local["orders"]):
+            stream.order = order
+        run.generator.set_state(local["generator"])
+        set_rng_state(local["rng"], run.device)
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as error:
+        raise JEMError(f"Checkpoint '{run.checkpoint_path}' is damaged or incompatible ({type(error).__name__}: "
+                       f"{str(error)[:150]}). Delete it and start without --resume.") from None
+    return state, payload["best_model"]
+
+
+def remove_checkpoint(run: RunParts) -> None:
+    """A finished or cancelled run leaves no checkpoint behind."""
+    if run.checkpoint_path is not None and run.ctx.is_main:
+        Path(run.checkpoint_path).unlink(missing_ok=True)
 
 
 def end_of_epoch(loaded: LoadedModel, dataset: SceneDataset, val: torch.Tensor, epoch: int, iteration: int,
