@@ -18,6 +18,8 @@ from jem_qgis_plugin.lazy_torch import TORCH_VERSION, core_constant, install_com
 
 REPO = Path(__file__).resolve().parent.parent
 SYSTEM_PYTHON = "/usr/bin/python3"
+OUR_ALGORITHMS = {"jem:landcovermap": "JEM land cover map", "jem:train": "Train JEM model",
+                  "jem:ood": "Out-of-distribution analysis", "jem:samples": "Generate samples"}
 REQUIRED_METADATA = ["name", "qgisMinimumVersion", "description", "about", "version", "author", "email",
                      "repository", "tracker", "homepage", "category", "tags", "icon", "experimental",
                      "hasProcessingProvider"]
@@ -137,7 +139,7 @@ def test_zip_registers_the_provider_in_a_clean_profile(plugin_zip, tmp_path):
     assert lines, done.stdout + done.stderr
     report = json.loads(lines[-1][len("REPORT "):])
     assert report["available"] and report["loaded"] and report["started"]
-    assert {"jem:landcovermap", "jem:train"} <= set(report["algorithms"])
+    assert set(OUR_ALGORITHMS) <= set(report["algorithms"])
     assert Path(report["jem_core"]).is_relative_to(plugins / "jem_qgis_plugin")  # the bundled engine
     assert not report["torch_imported"]  # start-up stays light: torch only when an algorithm runs
     if importable_by_system_python("torch"):
@@ -166,4 +168,4 @@ def test_qgis_process_lists_the_algorithms_of_the_installed_zip(plugin_zip, tmp_
     done = subprocess.run([binary, "list"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     section = done.stdout.split("JEM-EO", 1)[-1].strip().split("\n\n")[0]
     listed = dict(line.strip().split("\t") for line in section.splitlines())
-    assert {"jem:landcovermap": "JEM land cover map", "jem:train": "Train JEM model"}.items() <= listed.items()
+    assert OUR_ALGORITHMS.items() <= listed.items()

@@ -90,7 +90,7 @@ def run(algorithm: str, parameters: dict, feedback: QgsProcessingFeedback | None
 
 def test_provider_offers_every_algorithm_with_documented_parameters(provider):
     ids = {algorithm.id() for algorithm in provider.algorithms()}
-    assert {"jem:landcovermap", "jem:train"} <= ids
+    assert {"jem:landcovermap", "jem:train", "jem:ood", "jem:samples"} <= ids
     assert provider.versionInfo() == __version__
     mapping = provider.algorithm("landcovermap")
     names = [p.name() for p in mapping.parameterDefinitions()]
