@@ -24,17 +24,18 @@ import math
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
 from . import JEMError
 from .data import SceneDataset, load_class_folder
+from .mapping import iter_patches
 from .metrics import predict_logits
 from .model_file import LoadedModel, ModelMeta, load_model
 from .models import ModelSpec, build_model
-from .raster_io import RasterSource, Stretch, choose_stretch, open_raster, read_strips
+from .raster_io import RasterSource, Stretch, choose_stretch, open_raster
 from .training import Cancelled, TrainConfig, train
 
 ProgressFn = Callable[[float, str], None]
@@ -415,53 +416,37 @@ def spread_selection(score: torch.Tensor, positions: torch.Tensor, count: int, m
     return chosen
 
 
-def grid_patches(reader: PatchReader, stride: int, should_stop: StopFn | None) -> Iterator[tuple[list[PatchWindow], np.ndarray]]:
-    """Row by row: the windows of a stride-spaced patch grid with enough valid pixels, and their pixels."""
-    source, size = reader.sources[0], reader.patch_size
-    starts = list(range(0, source.height - size + 1, stride))
-    columns = list(range(0, source.width - size + 1, stride))
-    for strip in read_strips(source, starts, size, source.width, reader.stretches[0]):
-        if should_stop is not None and should_stop():
-            raise Cancelled()
-        windows, patches = [], []
-        for col in columns:
-            if strip.valid[:, col:col + size].mean() >= MIN_VALID_FRACTION:
-                windows.append(PatchWindow(0, strip.row_off, col))
-                patches.append(np.nan_to_num(strip.pixels[:, :, col:col + size]))
-        yield windows, (np.stack(patches) if patches else np.empty((0, len(source.band_indexes), size, size), np.float32))
-
-
 def suggest(model: LoadedModel | str | Path, raster: str | Path, count: int, *, min_distance: float | None = None,
             stride: int | None = None, bands: Sequence[str] | None = None, stretch: str = "auto",
-            progress: ProgressFn | None = None, should_stop: StopFn | None = None) -> list[Suggestion]:
+            batch_size: int = 64, progress: ProgressFn | None = None,
+            should_stop: StopFn | None = None) -> list[Suggestion]:
     """The `count` patches of the raster most worth labelling, spread over the scene, best first.
 
-    min_distance: least spacing between suggested patch centres, in raster pixels; default
-    half the side of the square each suggestion would get if the scene were split evenly
-    (√(width·height / count) / 2), and at least one patch.  stride: patch grid step (default:
-    the patch size, i.e. non-overlapping patches).
+    Patches come from mapping.iter_patches (the land-cover map's grid; patches with nodata are
+    skipped).  min_distance: least spacing between suggested patch centres, in raster pixels;
+    default half the side of the square each suggestion would get if the scene were split evenly
+    (√(width·height / count) / 2), and at least one patch.  stride: patch grid step, a divisor of
+    the patch size (default: the patch size, i.e. non-overlapping patches).
     """
     if count < 1:
         raise JEMError(f"COUNT must be at least 1 (got {count}).")
     loaded = as_loaded(model)
     progress = progress or (lambda fraction, message: None)
     size = loaded.meta.image_size
-    stride = stride or size
     windows: list[PatchWindow] = []
     logits: list[torch.Tensor] = []
     with ExitStack() as stack:
         reader = open_patch_reader(stack, [raster], size, bands, loaded.meta, stretch)
         source = reader.sources[0]
-        rows = len(range(0, source.height - size + 1, stride))
-        for done, (row_windows, patches) in enumerate(grid_patches(reader, stride, should_stop), start=1):
-            if len(patches):
-                windows += row_windows
-                logits.append(predict_logits(loaded, torch.from_numpy(patches), should_stop=should_stop))
-            progress(done / rows, f"scored {len(windows)} patches")
+        for batch in iter_patches(source, size, stride, batch_size=batch_size, stretch=reader.stretches[0],
+                                  should_stop=should_stop):
+            windows += [PatchWindow(0, *batch.grid.patch_window(int(r), int(c))[1::-1])
+                        for r, c in zip(batch.rows, batch.cols)]
+            logits.append(predict_logits(loaded, torch.from_numpy(batch.pixels), should_stop=should_stop))
+            progress((int(batch.rows[-1]) + 1) / batch.grid.patch_rows, f"scored {len(windows)} patches")
         if not windows:
-            raise JEMError(f"'{source.description}' has no patch with enough valid pixels to score (all nodata?).")
-        all_logits = torch.cat(logits)
-        scores = uncertainty_scores(all_logits)
+            raise JEMError(f"'{source.description}' has no patch without nodata to score. Check the raster.")
+        scores = uncertainty_scores(torch.cat(logits))
         ranks = priority(scores)
         positions = torch.tensor([[w.row + size / 2, w.col + size / 2] for w in windows])
         spacing = min_distance if min_distance is not None else \

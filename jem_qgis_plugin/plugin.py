@@ -16,6 +16,7 @@ class JemPlugin:
     def __init__(self, iface) -> None:
         self.iface = iface
         self.provider: JemProvider | None = None
+        self.annotation_ui = None
 
     def initProcessing(self) -> None:  # noqa: N802 (QGIS API name)
         if self.provider is None:
@@ -24,8 +25,16 @@ class JemPlugin:
 
     def initGui(self) -> None:  # noqa: N802 (QGIS API name)
         self.initProcessing()
+        if self.iface is not None:  # the labelling dock and map tool (issue 5)
+            from .annotation import AnnotationUi
+
+            self.annotation_ui = AnnotationUi(self.iface)
+            self.annotation_ui.initGui()
 
     def unload(self) -> None:
+        if self.annotation_ui is not None:
+            self.annotation_ui.unload()
+            self.annotation_ui = None
         if self.provider is not None:
             QgsApplication.processingRegistry().removeProvider(self.provider)
             self.provider = None

@@ -1,0 +1,184 @@
+"""`jem:retrain`: annotated patches + the raster's unlabelled patches → a semi-supervised JEM model."""
+from __future__ import annotations
+
+from typing import Any
+
+from qgis.core import (QgsCoordinateTransform, QgsFeatureRequest, QgsGeometry, QgsPointXY, QgsProcessing,
+                       QgsProcessingContext, QgsProcessingException, QgsProcessingFeedback,
+                       QgsProcessingFeatureSource, QgsProcessingOutputNumber, QgsProcessingParameterDefinition,
+                       QgsProcessingParameterEnum, QgsProcessingParameterFeatureSource, QgsProcessingParameterField,
+                       QgsProcessingParameterFile, QgsProcessingParameterFileDestination,
+                       QgsProcessingParameterNumber, QgsProcessingParameterRasterDestination,
+                       QgsProcessingParameterRasterLayer, QgsProcessingParameterString, QgsRasterLayer, QgsWkbTypes)
+
+from ..lazy_torch import core_constant
+from ..styles import post_processor, write_style_beside
+from .base import JemAlgorithm, progress_reporter
+
+ARCHITECTURES: list[str] = list(core_constant("models", "ARCHITECTURES"))
+# Retraining takes this share of the progress bar; the optional maps the rest.
+TRAIN_SHARE = 85.0
+
+
+def annotations_from_source(source: QgsProcessingFeatureSource, class_field: str, raster: QgsRasterLayer,
+                            patch_size: int, context: QgsProcessingContext) -> list:
+    """jem_core Annotations in the raster's CRS: a point labels the patch under it; a polygon every
+    patch-sized cell whose centre lies inside it (at least the patch at its inner point)."""
+    from jem_core.active import Annotation, cell_centres
+
+    if source.fields().indexFromName(class_field) < 0:
+        names = ", ".join(source.fields().names()) or "none"
+        raise QgsProcessingException(f"The annotation layer has no field '{class_field}' (its fields: {names}). "
+                                     "Pick the field that holds the class names as CLASS_FIELD.")
+    transform = QgsCoordinateTransform(source.sourceCrs(), raster.crs(), context.transformContext())
+    cell_w, cell_h = raster.rasterUnitsPerPixelX() * patch_size, raster.rasterUnitsPerPixelY() * patch_size
+    request = QgsFeatureRequest().setInvalidGeometryCheck(QgsFeatureRequest.GeometryNoCheck)
+    annotations = []
+    for feature in source.getFeatures(request):
+        value = feature[class_field]
+        name = "" if value is None or str(value) == "NULL" else str(value).strip()
+        if not name:
+            raise QgsProcessingException(f"Feature {feature.id()} has no class in '{class_field}'. Fill it in or "
+                                         "delete the feature.")
+        geometry = QgsGeometry(feature.geometry())
+        if geometry.isNull() or geometry.isEmpty():
+            raise QgsProcessingException(f"Feature {feature.id()} ('{name}') has no geometry. Delete it or redraw it.")
+        if not geometry.isGeosValid():
+            errors = geometry.validateGeometry()
+            raise QgsProcessingException(f"Feature {feature.id()} ('{name}') has an invalid geometry "
+                                         f"({errors[0].what() if errors else 'not valid'}). Fix it (Vector ▸ "
+                                         "Geometry tools ▸ Fix geometries) or redraw it.")
+        geometry.transform(transform)
+        if geometry.type() == QgsWkbTypes.PointGeometry:
+            points = [QgsPointXY(p) for p in geometry.vertices()]
+        else:
+            box = geometry.boundingBox()
+            centres = cell_centres((box.xMinimum(), box.yMinimum(), box.xMaximum(), box.yMaximum()), cell_w, cell_h)
+            points = [QgsPointXY(x, y) for x, y in centres if geometry.contains(QgsPointXY(x, y))] or \
+                [geometry.pointOnSurface().asPoint()]
+        annotations += [Annotation(name, p.x(), p.y()) for p in points]
+    if not annotations:
+        raise QgsProcessingException("The annotation layer has no features. Label a few patches (at least one "
+                                     "per class), then retrain.")
+    return annotations
+
+
+class RetrainAlgorithm(JemAlgorithm):
+    ALGORITHM_ID = "retrain"
+    DISPLAY_NAME = "Retrain from annotations (semi-supervised)"
+    ICON = "train.svg"
+    HELP = ("Retrains a JEM from a few labelled patches and the raster's own unlabelled imagery.<br><br>"
+            "<b>Annotations</b>: points (the patch centred on each) or polygons (every patch-sized cell inside; "
+            "the footprints the JEM labelling tool draws are one patch each), with the class name in "
+            "<b>Class field</b>. Annotations in another CRS are reprojected to the raster's. "
+            "<b>Starting model</b> (optional): fine-tunes it; classes it does not know are added to its head "
+            "(its patch size and bands are kept). Without one, a new model is trained at <b>Patch size</b>.<br>"
+            "Patches sampled at random from the raster (and, optionally, images of a class-folder dataset) are "
+            "the unlabelled set of semi-supervised JEM training. Every annotation is used for training, so the "
+            "log reports only how well the model fits them. Optional outputs: the new class and confidence "
+            "(−E(x)) maps of the raster. Runs in the background; Cancel stops it and writes nothing.")
+
+    def initAlgorithm(self, config=None) -> None:  # noqa: N802 (QGIS API name)
+        self.addParameter(QgsProcessingParameterRasterLayer("INPUT", "Input raster"))
+        self.addParameter(QgsProcessingParameterFeatureSource(
+            "ANNOTATIONS", "Annotations (points or patch polygons)",
+            [QgsProcessing.TypeVectorPoint, QgsProcessing.TypeVectorPolygon]))
+        self.addParameter(QgsProcessingParameterField("CLASS_FIELD", "Class field", "class", "ANNOTATIONS"))
+        self.addParameter(QgsProcessingParameterFile("MODEL", "Starting model (optional)", optional=True,
+                                                     fileFilter="JEM model (*.pt)"))
+        self.addParameter(QgsProcessingParameterNumber("EPOCHS", "Epochs (passes over the unlabelled patches)",
+                                                       QgsProcessingParameterNumber.Integer, 5, minValue=1))
+        self.addParameter(QgsProcessingParameterNumber("UNLABELLED", "Unlabelled patches sampled from the raster",
+                                                       QgsProcessingParameterNumber.Integer, 512, minValue=1))
+        self.add_device_parameter()
+        for parameter in (
+                QgsProcessingParameterNumber("PATCH_SIZE", "Patch size in px (new model only)",
+                                             QgsProcessingParameterNumber.Integer, 32, minValue=8),
+                QgsProcessingParameterEnum("ARCH", "Architecture (new model only)", options=ARCHITECTURES,
+                                           defaultValue="wrn-10-2", usesStaticStrings=True),
+                QgsProcessingParameterString("BANDS", "Bands (names or 1-based indexes, comma separated)",
+                                             optional=True),
+                QgsProcessingParameterFile("EXTRA_DATASET", "Extra unlabelled images: class-folder dataset",
+                                           behavior=QgsProcessingParameterFile.Folder, optional=True),
+                QgsProcessingParameterNumber("LR", "Learning rate", QgsProcessingParameterNumber.Double, 1e-3,
+                                             minValue=1e-7),
+                QgsProcessingParameterNumber("SEED", "Random seed", QgsProcessingParameterNumber.Integer, 0)):
+            parameter.setFlags(parameter.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
+            self.addParameter(parameter)
+        self.addParameter(QgsProcessingParameterFileDestination("OUTPUT_MODEL", "Retrained model", "JEM model (*.pt)"))
+        self.addParameter(QgsProcessingParameterRasterDestination("OUTPUT_MAP", "New class map", optional=True,
+                                                                  createByDefault=False))
+        self.addParameter(QgsProcessingParameterRasterDestination("OUTPUT_CONFIDENCE", "New confidence map (−E(x))",
+                                                                  optional=True, createByDefault=False))
+        self.addOutput(QgsProcessingOutputNumber("LABELLED", "Labelled patches"))
+        self.addOutput(QgsProcessingOutputNumber("FIT_ACCURACY", "Accuracy on the annotated patches"))
+
+    def execute(self, parameters: dict[str, Any], context: QgsProcessingContext,
+                feedback: QgsProcessingFeedback) -> dict[str, Any]:
+        from jem_core.active import retrain
+        from jem_core.model_file import load_model
+        from jem_core.sampler import SGLDConfig
+        from jem_core.training import TrainConfig
+
+        raster = self.parameterAsRasterLayer(parameters, "INPUT", context)
+        if raster is None or raster.providerType() != "gdal":
+            raise QgsProcessingException("The input must be a raster file layer (GDAL); save web or memory rasters "
+                                         "to a GeoTIFF first.")
+        source = self.parameterAsSource(parameters, "ANNOTATIONS", context)
+        if source is None:
+            raise QgsProcessingException("The annotation layer cannot be read. Pick a point or polygon layer.")
+        model_path = self.parameterAsFile(parameters, "MODEL", context)
+        start = load_model(model_path) if model_path else None
+        patch_size = start.meta.image_size if start else self.parameterAsInt(parameters, "PATCH_SIZE", context)
+        class_field = self.parameterAsString(parameters, "CLASS_FIELD", context) or "class"
+        annotations = annotations_from_source(source, class_field, raster, patch_size, context)
+        feedback.pushInfo(f"{len(annotations)} labelled patches of {patch_size} px from {source.featureCount()} "
+                          "features.")
+        unlabelled = self.parameterAsInt(parameters, "UNLABELLED", context)
+        # A replay buffer the size of the unlabelled pool: the default 10,000 chains are far more than a
+        # few hundred patches need and slow to initialise.
+        config = TrainConfig(arch=self.parameterAsEnumString(parameters, "ARCH", context), image_size=patch_size,
+                             epochs=self.parameterAsInt(parameters, "EPOCHS", context),
+                             lr=self.parameterAsDouble(parameters, "LR", context),
+                             seed=self.parameterAsInt(parameters, "SEED", context), device=self.device(parameters, context),
+                             sgld=SGLDConfig(buffer_size=unlabelled))
+        bands_text = self.parameterAsString(parameters, "BANDS", context).strip()
+        out_model = self.parameterAsFileOutput(parameters, "OUTPUT_MODEL", context)
+        result = retrain([raster.source()], annotations, start_model=start,
+                         extra_dataset=self.parameterAsFile(parameters, "EXTRA_DATASET", context) or None,
+                         out_model=out_model, config=config,
+                         bands=[t.strip() for t in bands_text.split(",") if t.strip()] or None,
+                         unlabelled_count=unlabelled,
+                         progress=progress_reporter(feedback, 0, TRAIN_SHARE), should_stop=feedback.isCanceled,
+                         log=feedback.pushInfo)
+        feedback.pushInfo(f"Classes: {', '.join(result.class_names)}; the model fits {result.labelled_accuracy:.0%} "
+                          f"of the {result.labelled_count} annotated patches. Model written to {out_model}.")
+        outputs: dict[str, Any] = {"OUTPUT_MODEL": out_model, "LABELLED": result.labelled_count,
+                                   "FIT_ACCURACY": result.labelled_accuracy}
+        outputs.update(self.write_maps(parameters, context, feedback, result.loaded, raster, bands_text))
+        return outputs
+
+    def write_maps(self, parameters: dict[str, Any], context: QgsProcessingContext, feedback: QgsProcessingFeedback,
+                   loaded, raster: QgsRasterLayer, bands_text: str) -> dict[str, Any]:
+        """The optional class and confidence maps of the new model (jem_core.mapping, as jem:landcovermap)."""
+        from jem_core.mapping import map_raster
+
+        out_map = self.parameterAsOutputLayer(parameters, "OUTPUT_MAP", context) or None
+        out_confidence = self.parameterAsOutputLayer(parameters, "OUTPUT_CONFIDENCE", context) or None
+        if not out_map and not out_confidence:
+            return {}
+        if not out_map:
+            raise QgsProcessingException("The confidence map comes with the class map: set 'New class map' too.")
+        map_raster(loaded, raster.source(), out_map, out_confidence,
+                   bands=[t.strip() for t in bands_text.split(",") if t.strip()] or None,
+                   progress=progress_reporter(feedback, TRAIN_SHARE, 100.0), should_stop=feedback.isCanceled)
+        outputs = {"OUTPUT_MAP": out_map}
+        styled = [(out_map, "class_map")]
+        if out_confidence:
+            outputs["OUTPUT_CONFIDENCE"] = out_confidence
+            styled.append((out_confidence, "confidence"))
+        for path, kind in styled:
+            write_style_beside(path, kind)
+            if context.willLoadLayerOnCompletion(path):
+                context.layerToLoadOnCompletionDetails(path).setPostProcessor(post_processor(kind))
+        return outputs

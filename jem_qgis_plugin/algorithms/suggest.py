@@ -1,0 +1,86 @@
+"""`jem:suggest`: the patches most worth labelling next (unfamiliar and uncertain), spread over the scene."""
+from __future__ import annotations
+
+from typing import Any
+
+from qgis.core import (QgsFeature, QgsFeatureSink, QgsField, QgsFields, QgsGeometry, QgsProcessingContext,
+                       QgsProcessingException, QgsProcessingFeedback, QgsProcessingParameterDefinition,
+                       QgsProcessingParameterFeatureSink, QgsProcessingParameterFile, QgsProcessingParameterNumber,
+                       QgsProcessingParameterRasterLayer, QgsProcessingParameterString, QgsRectangle, QgsWkbTypes)
+from qgis.PyQt.QtCore import QVariant
+
+from ..annotation import CLASS_FIELD
+from .base import JemAlgorithm, progress_reporter
+
+# Suggestion attribute → field type; `class` stays empty for the analyst to fill in.
+SCORE_FIELDS = [("rank", QVariant.Int), ("score", QVariant.Double), ("unfamiliarity", QVariant.Double),
+                ("uncertainty", QVariant.Double), ("neg_energy", QVariant.Double), ("entropy", QVariant.Double),
+                ("margin", QVariant.Double), ("predicted_class", QVariant.String), ("confidence", QVariant.Double)]
+
+
+def suggestion_fields() -> QgsFields:
+    fields = QgsFields()
+    for name, kind in SCORE_FIELDS:
+        fields.append(QgsField(name, kind))
+    fields.append(QgsField(CLASS_FIELD, QVariant.String))
+    return fields
+
+
+class SuggestAlgorithm(JemAlgorithm):
+    ALGORITHM_ID = "suggest"
+    DISPLAY_NAME = "Suggest where to label next"
+    ICON = "jem.svg"
+    HELP = ("Scores every patch of the raster with the model and returns the <b>Count</b> patches most worth "
+            "labelling: those the model finds <b>unfamiliar</b> (low −E(x), high energy) and <b>uncertain</b> "
+            "(high predictive entropy). <i>score</i> is the mean of the two percentiles (1 = most worth "
+            "labelling); suggestions are picked best first, each at least <b>Minimum distance</b> pixels from "
+            "the others, so they spread over the scene (0 = automatic: half the side of the square each "
+            "suggestion would get if the scene were split evenly).<br>"
+            "The output polygons are the patch footprints with their scores and an empty <i>class</i> field: "
+            "fill it in (delete the ones you skip) and use the layer as annotations for <i>Retrain</i>.")
+
+    def initAlgorithm(self, config=None) -> None:  # noqa: N802 (QGIS API name)
+        self.addParameter(QgsProcessingParameterRasterLayer("INPUT", "Input raster"))
+        self.addParameter(QgsProcessingParameterFile("MODEL", "JEM model file", fileFilter="JEM model (*.pt)"))
+        self.addParameter(QgsProcessingParameterNumber("COUNT", "Number of suggestions",
+                                                       QgsProcessingParameterNumber.Integer, 10, minValue=1))
+        self.add_device_parameter()
+        for parameter in (
+                QgsProcessingParameterNumber("MIN_DISTANCE", "Minimum distance between suggestions (px, 0 = auto)",
+                                             QgsProcessingParameterNumber.Double, 0.0, minValue=0.0),
+                QgsProcessingParameterString("BANDS", "Bands (names or 1-based indexes, comma separated)",
+                                             optional=True)):
+            parameter.setFlags(parameter.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
+            self.addParameter(parameter)
+        self.addParameter(QgsProcessingParameterFeatureSink("OUTPUT", "Suggested patches"))
+
+    def execute(self, parameters: dict[str, Any], context: QgsProcessingContext,
+                feedback: QgsProcessingFeedback) -> dict[str, Any]:
+        from jem_core.active import suggest
+        from jem_core.model_file import load_model
+        from jem_core.device import resolve_device
+
+        raster = self.parameterAsRasterLayer(parameters, "INPUT", context)
+        if raster is None or raster.providerType() != "gdal":
+            raise QgsProcessingException("The input must be a raster file layer (GDAL); save web or memory rasters "
+                                         "to a GeoTIFF first.")
+        loaded = load_model(self.parameterAsFile(parameters, "MODEL", context),
+                            resolve_device(self.device(parameters, context)))
+        bands_text = self.parameterAsString(parameters, "BANDS", context).strip()
+        suggestions = suggest(loaded, raster.source(), self.parameterAsInt(parameters, "COUNT", context),
+                              min_distance=self.parameterAsDouble(parameters, "MIN_DISTANCE", context) or None,
+                              bands=[t.strip() for t in bands_text.split(",") if t.strip()] or None,
+                              progress=progress_reporter(feedback), should_stop=feedback.isCanceled)
+        sink, sink_id = self.parameterAsSink(parameters, "OUTPUT", context, suggestion_fields(), QgsWkbTypes.Polygon,
+                                             raster.crs())
+        if sink is None:
+            raise QgsProcessingException("Cannot create the output layer. Choose another destination.")
+        for item in suggestions:
+            feature = QgsFeature(suggestion_fields())
+            feature.setGeometry(QgsGeometry.fromRect(QgsRectangle(*item.bounds)))
+            feature.setAttributes([getattr(item, name) for name, _ in SCORE_FIELDS] + [None])
+            sink.addFeature(feature, QgsFeatureSink.FastInsert)
+        feedback.pushInfo(f"{len(suggestions)} suggestions; best score {suggestions[0].score:.2f} "
+                          f"(unfamiliarity {suggestions[0].unfamiliarity:.2f}, uncertainty "
+                          f"{suggestions[0].uncertainty:.2f}).")
+        return {"OUTPUT": sink_id}
