@@ -215,15 +215,12 @@ def test_auto_stretch_maps_uint16_reflectance_onto_an_8bit_model(tmp_path, model
 def test_reader_thread_gives_the_same_map_and_iter_patches_cuts_exact_windows(tmp_path, model_path):
     pixels = scene(64, 80, seed=9)
     raster = write_raster(tmp_path / "in.tif", pixels)
+    # 17 patches per row, batches of 34: a batch ends exactly at a row end, the next spans rows.
     threaded = map_raster(model_path, raster, tmp_path / "t.tif", tmp_path / "et.tif", stride=4, read_ahead=3,
-                          device="cpu", batch_size=7)
+                          device="cpu", batch_size=34)
     inline = map_raster(model_path, raster, tmp_path / "i.tif", tmp_path / "ei.tif", stride=4, read_ahead=0,
                         device="cpu")
-    # 17 patches per row, batches of 34: a batch ends exactly at a row end, the next spans rows.
-    exact = map_raster(model_path, raster, tmp_path / "x.tif", tmp_path / "ex.tif", stride=4, device="cpu",
-                       batch_size=34)
     assert np.array_equal(read(threaded.confidence)[0], read(inline.confidence)[0])
-    assert np.array_equal(read(exact.confidence)[0], read(inline.confidence)[0])
     seen = 0
     for batch in iter_patches(raster, PATCH, stride=8, batch_size=5):
         assert len(batch.rows) <= 5
