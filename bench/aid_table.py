@@ -134,37 +134,42 @@ def oscd_rgb(city: str, out_dir: Path) -> Path:
 def run_analyse(args: argparse.Namespace) -> None:
     from jem_core.generation import sample_grid
     from jem_core.model_file import load_model
-    from jem_core.ood import ood_analysis
+    from jem_core.ood import ood_analysis, reference_indices
     from jem_core.plots import reliability_diagram
 
     torch.set_num_threads(1)
     IMAGES.mkdir(parents=True, exist_ok=True)
     runs = {p.stem: json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))}
+    dataset = load_class_folder(DATA / "aid", 64)
+    ood = {}
     with tempfile.TemporaryDirectory() as tmp:
-        compare = [oscd_rgb("beirut", Path(tmp)), oscd_rgb("rio", Path(tmp)), DATA / "landsat" / "RGB.byte.tif"]
-        ood = {}
+        rasters = [str(oscd_rgb("beirut", Path(tmp))), str(oscd_rgb("rio", Path(tmp))),
+                   str(DATA / "landsat" / "RGB.byte.tif")]
         for method in ("jem", "ce", "jem+cons"):
             model_path = args.models / f"all_{method}.pt"
             if not model_path.exists():
                 continue
             print(f"OOD: {METHOD_NAMES[method]}", flush=True)
-            ood[method] = ood_analysis(load_model(model_path), DATA / "aid", [str(p) for p in compare],
-                                       json_path=RESULTS.parent / f"aid_ood_{method}.json",
-                                       plot_path=IMAGES / f"aid_ood_{method.replace('+', '_')}.png",
-                                       reference_split="train", include_reference_test=True)
+            loaded = load_model(model_path)
+            test = dataset.images[reference_indices(dataset, loaded, "test")[0]]
+            ood[method] = ood_analysis(loaded, dataset, [("AID test", test), *rasters], reference_split="train",
+                                       json_path=RESULTS.parent / f"aid_ood_{method.replace('+', '_')}.json",
+                                       plot_path=IMAGES / f"aid_ood_{method.replace('+', '_')}.png")
     for setting in SETTINGS:
         curves = {METHOD_NAMES[m]: runs[f"{setting}_{m}"] for m in METHODS if f"{setting}_{m}" in runs}
         if curves:
             reliability_diagram(curves, IMAGES / f"aid_reliability_{setting}.png")
     samples = {}
-    feature_model = args.models / "all_ce.pt"
+    feature_path = args.models / "all_ce.pt"
     for method in ("jem", "jem+cons"):
         model_path = args.models / f"all_{method}.pt"
         if model_path.exists():
             print(f"samples: {METHOD_NAMES[method]}", flush=True)
-            samples[method] = sample_grid(load_model(model_path), IMAGES / f"aid_samples_{method.replace('+', '_')}.png",
-                                          per_class=args.per_class, steps=args.sample_steps, data=DATA / "aid",
-                                          feature_model=load_model(feature_model) if feature_model.exists() else None)
+            samples[method] = sample_grid(load_model(model_path),
+                                          IMAGES / f"aid_samples_{method.replace('+', '_')}.png",
+                                          per_class=args.per_class, steps=args.sample_steps, data=dataset,
+                                          unconditional_count=2 * args.per_class,
+                                          feature_model=feature_path if feature_path.exists() else None)
     write_json(RESULTS.parent / "aid_samples.json", {"command": command_line(), **samples})
     write_tables(runs, ood, samples)
 

@@ -36,8 +36,8 @@ def trained(tmp_path_factory) -> dict[str, Path]:
     data = make_class_folder(root / "scenes", classes=3, per_class=10, size=SIZE)
     dataset = load_class_folder(data, SIZE)
     paths = {"data": data, "jem": root / "jem.pt", "ce": root / "ce.pt", "root": root}
-    train(dataset, tiny_config(), paths["jem"])
-    train(dataset, tiny_config(baseline=True), paths["ce"])
+    train(dataset, tiny_config(epochs=1), paths["jem"])
+    train(dataset, tiny_config(epochs=1, baseline=True), paths["ce"])
     # Other data: a flat folder of noise images and a raster with a nodata corner.
     rng = np.random.default_rng(5)
     noise = root / "noise"
@@ -179,3 +179,41 @@ def test_consistency_training_runs_for_jem_and_baseline(trained):
         assert result.metrics["iterations"] >= 1 and result.loaded.meta.train_config["consistency_weight"] == 1.0
     with pytest.raises(JEMError, match="consistency"):
         train(dataset, tiny_config(consistency_threshold=0.0))
+
+
+# ---------------------------------------------------------------- report and CLI
+def test_report_is_one_self_contained_html_page(trained, tmp_path):
+    from jem_core.report import build_report
+
+    out = tmp_path / "report.html"
+    numbers = build_report(trained["jem"], out, data=trained["data"], baseline=trained["ce"],
+                           compare=[trained["root"] / "noise"], per_class=1, steps=2)
+    page = out.read_text()
+    assert page.startswith("<!DOCTYPE html>") and page.count("data:image/png;base64,") >= 4
+    assert "http://" not in page and "https://" not in page and 'src="' + "/" not in page
+    assert set(numbers["metrics"]) == {"jem.pt", "ce.pt"}
+    assert f"{numbers['metrics']['ce.pt']['ece']:.4g}" in page and "noise" in numbers["ood"]
+    assert "NOT Inception" in page and "ce.pt" in numbers["samples"]["quality"]["feature_space"]
+    with pytest.raises(JEMError, match="--data"):
+        build_report(trained["jem"], tmp_path / "r2.html", compare=[trained["root"] / "noise"])
+    assert not (tmp_path / "r2.html").exists()
+
+
+def test_cli_ood_sample_and_report(trained, tmp_path, capsys):
+    rc = cli_main(["ood", str(trained["jem"]), "--reference", str(trained["data"]), "--compare",
+                   str(trained["root"] / "noise"), str(trained["raster"]), "--json", str(tmp_path / "ood.json"),
+                   "--plot", str(tmp_path / "ood.png"), "--bins", "20"])
+    assert rc == 0
+    result = json.loads((tmp_path / "ood.json").read_text())
+    assert set(result["compare"]) == {"noise", "scene.tif"} and len(result["bins"]) == 21
+    assert "AUROC" in capsys.readouterr().out
+    rc = cli_main(["sample", str(trained["jem"]), "--out", str(tmp_path / "s.png"), "--per-class", "1",
+                   "--steps", "2", "--no-unconditional", "--json", str(tmp_path / "s.json")])
+    assert rc == 0 and json.loads((tmp_path / "s.json").read_text())["steps"] == 2
+    rc = cli_main(["report", str(trained["jem"]), "--out", str(tmp_path / "r.html"), "--no-samples"])
+    assert rc == 0 and "metrics as stored in the model file" in (tmp_path / "r.html").read_text()
+    capsys.readouterr()
+    rc = cli_main(["ood", str(tmp_path / "missing.pt"), "--reference", str(trained["data"]), "--compare",
+                   str(trained["raster"])])
+    err = capsys.readouterr().err
+    assert rc == 2 and "does not exist" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -8,9 +8,9 @@ import argparse
 import sys
 
 from .. import JEMError, __version__
-from . import map_cmd, train_cmd
+from . import label_cmd, map_cmd, science_cmd, train_cmd
 
-COMMAND_MODULES = [train_cmd, map_cmd]
+COMMAND_MODULES = [train_cmd, map_cmd, science_cmd, label_cmd]
 
 
 def build_parser() -> argparse.ArgumentParser:
