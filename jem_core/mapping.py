@@ -381,13 +381,14 @@ def _cell_values(sums: np.ndarray, counts: np.ndarray, kinds: set[str]) -> dict[
 class _RowWriter:
     """Turns completed cell rows into output rows (patch or input resolution), written in blocks."""
 
-    BLOCK_ROWS = 256
+    BLOCK_ROWS = 256  # the output tile height: whole tiles per write when memory allows
+    BLOCK_BYTES = 64 << 20  # but never hold more than this (wide rasters, many probability bands)
 
     def __init__(self, outputs: _Outputs, grid: PatchGrid, resolution: str, width: int, height: int) -> None:
         self.outputs, self.grid, self.resolution = outputs, grid, resolution
         self.width, self.height = width, height
         self.buffer: list[dict[str, np.ndarray]] = []
-        self.buffered_rows = 0
+        self.buffered_rows = self.buffered_bytes = 0
         self.row_off = 0
 
     def add_cell_row(self, values: dict[str, np.ndarray]) -> None:
@@ -398,7 +399,8 @@ class _RowWriter:
             values = {kind: array[..., None, :] for kind, array in values.items()}
         self.buffer.append(values)
         self.buffered_rows += next(iter(values.values())).shape[-2]
-        if self.buffered_rows >= self.BLOCK_ROWS:
+        self.buffered_bytes += sum(array.nbytes for array in values.values())
+        if self.buffered_rows >= self.BLOCK_ROWS or self.buffered_bytes >= self.BLOCK_BYTES:
             self.flush()
 
     @staticmethod
@@ -416,7 +418,7 @@ class _RowWriter:
         block = {kind: np.concatenate([b[kind] for b in self.buffer], axis=-2) for kind in self.buffer[0]}
         self.outputs.write(self.row_off, block)
         self.row_off += self.buffered_rows
-        self.buffer, self.buffered_rows = [], 0
+        self.buffer, self.buffered_rows, self.buffered_bytes = [], 0, 0
 
     def finish(self, class_count: int) -> None:
         """Flush, then fill the bottom margin no cell covers (input resolution) with nodata."""
