@@ -184,7 +184,7 @@ def test_missing_torch_is_explained_with_the_install_command(provider, model_fil
         run("jem:landcovermap", {"INPUT": str(raster), "MODEL": str(model_file), "OUTPUT": str(tmp_path / "c.tif")})
 
 
-TRAIN_FAST = {"ARCH": "wrn-10-1", "IMAGE_SIZE": PATCH, "EPOCHS": 2, "BATCH_SIZE": 8, "SGLD_STEPS": 2,
+TRAIN_FAST = {"ARCH": "wrn-10-1", "IMAGE_SIZE": PATCH, "EPOCHS": 1, "BATCH_SIZE": 8, "SGLD_STEPS": 2,
               "BUFFER_SIZE": 64, "DEVICE": "cpu"}
 
 
