@@ -40,6 +40,10 @@ class JemProvider(QgsProcessingProvider):
     def icon(self):
         return icon("jem.svg")
 
+    def supportedOutputRasterLayerExtensions(self) -> list[str]:  # noqa: N802 (QGIS API name)
+        """jem_core writes GeoTIFF: offer only .tif, so no output gets a misleading extension."""
+        return ["tif"]
+
     def loadAlgorithms(self) -> None:  # noqa: N802 (QGIS API name)
         for algorithm in ALGORITHMS:
             self.addAlgorithm(algorithm())

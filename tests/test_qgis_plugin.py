@@ -96,6 +96,8 @@ def test_provider_offers_every_algorithm_with_documented_parameters(provider):
     names = [p.name() for p in mapping.parameterDefinitions()]
     assert names[:8] == ["INPUT", "MODEL", "BANDS", "STRIDE", "DEVICE", "BATCH_SIZE", "RESOLUTION", "STRETCH"]
     assert {"OUTPUT", "CONFIDENCE"} <= set(names)
+    for output in ("OUTPUT", "CONFIDENCE"):  # map_raster writes GeoTIFF whatever the name says
+        assert mapping.parameterDefinition(output).supportedOutputRasterLayerExtensions() == ["tif"]
     arch = provider.algorithm("train").parameterDefinition("ARCH")
     assert arch.options() == list(ARCHITECTURES)  # read from jem_core's source, without importing torch
     for algorithm in provider.algorithms():
