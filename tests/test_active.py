@@ -244,3 +244,41 @@ def test_suggest_returns_spread_scored_patches(tmp_path, scene):
     assert everything[0].score == max(s.score for s in everything)
     with pytest.raises(JEMError, match="COUNT must be at least 1"):
         suggest(result.loaded, scene, 0)
+
+
+def write_points_geojson(path: Path, rows: list[tuple[str, float, float]]) -> Path:
+    """Annotation points in WGS 84 (the raster is in UTM 33N): the CLI must reproject them."""
+    import json
+
+    from rasterio.warp import transform as reproject
+
+    xs, ys = zip(*(at(col, row) for _, col, row in rows))
+    lons, lats = reproject("EPSG:32633", "EPSG:4326", xs, ys)
+    features = [{"type": "Feature", "properties": {"landcover": name},
+                 "geometry": {"type": "Point", "coordinates": [lon, lat]}}
+                for (name, _, _), lon, lat in zip(rows, lons, lats)]
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
+    return path
+
+
+def test_cli_retrain_then_suggest(tmp_path, scene, capsys):
+    from osgeo import ogr
+
+    from jem_core.cli import main
+
+    points = write_points_geojson(tmp_path / "points.geojson", [("field", 12, 20), ("field", 20, 70),
+                                                                 ("town", 70, 20), ("town", 80, 75)])
+    args = ["retrain", str(scene), "--annotations", str(points), "--class-field", "landcover", "--out",
+            str(tmp_path / "m.pt"), "--epochs", "1", "--unlabelled", "16", "--image-size", str(PATCH),
+            "--arch", "wrn-10-1", "--device", "cpu"]
+    assert main(args) == 0
+    assert load_model(tmp_path / "m.pt").meta.class_names == ["field", "town"]
+    assert main(args[:4] + ["--class-field", "class"] + args[6:]) == 2
+    assert "no field 'class'" in capsys.readouterr().err
+
+    assert main(["suggest", str(tmp_path / "m.pt"), str(scene), "--count", "3", "--out",
+                 str(tmp_path / "s.gpkg")]) == 0
+    dataset = ogr.Open(str(tmp_path / "s.gpkg"))  # keep it referenced while its layer is read
+    layer = dataset.GetLayer(0)
+    ranks = sorted(feature.GetField("rank") for feature in layer)
+    assert ranks == [1, 2, 3] and layer.GetSpatialRef().GetAuthorityCode(None) == "32633"

@@ -1,0 +1,167 @@
+"""`jem retrain` (annotations + raster → semi-supervised JEM) and `jem suggest` (where to label next).
+
+Annotation and suggestion files are read and written with OGR (GeoPackage, GeoJSON, Shapefile …),
+so the CLI takes the same layers as the QGIS tools: points, or polygons such as the patch
+footprints the labelling map tool draws, with the class name in a field.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .. import JEMError
+from ..active import Annotation, cell_centres, retrain, suggest
+from ..model_file import atomic_write
+from ..sampler import SGLDConfig
+from ..training import TrainConfig
+from .common import ProgressBar, add_device_option, log, write_json
+
+SUGGESTION_FIELDS = ["rank", "score", "unfamiliarity", "uncertainty", "neg_energy", "entropy", "margin",
+                     "predicted_class", "confidence"]
+
+
+def register(subparsers) -> None:
+    r = subparsers.add_parser("retrain", help="retrain a JEM from annotated patches of a raster (semi-supervised)",
+                              description="Annotated patches are the labelled set, random patches of the raster(s) "
+                                          "the unlabelled set; a starting model is fine-tuned, new classes extend it.")
+    r.add_argument("rasters", nargs="+", metavar="RASTER", help="raster(s) the annotations lie on")
+    r.add_argument("--annotations", type=Path, required=True, help="vector file (points or patch polygons)")
+    r.add_argument("--class-field", default="class", help="field holding the class name (default: %(default)s)")
+    r.add_argument("--model", type=Path, help="starting model to fine-tune (default: train a new one)")
+    r.add_argument("--out", type=Path, required=True, help="model file to write (.pt)")
+    r.add_argument("--bands", help="bands, comma separated names or 1-based indexes (default: the model's)")
+    r.add_argument("--extra-data", type=Path, help="class-folder dataset whose images join the unlabelled set")
+    r.add_argument("--unlabelled", type=int, default=512, help="patches sampled from the rasters (default: %(default)s)")
+    r.add_argument("--epochs", type=int, default=5)
+    r.add_argument("--image-size", type=int, default=32, help="patch size of a new model (default: %(default)s)")
+    r.add_argument("--arch", default="wrn-10-2", help="architecture of a new model (default: %(default)s)")
+    r.add_argument("--lr", type=float, default=1e-3)
+    r.add_argument("--seed", type=int, default=0)
+    add_device_option(r)
+    r.set_defaults(run=run_retrain)
+
+    s = subparsers.add_parser("suggest", help="the patches of a raster most worth labelling next",
+                              description="Scores every patch by unfamiliarity (high energy E(x)) and uncertainty "
+                                          "(predictive entropy) and picks the best, spread over the scene.")
+    s.add_argument("model", type=Path, metavar="MODEL")
+    s.add_argument("raster", nargs="+", metavar="RASTER", help="one raster, or single-band files to stack")
+    s.add_argument("--count", type=int, default=10)
+    s.add_argument("--min-distance", type=float, help="least spacing between suggestions in pixels (default: auto)")
+    s.add_argument("--bands", help="bands, comma separated names or 1-based indexes (default: the model's)")
+    s.add_argument("--out", type=Path, required=True, help="vector file of the patch footprints (.gpkg, .geojson)")
+    s.add_argument("--json", type=Path, help="also write the suggestions as JSON")
+    s.set_defaults(run=run_suggest)
+
+
+def split_bands(text: str | None) -> list[str] | None:
+    return [t.strip() for t in text.split(",") if t.strip()] or None if text else None
+
+
+def raster_grid(path: str) -> tuple[str, float, float]:
+    """The raster's CRS (WKT) and pixel size."""
+    import rasterio
+
+    with rasterio.open(path) as src:
+        return (src.crs.to_wkt() if src.crs else ""), abs(src.transform.a), abs(src.transform.e)
+
+
+def read_annotations(path: Path, class_field: str, raster_wkt: str, cell_width: float,
+                     cell_height: float) -> list[Annotation]:
+    """Points and polygons of a vector file as Annotations in the raster's CRS (reprojected if needed)."""
+    from osgeo import ogr, osr
+
+    ogr.UseExceptions()
+    try:
+        source = ogr.Open(str(path))
+    except RuntimeError as error:
+        raise JEMError(f"Cannot read the annotations '{path}': {str(error)[:200]}.") from None
+    layer = source.GetLayer(0)
+    definition = layer.GetLayerDefn()
+    names = [definition.GetFieldDefn(i).GetName() for i in range(definition.GetFieldCount())]
+    if class_field not in names:
+        raise JEMError(f"'{path}' has no field '{class_field}' (its fields: {', '.join(names) or 'none'}). "
+                       "Name the class field with --class-field.")
+    transform = None
+    if layer.GetSpatialRef() is not None and raster_wkt:
+        source_srs, target = layer.GetSpatialRef().Clone(), osr.SpatialReference(wkt=raster_wkt)
+        for srs in (source_srs, target):  # x = easting/longitude, whatever the CRS's axis order
+            srs.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
+        if not source_srs.IsSame(target):
+            transform = osr.CoordinateTransformation(source_srs, target)
+    annotations = []
+    for feature in layer:
+        name = (feature.GetField(class_field) or "").strip() if feature.IsFieldSet(class_field) else ""
+        geometry = feature.GetGeometryRef()
+        if not name or geometry is None or not geometry.IsValid():
+            problem = "no class" if not name else "no geometry" if geometry is None else "an invalid geometry"
+            raise JEMError(f"Feature {feature.GetFID()} of '{path}' has {problem}. Fix or delete it.")
+        geometry = geometry.Clone()
+        if transform is not None:
+            geometry.Transform(transform)
+        if geometry.GetDimension() == 0:
+            points = [geometry.GetPoint_2D(i) for i in range(geometry.GetPointCount())] or \
+                [geometry.GetGeometryRef(i).GetPoint_2D() for i in range(geometry.GetGeometryCount())]
+        else:
+            xmin, xmax, ymin, ymax = geometry.GetEnvelope()
+            points = [(x, y) for x, y in cell_centres((xmin, ymin, xmax, ymax), cell_width, cell_height)
+                      if geometry.Contains(ogr.CreateGeometryFromWkt(f"POINT ({x} {y})"))] or \
+                [geometry.PointOnSurface().GetPoint_2D()]
+        annotations += [Annotation(name, x, y) for x, y in points]
+    return annotations
+
+
+def run_retrain(args: argparse.Namespace) -> int:
+    from ..model_file import load_model
+
+    start = load_model(args.model) if args.model else None
+    patch_size = start.meta.image_size if start else args.image_size
+    wkt, pixel_x, pixel_y = raster_grid(args.rasters[0])
+    annotations = read_annotations(args.annotations, args.class_field, wkt, pixel_x * patch_size, pixel_y * patch_size)
+    config = TrainConfig(arch=args.arch, image_size=patch_size, epochs=args.epochs, lr=args.lr, seed=args.seed,
+                         device=args.device, sgld=SGLDConfig(buffer_size=args.unlabelled))
+    result = retrain(args.rasters, annotations, start_model=start, extra_dataset=args.extra_data, out_model=args.out,
+                     config=config, bands=split_bands(args.bands), unlabelled_count=args.unlabelled,
+                     progress=ProgressBar("retrain"), log=log)
+    log(f"classes {', '.join(result.class_names)}; fits {result.labelled_accuracy:.0%} of the "
+        f"{result.labelled_count} annotated patches; model written to {args.out}")
+    return 0
+
+
+def run_suggest(args: argparse.Namespace) -> int:
+    raster = args.raster[0] if len(args.raster) == 1 else args.raster
+    suggestions = suggest(args.model, raster, args.count, min_distance=args.min_distance,
+                          bands=split_bands(args.bands), progress=ProgressBar("score"))
+    wkt = raster_grid(args.raster[0])[0]
+    atomic_write(args.out, lambda tmp: write_suggestions(tmp, suggestions, wkt, args.out.suffix), suffix=args.out.suffix)
+    for s in suggestions:
+        print(f"{s.rank:3d}  x {s.x:.1f}  y {s.y:.1f}  score {s.score:.2f}  (unfamiliar {s.unfamiliarity:.2f}, "
+              f"uncertain {s.uncertainty:.2f})  -E {s.neg_energy:.2f}  entropy {s.entropy:.2f}  "
+              f"predicted {s.predicted_class} {s.confidence:.0%}")
+    if args.json:
+        write_json(args.json, [s.to_dict() for s in suggestions])
+    log(f"{len(suggestions)} suggestions written to {args.out}")
+    return 0
+
+
+def write_suggestions(path: str, suggestions, wkt: str, suffix: str) -> None:
+    """Patch footprint polygons with the score fields and an empty class field, in the raster's CRS."""
+    from osgeo import ogr, osr
+
+    ogr.UseExceptions()
+    driver = {".geojson": "GeoJSON", ".json": "GeoJSON", ".shp": "ESRI Shapefile"}.get(suffix.lower(), "GPKG")
+    Path(path).unlink(missing_ok=True)  # OGR will not overwrite the temporary placeholder
+    dataset = ogr.GetDriverByName(driver).CreateDataSource(path)
+    srs = osr.SpatialReference(wkt=wkt) if wkt else None
+    layer = dataset.CreateLayer("suggestions", srs, ogr.wkbPolygon)
+    for name in SUGGESTION_FIELDS + ["class"]:
+        kind = ogr.OFTInteger if name == "rank" else ogr.OFTString if name in ("predicted_class", "class") else ogr.OFTReal
+        layer.CreateField(ogr.FieldDefn(name, kind))
+    for s in suggestions:
+        feature = ogr.Feature(layer.GetLayerDefn())
+        for name in SUGGESTION_FIELDS:
+            feature.SetField(name, getattr(s, name))
+        xmin, ymin, xmax, ymax = s.bounds
+        feature.SetGeometry(ogr.CreateGeometryFromWkt(
+            f"POLYGON (({xmin} {ymin}, {xmax} {ymin}, {xmax} {ymax}, {xmin} {ymax}, {xmin} {ymin}))"))
+        layer.CreateFeature(feature)
+    dataset = None
