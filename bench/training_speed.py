@@ -15,7 +15,7 @@ Prints a table (seconds per iteration, SGLD image-steps per second, the share of
 measured convolution throughput the sampler reaches) and ends with `speedup: N.NN`, ours (all
 defaults) over the reference, per iteration.
 
-    /work/cpu-slot .venv/bin/python bench/training_speed.py            # WRN-16-2, 32 px, B=64, 20 steps
+    /work/cpu-slot .venv/bin/python bench/training_speed.py --ablation  # WRN-16-2, 32 px, B=64, 20 steps
     .venv/bin/python bench/training_speed.py --device cuda --amp-row   # on a GPU
 """
 from __future__ import annotations
@@ -53,6 +53,18 @@ def time_calls(fn: Callable[[], None], repeats: int, device: torch.device) -> fl
     return statistics.median(times)
 
 
+def timed(fn: Callable, sink: list[float], device: torch.device) -> Callable:
+    """fn, also appending its duration to sink (how the SGLD share of an iteration is measured)."""
+    def wrapper(*args, **kwargs):
+        synchronise(device)
+        start = time.perf_counter()
+        out = fn(*args, **kwargs)
+        synchronise(device)
+        sink.append(time.perf_counter() - start)
+        return out
+    return wrapper
+
+
 def conv_throughput(device: torch.device, seconds: float = 3.0) -> float:
     """FLOP/s of a 3×3, 64→64 channel float32 convolution (forward) on 64 × 32 × 32 maps."""
     conv = torch.nn.Conv2d(64, 64, 3, padding=1).to(device)
@@ -78,6 +90,8 @@ class ReferenceJEM:
         self.f, self.batch, self.steps, self.device, self.sgld = model, batch, steps, device, sgld
         self.replay_buffer = torch.FloatTensor(buffer_size, *image_shape).uniform_(-1, 1)  # on the CPU
         self.optim = torch.optim.Adam(model.parameters(), lr=lr)
+        self.chain_times: list[float] = []
+        self.sample_q = timed(self.sample_q, self.chain_times, device)
 
     def sample_p_0(self) -> tuple[torch.Tensor, torch.Tensor]:
         inds = torch.randint(0, len(self.replay_buffer), (self.batch,))
@@ -123,13 +137,12 @@ class Ours:
         indices = torch.arange(len(inputs))
         self.labelled = BatchStream(indices, config.batch_size, generator)
         self.data = BatchStream(indices, config.sgld_batch_size, generator)
+        self.chain_times: list[float] = []
+        self.sampler.sample = timed(self.sampler.sample, self.chain_times, device)
 
     def iteration(self) -> None:
         training_step(self.model, self.sampler, self.optimiser, self.inputs, self.labels, self.labelled,
                       self.data, self.config)
-
-    def chain(self) -> None:
-        self.sampler.sample(self.config.sgld_batch_size)
 
 
 def main() -> None:
@@ -140,8 +153,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--buffer", type=int, default=10000)
-    parser.add_argument("--repeats", type=int, default=2, help="timed iterations per row (after one warm-up)")
+    parser.add_argument("--repeats", type=int, default=1, help="timed iterations per row (after one warm-up)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--ablation", action="store_true", help="also time ours with the switches off one by one")
     parser.add_argument("--amp-row", action="store_true", help="also time bf16 autocast (slow on CPUs without AVX512-BF16)")
     parser.add_argument("--compile-row", action="store_true", help="also time torch.compile")
     args = parser.parse_args()
@@ -176,22 +190,23 @@ def main() -> None:
 
     reference = ReferenceJEM(fresh_model().to(device), args.batch, args.steps, args.buffer, shape, device, sgld, 1e-4)
     x_lab, y_lab, x_p_d = inputs[:args.batch], labels[:args.batch], inputs[args.batch:2 * args.batch]
-    rows.append(("reference (original JEM loop)",
-                 time_calls(lambda: reference.iteration(x_lab, y_lab, x_p_d), args.repeats, device),
-                 time_calls(reference.sample_q, args.repeats, device)))
+    per_iter = time_calls(lambda: reference.iteration(x_lab, y_lab, x_p_d), args.repeats, device)
+    rows.append(("reference (original JEM loop)", per_iter, statistics.median(reference.chain_times[1:])))
 
     default = SpeedOptions()
-    variants = [("ours, all switches off", SpeedOptions(channels_last=False, fused=False, amp="off")),
-                ("ours, fused/in-place only", SpeedOptions(channels_last=False, amp="off")),
-                ("ours, channels_last only", SpeedOptions(fused=False, amp="off")),
-                ("ours, defaults", default)]
+    variants = [("ours, defaults", default)]
+    if args.ablation:
+        variants = [("ours, all switches off", SpeedOptions(channels_last=False, fused=False, amp="off")),
+                    ("ours, fused/in-place only", SpeedOptions(channels_last=False, amp="off")),
+                    ("ours, channels_last only", SpeedOptions(fused=False, amp="off"))] + variants
     if args.amp_row:
         variants.append(("ours, defaults + bf16 autocast", replace(default, amp="bf16")))
     if args.compile_row:
         variants.append(("ours, defaults + torch.compile", replace(default, compile=True)))
     for label, options in variants:
         ours = Ours(fresh_model(), options, config, inputs, labels, device)
-        rows.append((label, time_calls(ours.iteration, args.repeats, device), time_calls(ours.chain, args.repeats, device)))
+        per_iter = time_calls(ours.iteration, args.repeats, device)
+        rows.append((label, per_iter, statistics.median(ours.chain_times[1:])))
 
     print(f"{'variant':36s} {'s/iter':>8s} {'vs ref':>7s} {'SGLD s':>7s} {'img-steps/s':>12s} {'% conv peak':>12s}")
     ref_iter = rows[0][1]
