@@ -10,10 +10,12 @@ from pathlib import Path
 
 _PLUGIN_DIR = Path(__file__).resolve().parent
 
-# The installable zip ships jem_core inside the plugin folder; that copy wins so the plugin
-# always runs the engine it was packaged with.  In the source tree jem_core sits beside us.
-if (_PLUGIN_DIR / "jem_core").is_dir() and str(_PLUGIN_DIR) not in sys.path:
-    sys.path.insert(0, str(_PLUGIN_DIR))
+# The installable zip ships jem_core in vendor/ inside the plugin folder; that copy wins so the
+# plugin always runs the engine it was packaged with (vendor/ holds nothing else, so no plugin
+# module becomes importable under a top-level name).  In the source tree jem_core sits beside us.
+_VENDOR = _PLUGIN_DIR / "vendor"
+if (_VENDOR / "jem_core").is_dir() and str(_VENDOR) not in sys.path:
+    sys.path.insert(0, str(_VENDOR))
 
 
 def classFactory(iface):  # noqa: N802 (QGIS plugin entry point name)

@@ -5,7 +5,7 @@ Layout inside the zip (what QGIS's "Install from ZIP" expects: one top folder na
     jem_qgis_plugin/            plugin code (this file excluded: it is a build tool)
     jem_qgis_plugin/metadata.txt
     jem_qgis_plugin/resources/  icons and QML style templates
-    jem_qgis_plugin/jem_core/   the engine, so the plugin imports it without a pip install
+    jem_qgis_plugin/vendor/jem_core/   the engine, so the plugin imports it without a pip install
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def package_entries(root: Path = REPO_ROOT) -> dict[str, Path]:
     """Name inside the zip → source file."""
     entries: dict[str, Path] = {}
     for source, target in ((root / PLUGIN, PLUGIN), (root / "resources", f"{PLUGIN}/resources"),
-                           (root / "jem_core", f"{PLUGIN}/jem_core")):
+                           (root / "jem_core", f"{PLUGIN}/vendor/jem_core")):
         for path in _files(source):
             entries[f"{target}/{path.relative_to(source).as_posix()}"] = path
     entries.pop(BUILD_ONLY, None)

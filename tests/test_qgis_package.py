@@ -42,7 +42,7 @@ def plugin_zip(tmp_path_factory) -> Path:
 def test_zip_holds_plugin_metadata_resources_and_engine(plugin_zip):
     names = set(zipfile.ZipFile(plugin_zip).namelist())
     assert all(name.startswith("jem_qgis_plugin/") for name in names)
-    engine = {f"jem_qgis_plugin/jem_core/{p.relative_to(REPO / 'jem_core').as_posix()}"
+    engine = {f"jem_qgis_plugin/vendor/jem_core/{p.relative_to(REPO / 'jem_core').as_posix()}"
               for p in (REPO / "jem_core").rglob("*.py")}
     assert engine <= names
     assert {"jem_qgis_plugin/__init__.py", "jem_qgis_plugin/metadata.txt", "jem_qgis_plugin/provider.py",
@@ -140,7 +140,7 @@ def test_zip_registers_the_provider_in_a_clean_profile(plugin_zip, tmp_path):
     report = json.loads(lines[-1][len("REPORT "):])
     assert report["available"] and report["loaded"] and report["started"]
     assert set(OUR_ALGORITHMS) <= set(report["algorithms"])
-    assert Path(report["jem_core"]).is_relative_to(plugins / "jem_qgis_plugin")  # the bundled engine
+    assert Path(report["jem_core"]).is_relative_to(plugins / "jem_qgis_plugin" / "vendor")  # the bundled engine
     assert not report["torch_imported"]  # start-up stays light: torch only when an algorithm runs
     if importable_by_system_python("torch"):
         assert "does not exist" in report["run"]
