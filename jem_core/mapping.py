@@ -339,7 +339,10 @@ class _Outputs:
     def commit(self) -> None:
         for output in self.files.values():
             output.dataset.close()
+        umask = os.umask(0)
+        os.umask(umask)
         for output in self.files.values():
+            os.chmod(output.tmp, 0o666 & ~umask)  # mkstemp made it private; maps are ordinary files
             os.replace(output.tmp, output.final)
 
     def abort(self) -> None:

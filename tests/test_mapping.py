@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -241,6 +242,9 @@ def test_cli_map_end_to_end(tmp_path, model_path, capsys):
     assert report["width"] == 8 and report["stride"] == 8 and report["patches"] == 35
     assert read(tmp_path / "e.tif")[1]["shape"] == (6, 8)
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "c.tif").stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's private 0600
     code = cli_main(["map", str(model_path), str(raster), "--out-classes", str(tmp_path / "d.tif"),
                      "--bands", "1,2", "--device", "cpu"])
     assert code == 2 and "expects 3" in capsys.readouterr().err
