@@ -7,11 +7,11 @@ footprints the labelling map tool draws, with the class name in a field.
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from .. import JEMError
 from ..active import Annotation, cell_centres, retrain, suggest
-from ..model_file import atomic_write
 from ..sampler import SGLDConfig
 from ..training import TrainConfig
 from .common import ProgressBar, add_device_option, log, write_json
@@ -132,9 +132,9 @@ def run_suggest(args: argparse.Namespace) -> int:
     suggestions = suggest(args.model, raster, args.count, min_distance=args.min_distance,
                           bands=split_bands(args.bands), progress=ProgressBar("score"))
     wkt = raster_grid(args.raster[0])[0]
-    atomic_write(args.out, lambda tmp: write_suggestions(tmp, suggestions, wkt, args.out.suffix), suffix=args.out.suffix)
+    write_vector_atomically(args.out, lambda tmp: write_suggestions(tmp, suggestions, wkt, args.out.suffix))
     for s in suggestions:
-        print(f"{s.rank:3d}  x {s.x:.1f}  y {s.y:.1f}  score {s.score:.2f}  (unfamiliar {s.unfamiliarity:.2f}, "
+        print(f"{s.rank:3d}  x {s.x:.8g}  y {s.y:.8g}  score {s.score:.2f}  (unfamiliar {s.unfamiliarity:.2f}, "
               f"uncertain {s.uncertainty:.2f})  -E {s.neg_energy:.2f}  entropy {s.entropy:.2f}  "
               f"predicted {s.predicted_class} {s.confidence:.0%}")
     if args.json:
@@ -143,13 +143,26 @@ def run_suggest(args: argparse.Namespace) -> int:
     return 0
 
 
+def write_vector_atomically(path: Path, write) -> None:
+    """write(tmp) to a hidden name with the real extension (OGR picks the format by it), then rename."""
+    if not path.parent.is_dir():
+        raise JEMError(f"Output folder '{path.parent}' does not exist. Create it or choose another path.")
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.partial{path.suffix}")
+    try:
+        write(str(tmp))
+        os.replace(tmp, path)
+    except RuntimeError as error:
+        raise JEMError(f"Could not write '{path}': {str(error)[:200]}. Check the extension and permissions.") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_suggestions(path: str, suggestions, wkt: str, suffix: str) -> None:
     """Patch footprint polygons with the score fields and an empty class field, in the raster's CRS."""
     from osgeo import ogr, osr
 
     ogr.UseExceptions()
     driver = {".geojson": "GeoJSON", ".json": "GeoJSON", ".shp": "ESRI Shapefile"}.get(suffix.lower(), "GPKG")
-    Path(path).unlink(missing_ok=True)  # OGR will not overwrite the temporary placeholder
     dataset = ogr.GetDriverByName(driver).CreateDataSource(path)
     srs = osr.SpatialReference(wkt=wkt) if wkt else None
     layer = dataset.CreateLayer("suggestions", srs, ogr.wkbPolygon)
