@@ -61,6 +61,7 @@ import os
 import re
 import tempfile
 import time
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -198,11 +199,12 @@ def iter_patches(raster: RasterSource | str | os.PathLike | Sequence[str | os.Pa
         return
     grid = patch_grid(raster.width, raster.height, patch_size, stride)
     pending = _Pending()
-    for row, patches, valid in _patch_rows(raster, grid, stretch, read_ahead):
-        pending.add(row, np.flatnonzero(valid), patches)
-        while len(pending) >= batch_size:
-            _check_stop(should_stop)
-            yield PatchBatch(*pending.take(batch_size), grid=grid, transform=raster.transform)
+    with closing(_patch_rows(raster, grid, stretch, read_ahead)) as patch_rows:  # stops the reader thread early
+        for row, patches, valid in patch_rows:
+            pending.add(row, np.flatnonzero(valid), patches)
+            while len(pending) >= batch_size:
+                _check_stop(should_stop)
+                yield PatchBatch(*pending.take(batch_size), grid=grid, transform=raster.transform)
     if len(pending):
         _check_stop(should_stop)
         yield PatchBatch(*pending.take(len(pending)), grid=grid, transform=raster.transform)
@@ -594,18 +596,19 @@ def _run(loaded: LoadedModel, source: RasterSource, grid: PatchGrid, stretch: St
 
     total = grid.patch_rows * grid.patch_cols
     start = time.monotonic()
-    for row, patches, valid in _patch_rows(source, grid, stretch, read_ahead):
-        cols = np.flatnonzero(valid)
-        stats["skipped"] += len(valid) - len(cols)
-        pending.add(row, cols, patches)
-        while len(pending) >= batch_size:
-            run_batch(batch_size)
-            if progress:
-                done = stats["patches"] + stats["skipped"]
-                rate = stats["patches"] / max(time.monotonic() - start, 1e-9)
-                progress(min(done / total, 0.999), f"patch row {row + 1}/{grid.patch_rows}, {rate:.0f} patches/s")
-        first_pending = pending.first_row()  # cell row c is final once every patch row <= c is classified
-        emit_through(row if first_pending is None else first_pending - 1)
+    with closing(_patch_rows(source, grid, stretch, read_ahead)) as patch_rows:  # cancel stops the reader now
+        for row, patches, valid in patch_rows:
+            cols = np.flatnonzero(valid)
+            stats["skipped"] += len(valid) - len(cols)
+            pending.add(row, cols, patches)
+            while len(pending) >= batch_size:
+                run_batch(batch_size)
+                if progress:
+                    done = stats["patches"] + stats["skipped"]
+                    rate = stats["patches"] / max(time.monotonic() - start, 1e-9)
+                    progress(min(done / total, 0.999), f"patch row {row + 1}/{grid.patch_rows}, {rate:.0f} patches/s")
+            first_pending = pending.first_row()  # cell row c is final once every patch row <= c is classified
+            emit_through(row if first_pending is None else first_pending - 1)
     if len(pending):
         run_batch(len(pending))
     emit_through(grid.cell_rows - 1)

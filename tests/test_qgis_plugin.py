@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from qgis.core import (QgsCoordinateReferenceSystem, QgsProcessingException, QgsProcessingFeedback, QgsProject,
+from qgis.core import (QgsApplication, QgsCoordinateReferenceSystem, QgsProcessingAlgRunnerTask,
+                       QgsProcessingContext, QgsProcessingException, QgsProcessingFeedback, QgsProject,
                        QgsRasterLayer)
+from qgis.PyQt.QtCore import Qt, QTimer
 
 from jem_core import __version__
 from jem_core.data import load_class_folder
@@ -258,3 +262,31 @@ def test_cancelled_sampling_writes_nothing(provider, model_file, tmp_path):
         run("jem:samples", {"MODEL": str(model_file), "STEPS": 50, "OUTPUT": str(tmp_path / "s.png"),
                             "OUTPUT_JSON": str(tmp_path / "s.json")}, CancelAfter(polls=1))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_runs_as_a_background_task_without_blocking_the_main_thread(provider, model_file, tmp_path, qgis_app):
+    """What the Processing dialog does: a QgsProcessingAlgRunnerTask in QGIS's task manager."""
+    raster = write_geotiff(tmp_path / "big.tif", 12 * PATCH, 12 * PATCH)
+    algorithm = QgsApplication.processingRegistry().createAlgorithmById("jem:landcovermap")
+    context, feedback = QgsProcessingContext(), QgsProcessingFeedback()
+    progress_threads = set()
+    feedback.progressChanged.connect(lambda _: progress_threads.add(threading.get_ident()), Qt.DirectConnection)
+    task = QgsProcessingAlgRunnerTask(algorithm, {"INPUT": str(raster), "MODEL": str(model_file), "STRIDE": 4,
+                                                  "BATCH_SIZE": 8, "OUTPUT": str(tmp_path / "c.tif")},
+                                      context, feedback)
+    finished = []
+    task.executed.connect(lambda ok, results: finished.append((ok, results)))
+    ticks = []
+    timer = QTimer()
+    timer.timeout.connect(lambda: ticks.append(time.monotonic()))
+    timer.start(20)
+    QgsApplication.taskManager().addTask(task)
+    deadline = time.monotonic() + 60
+    while not finished and time.monotonic() < deadline:
+        qgis_app.processEvents()
+        time.sleep(0.005)
+    timer.stop()
+    assert finished and finished[0][0], "the task failed or did not finish"
+    assert QgsRasterLayer(finished[0][1]["OUTPUT"], "c").isValid()
+    assert progress_threads and threading.get_ident() not in progress_threads  # the work ran off the main thread
+    assert len(ticks) >= 5 and max(b - a for a, b in zip(ticks, ticks[1:])) < 1.0  # the event loop kept running
