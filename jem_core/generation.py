@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -54,15 +55,9 @@ def sgld_config(loaded: LoadedModel, steps: int, step_size: float | None, noise:
     if steps < 1:
         raise JEMError(f"steps must be at least 1 (got {steps}).")
     saved = dict(loaded.meta.train_config.get("sgld", {}))
-    known = set(SGLDConfig.__dataclass_fields__)
-    config = SGLDConfig(**{k: v for k, v in saved.items() if k in known})
-    config.steps = steps
-    if step_size is not None:
-        config.step_size = step_size
-    if noise is not None:
-        config.noise = noise
-    SGLDConfig.__post_init__(config)
-    return config
+    config = SGLDConfig(**{k: v for k, v in saved.items() if k in SGLDConfig.__dataclass_fields__})
+    overrides = {"steps": steps, "step_size": step_size, "noise": noise}
+    return replace(config, **{k: v for k, v in overrides.items() if v is not None})  # re-validates
 
 
 def training_data(loaded: LoadedModel, data: str | os.PathLike | SceneDataset) -> tuple[SceneDataset, torch.Tensor,

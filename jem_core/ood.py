@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from . import JEMError
-from .data import IMAGE_SUFFIXES, SceneDataset, load_class_folder, read_image, split_dataset
+from .data import IMAGE_SUFFIXES, SceneDataset, list_class_folders, load_class_folder, read_image, split_dataset
 from .device import resolve_device
 from .distances import KL_EPSILON, auroc, histogram_kl
 from .metrics import predict_logits
@@ -106,8 +106,6 @@ def load_reference(reference: str | os.PathLike | SceneDataset, loaded: LoadedMo
     if isinstance(reference, SceneDataset):
         return reference
     root = Path(reference)
-    from .data import list_class_folders
-
     same_classes = set(list_class_folders(root)) == set(loaded.meta.class_names)
     return load_class_folder(root, loaded.meta.image_size,
                              class_names=loaded.meta.class_names if same_classes else None)

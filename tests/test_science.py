@@ -217,3 +217,16 @@ def test_cli_ood_sample_and_report(trained, tmp_path, capsys):
                    str(trained["raster"])])
     err = capsys.readouterr().err
     assert rc == 2 and "does not exist" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_train_cli_consistency_flag():
+    from jem_core.cli import build_parser
+    from jem_core.cli.train_cmd import config_from_args
+
+    parse = build_parser().parse_args
+    assert config_from_args(parse(["train", "d", "--out", "m.pt"])).consistency_weight == 0.0
+    config = config_from_args(parse(["train", "d", "--out", "m.pt", "--consistency"]))
+    assert config.consistency_weight == 1.0 and config.consistency_threshold == 0.95
+    config = config_from_args(parse(["train", "d", "--out", "m.pt", "--consistency", "0.5",
+                                     "--consistency-threshold", "0.8"]))
+    assert (config.consistency_weight, config.consistency_threshold) == (0.5, 0.8)
