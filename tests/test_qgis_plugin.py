@@ -9,8 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from qgis.core import (QgsApplication, QgsCoordinateReferenceSystem, QgsProcessingAlgRunnerTask,
-                       QgsProcessingContext, QgsProcessingException, QgsProcessingFeedback, QgsProject,
-                       QgsRasterLayer)
+                       QgsProcessingContext, QgsProcessingException, QgsProcessingFeedback,
+                       QgsProcessingModelAlgorithm, QgsProcessingModelChildAlgorithm,
+                       QgsProcessingModelChildParameterSource, QgsProcessingModelOutput, QgsProcessingModelParameter,
+                       QgsProcessingParameterFile, QgsProcessingParameterRasterLayer, QgsProject, QgsRasterLayer)
 from qgis.PyQt.QtCore import Qt, QTimer
 
 from jem_core import __version__
@@ -86,7 +88,7 @@ def raster(tmp_path) -> Path:
     return write_geotiff(tmp_path / "scene.tif", 4 * PATCH, 3 * PATCH)
 
 
-def run(algorithm: str, parameters: dict, feedback: QgsProcessingFeedback | None = None) -> dict:
+def run(algorithm, parameters: dict, feedback: QgsProcessingFeedback | None = None) -> dict:
     import processing
 
     return processing.run(algorithm, parameters, feedback=feedback or QgsProcessingFeedback())
@@ -290,3 +292,25 @@ def test_runs_as_a_background_task_without_blocking_the_main_thread(provider, mo
     assert QgsRasterLayer(finished[0][1]["OUTPUT"], "c").isValid()
     assert progress_threads and threading.get_ident() not in progress_threads  # the work ran off the main thread
     assert len(ticks) >= 5 and max(b - a for a, b in zip(ticks, ticks[1:])) < 1.0  # the event loop kept running
+
+
+def test_usable_as_a_step_of_a_graphical_model(provider, model_file, raster, tmp_path):
+    """A Processing model whose child step is jem:landcovermap, fed from model inputs."""
+    model = QgsProcessingModelAlgorithm("map with JEM", "tests")
+    for definition in (QgsProcessingParameterRasterLayer("scene", "Scene"),
+                       QgsProcessingParameterFile("weights", "Model file", extension="pt")):
+        model.addModelParameter(definition, QgsProcessingModelParameter(definition.name()))
+    child = QgsProcessingModelChildAlgorithm("jem:landcovermap")
+    child.setChildId("map")
+    child.addParameterSources("INPUT", [QgsProcessingModelChildParameterSource.fromModelParameter("scene")])
+    child.addParameterSources("MODEL", [QgsProcessingModelChildParameterSource.fromModelParameter("weights")])
+    child.addParameterSources("STRIDE", [QgsProcessingModelChildParameterSource.fromStaticValue(8)])
+    output = QgsProcessingModelOutput("classes", "Classes")
+    output.setChildOutputName("OUTPUT")
+    child.setModelOutputs({"classes": output})
+    model.addChildAlgorithm(child)
+    results = run(model, {"scene": str(raster), "weights": str(model_file),
+                                     "map:classes": str(tmp_path / "classes.tif")})
+    classes = QgsRasterLayer(results["map:classes"], "classes")
+    assert classes.isValid() and classes.renderer().type() == "paletted"
+    assert [c.label for c in classes.renderer().classes()] == CLASSES
