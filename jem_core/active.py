@@ -24,7 +24,7 @@ import math
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, Union
 
 import numpy as np
 import torch
@@ -40,6 +40,8 @@ from .training import Cancelled, TrainConfig, train
 
 ProgressFn = Callable[[float, str], None]
 StopFn = Callable[[], bool]
+# One raster: a path GDAL opens, or single-band files stacked on the finest grid (raster_io.open_raster).
+RasterInput = Union[str, Path, Sequence[Union[str, Path]]]
 # A patch counts as imagery when at least this fraction of its pixels is valid (not nodata).
 MIN_VALID_FRACTION = 0.5
 
@@ -111,13 +113,13 @@ class PatchReader:
     """Open rasters (same bands, stretched to the model's value range) that patches are cut from."""
 
     def __init__(self, sources: list[RasterSource], stretches: list[Stretch], patch_size: int) -> None:
-        self.sources, self.stretches, self.patch_size = sources, stretches, patch_size
-        self._stack = ExitStack()
-        self._datasets = [self._stack.enter_context(source.open()) for source in sources]
         for source in sources:
             if source.width < patch_size or source.height < patch_size:
                 raise JEMError(f"'{source.description}' is {source.width}×{source.height} px, smaller than one "
                                f"{patch_size} px patch. Use a larger raster or a model with smaller patches.")
+        self.sources, self.stretches, self.patch_size = sources, stretches, patch_size
+        self._stack = ExitStack()
+        self._datasets = [self._stack.enter_context(source.open()) for source in sources]
 
     def close(self) -> None:
         self._stack.close()
@@ -164,7 +166,7 @@ class PatchReader:
         return min(xs), min(ys), max(xs), max(ys)
 
 
-def open_patch_reader(stack: ExitStack, rasters: Sequence[str | Path], patch_size: int,
+def open_patch_reader(stack: ExitStack, rasters: Sequence[RasterInput], patch_size: int,
                       bands: Sequence[str] | None, model_meta: ModelMeta | None,
                       stretch: str = "auto") -> PatchReader:
     """Every raster opened with the model's bands and stretch (no model: bands as they are, no stretch)."""
@@ -218,7 +220,7 @@ def describe_extents(reader: PatchReader) -> str:
     return "; ".join(parts)
 
 
-def patches_from_annotations(rasters: Sequence[str | Path], annotations: Sequence[Annotation], patch_size: int,
+def patches_from_annotations(rasters: Sequence[RasterInput], annotations: Sequence[Annotation], patch_size: int,
                              bands: Sequence[str] | None = None, model_meta: ModelMeta | None = None,
                              class_names: Sequence[str] | None = None, stretch: str = "auto") -> SceneDataset:
     """The labelled patches under the annotations, as a SceneDataset.
@@ -249,13 +251,13 @@ def patches_from_annotations(rasters: Sequence[str | Path], annotations: Sequenc
         labels = torch.tensor([names.index(name) for _, name in windows])
         band_names = reader.band_names
         dtype = reader.sources[0].dtype
+        sources = [Path(reader.sources[w.raster].description) for w, _ in windows]
     value_range = list(model_meta.value_range) if model_meta is not None else \
         ([0.0, 255.0] if dtype == "uint8" else [float(images.min()), float(images.max())])
-    return SceneDataset(torch.from_numpy(images), labels, names, list(band_names), value_range,
-                        [Path(str(rasters[w.raster])) for w, _ in windows])
+    return SceneDataset(torch.from_numpy(images), labels, names, list(band_names), value_range, sources)
 
 
-def sample_unlabelled_patches(rasters: Sequence[str | Path], n: int, seed: int, patch_size: int,
+def sample_unlabelled_patches(rasters: Sequence[RasterInput], n: int, seed: int, patch_size: int,
                               bands: Sequence[str] | None = None, model_meta: ModelMeta | None = None,
                               stretch: str = "auto", should_stop: StopFn | None = None) -> torch.Tensor:
     """n patches (n, bands, size, size) at random positions, rasters weighted by area, nodata avoided."""
@@ -317,7 +319,7 @@ def as_loaded(model: LoadedModel | str | Path | None) -> LoadedModel | None:
     return load_model(model) if isinstance(model, (str, Path)) else model
 
 
-def retrain(rasters: Sequence[str | Path], annotations: Sequence[Annotation], *,
+def retrain(rasters: Sequence[RasterInput], annotations: Sequence[Annotation], *,
             start_model: LoadedModel | str | Path | None = None,
             extra_dataset: SceneDataset | str | Path | None = None, out_model: str | Path | None = None,
             config: TrainConfig | None = None, bands: Sequence[str] | None = None, unlabelled_count: int = 512,
@@ -416,7 +418,7 @@ def spread_selection(score: torch.Tensor, positions: torch.Tensor, count: int, m
     return chosen
 
 
-def suggest(model: LoadedModel | str | Path, raster: str | Path, count: int, *, min_distance: float | None = None,
+def suggest(model: LoadedModel | str | Path, raster: RasterInput, count: int, *, min_distance: float | None = None,
             stride: int | None = None, bands: Sequence[str] | None = None, stretch: str = "auto",
             batch_size: int = 64, progress: ProgressFn | None = None,
             should_stop: StopFn | None = None) -> list[Suggestion]:
