@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -176,6 +177,7 @@ def test_cancel_leaves_no_output_files(tmp_path, model_path, stop_after):
                    batch_size=4, should_stop=should_stop, device="cpu")
     assert len(calls) == stop_after + 1
     assert list(out.iterdir()) == []
+    assert not [t for t in threading.enumerate() if t.name == "jem-raster-reader"], "the reader thread must stop"
 
 
 def test_stacked_single_band_files_match_a_multiband_raster(tmp_path, model_path):
