@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Callable
 from xml.etree import ElementTree
 
-from qgis.core import (QgsColorRampShader, QgsPalettedRasterRenderer, QgsProcessingLayerPostProcessorInterface,
-                       QgsRasterLayer, QgsRasterShader, QgsSingleBandPseudoColorRenderer)
+from qgis.core import (QgsColorRampLegendNodeSettings, QgsColorRampShader, QgsPalettedRasterRenderer,
+                       QgsProcessingLayerPostProcessorInterface, QgsRasterLayer, QgsRasterShader,
+                       QgsSingleBandPseudoColorRenderer)
 from qgis.PyQt.QtGui import QColor
 
 from .paths import resource_path
@@ -88,6 +89,10 @@ def confidence_renderer(layer: QgsRasterLayer) -> QgsSingleBandPseudoColorRender
     values = [low + position * (high - low) for position, _ in fallback.stops]
     ramp.setColorRampItemList([QgsColorRampShader.ColorRampItem(value, color, f"{value:.2f}")
                                for value, (_, color) in zip(values, fallback.stops)])
+    legend = QgsColorRampLegendNodeSettings()  # say which end is which, not only the numbers
+    legend.setMinimumLabel(f"{low:.2f}  unusual for the model")
+    legend.setMaximumLabel(f"{high:.2f}  like the training data")
+    ramp.setLegendSettings(legend)
     shader = QgsRasterShader(low, high)
     shader.setRasterShaderFunction(ramp)
     renderer = QgsSingleBandPseudoColorRenderer(layer.dataProvider(), 1, shader)
