@@ -18,6 +18,9 @@ from . import JEMError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff"}
 RGB_BAND_NAMES = ["red", "green", "blue"]
+# A scene image larger than this is refused before reading: shrinking it would read every pixel
+# (a header may declare 10^12 px in a file of a few hundred bytes).
+MAX_SCENE_PIXELS = 100_000_000
 
 
 @dataclass
@@ -81,6 +84,10 @@ def read_image(path: Path, size: int) -> tuple[np.ndarray, list[str], str]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             with rasterio.open(path) as src:
+                if src.width * src.height > MAX_SCENE_PIXELS:
+                    raise JEMError(f"Image '{path}' is {src.width} × {src.height} px, too large for a scene image "
+                                   f"(at most {MAX_SCENE_PIXELS // 1_000_000} Mpx). Cut it into scenes "
+                                   "(e.g. gdal_retile.py) or remove it; map large rasters with `jem map`.")
                 pixels = src.read(out_shape=(src.count, size, size), resampling=Resampling.average)
                 names = [d or f"B{i + 1}" for i, d in enumerate(src.descriptions)]
                 dtype = src.dtypes[0]

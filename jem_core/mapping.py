@@ -72,7 +72,7 @@ import torch
 from . import JEMError
 from .device import resolve_device
 from .model_file import LoadedModel, load_model
-from .raster_io import RasterSource, Stretch, choose_stretch, open_raster, read_strips
+from .raster_io import GdalFailures, RasterSource, Stretch, choose_stretch, open_raster, read_strips
 
 RESOLUTIONS = ("patch", "input")
 CLASS_NODATA = 255
@@ -297,6 +297,7 @@ class _Outputs:
         import rasterio
 
         self.files: dict[str, _Output] = {}
+        self.gdal_failures = GdalFailures().start()
         try:
             for kind, target in targets.items():
                 if target is None:
@@ -312,6 +313,9 @@ class _Outputs:
                 self.files[kind].dataset = dataset
                 dataset.update_tags(**tags)
                 self._describe(kind, dataset, class_names)
+        except OSError as error:  # no permission, disk full, read-only file system
+            self.abort()
+            raise _write_failed(target, str(getattr(error, "strerror", None) or error)) from None
         except BaseException:
             self.abort()
             raise
@@ -341,6 +345,9 @@ class _Outputs:
     def commit(self) -> None:
         for output in self.files.values():
             output.dataset.close()
+        self.gdal_failures.stop()
+        if self.gdal_failures.messages:
+            raise _write_failed(next(iter(self.files.values())).final, self.gdal_failures.messages[0])
         umask = os.umask(0)
         os.umask(umask)
         for output in self.files.values():
@@ -348,6 +355,7 @@ class _Outputs:
             os.replace(output.tmp, output.final)
 
     def abort(self) -> None:
+        self.gdal_failures.stop()
         for output in self.files.values():
             try:
                 if output.dataset is not None and not output.dataset.closed:
@@ -355,6 +363,11 @@ class _Outputs:
             finally:
                 output.tmp.unlink(missing_ok=True)
                 Path(str(output.tmp) + ".aux.xml").unlink(missing_ok=True)
+
+
+def _write_failed(target: Path, detail: str) -> JEMError:
+    return JEMError(f"Could not write the maps in '{target.parent}': {detail[:200]}. Check the free space and "
+                    "the write permission there; no output was kept.")
 
 
 _KIND_PROFILE: dict[str, Callable[[int], dict[str, Any]]] = {
@@ -495,6 +508,10 @@ def map_raster(model: str | os.PathLike | LoadedModel, inputs: str | os.PathLike
     if len(set(paths)) != len(paths):
         raise JEMError("Two outputs have the same path. Give each output its own file name.")
     with open_raster(inputs, bands, meta.band_names, target_gsd) as source:
+        if source.crs is None:
+            raise JEMError(f"'{source.description}' has no coordinate reference system (CRS), so the maps could not "
+                           "be placed on the ground. Assign one (QGIS: Raster ▸ Projections ▸ Assign Projection; "
+                           "GDAL: gdal_edit.py -a_srs EPSG:CODE FILE) and run again.")
         if len(source.band_indexes) != loaded.spec.in_channels:
             raise JEMError(f"The model takes {loaded.spec.in_channels} bands but {len(source.band_indexes)} were chosen.")
         grid = patch_grid(source.width, source.height, meta.image_size, stride)
@@ -526,6 +543,10 @@ def _map(loaded: LoadedModel, source: RasterSource, grid: PatchGrid, stretch: St
         counts = np.zeros(classes, dtype=np.int64)
         stats = _run(loaded, source, grid, stretch, batch_size, device, read_ahead, writer, counts, set(outputs.files),
                      progress, should_stop)
+        if stats["patches"] == 0:
+            raise JEMError(f"'{source.description}' has no {grid.patch_size} × {grid.patch_size} px patch without "
+                           "nodata (all pixels are nodata, NaN or masked); nothing to map. Check the raster and its "
+                           "nodata value.")
         writer.finish(classes)
         outputs.commit()
     except RasterioIOError as error:

@@ -68,11 +68,17 @@ class LoadedModel:
         return x * std + mean
 
 
+def check_output_folders(*paths: str | os.PathLike | None) -> None:
+    """JEMError when an output's folder is missing: entry points call it before any work, not after training."""
+    for path in paths:
+        if path is not None and not Path(path).parent.is_dir():
+            raise JEMError(f"Output folder '{Path(path).parent}' does not exist. Create it or choose another path.")
+
+
 def atomic_write(path: str | os.PathLike, write: Any, suffix: str = "") -> None:
     """Call write(tmp_path), then rename tmp_path → path; remove tmp_path if anything fails."""
     path = Path(path)
-    if not path.parent.exists():
-        raise JEMError(f"Output folder '{path.parent}' does not exist. Create it or choose another path.")
+    check_output_folders(path)
     handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix + ".tmp", dir=path.parent)
     os.close(handle)
     try:

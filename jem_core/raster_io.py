@@ -205,6 +205,33 @@ def open_raster(inputs: Sequence[str | os.PathLike] | str | os.PathLike, bands: 
             shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
+class GdalFailures:
+    """GDAL failures reported only to its error handler, never raised by rasterio (a full disk while
+    flushing output blocks, for one): collected from start() to stop(), on this thread (GDAL's
+    handler stack is per thread), so a writer can refuse to publish a damaged file."""
+
+    def __init__(self) -> None:
+        from osgeo import gdal
+
+        self.messages: list[str] = []
+        self._gdal = gdal
+        self._active = False
+
+    def _handle(self, level: int, number: int, message: str) -> None:
+        if level >= self._gdal.CE_Failure:
+            self.messages.append(str(message))
+
+    def start(self) -> "GdalFailures":
+        self._gdal.PushErrorHandler(self._handle)
+        self._active = True
+        return self
+
+    def stop(self) -> None:
+        if self._active:
+            self._gdal.PopErrorHandler()
+            self._active = False
+
+
 def _stack_vrt(paths: list[Path], names: list[str], vrt_path: Path) -> str:
     """One band per file on the finest grid (nearest-neighbour for coarser bands), as a VRT file."""
     from osgeo import gdal

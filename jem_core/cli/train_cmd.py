@@ -9,7 +9,7 @@ import torch
 from ..data import load_class_folder, split_dataset
 from ..device import resolve_device
 from ..metrics import classification_metrics, predict_logits
-from ..model_file import load_model
+from ..model_file import check_output_folders, load_model
 from ..models import ARCHITECTURES, NORMS
 from ..plots import reliability_diagram
 from ..sampler import INIT_CHOICES, SGLDConfig
@@ -82,6 +82,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def run_train(args: argparse.Namespace) -> int:
     config = config_from_args(args)
+    check_output_folders(args.out, args.metrics_json)
     log(f"reading {args.data_dir} at {config.image_size} px ...")
     dataset = load_class_folder(args.data_dir, config.image_size)
     result = train(dataset, config, out_path=args.out, progress=ProgressBar("train"), log=log)
@@ -94,6 +95,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
+    check_output_folders(args.json, args.plot)
     loaded = load_model(args.model, resolve_device(args.device))
     meta = loaded.meta
     dataset = load_class_folder(args.data_dir, meta.image_size, class_names=meta.class_names)
