@@ -106,6 +106,14 @@ def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> None:
     atomic_write(path, lambda tmp: torch.save(payload, tmp), suffix=".ckpt")
 
 
+def remove_stale_temporaries(path: str | os.PathLike) -> None:
+    """Delete half-written checkpoints a killed run left beside path (atomic_write's temp names)."""
+    path = Path(path)
+    if path.parent.is_dir():
+        for stale in path.parent.glob(f".{path.name}.*.ckpt.tmp"):
+            stale.unlink(missing_ok=True)
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """The checkpoint dict, loaded with weights_only=True; one clear JEMError for every failure."""
     path = Path(path)

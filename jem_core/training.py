@@ -25,7 +25,8 @@ import torch.nn.functional as F
 
 from . import JEMError, distributed
 from .checkpoint import (LoopState, Snapshot, check_resumable, cpu_state, load_checkpoint, restore_snapshot,
-                         rng_state, save_checkpoint, set_rng_state, take_snapshot)
+                         remove_stale_temporaries, rng_state, save_checkpoint, set_rng_state,
+                         take_snapshot)
 from .data import SceneDataset, band_statistics, choose_labelled, split_dataset
 from .metrics import classification_metrics, predict_logits
 from .model_file import LoadedModel, ModelMeta, save_model
@@ -497,9 +498,10 @@ def resume_run(run: RunParts, config: TrainConfig) -> tuple[LoopState, dict[str,
 
 
 def remove_checkpoint(run: RunParts) -> None:
-    """A finished or cancelled run leaves no checkpoint behind."""
+    """A finished or cancelled run leaves no checkpoint (nor a killed run's half-written one) behind."""
     if run.checkpoint_path is not None and run.ctx.is_main:
         Path(run.checkpoint_path).unlink(missing_ok=True)
+        remove_stale_temporaries(run.checkpoint_path)
 
 
 def end_of_epoch(loaded: LoadedModel, dataset: SceneDataset, val: torch.Tensor, epoch: int, iteration: int,

@@ -10,7 +10,8 @@ from ..data import load_class_folder, split_dataset
 from ..device import resolve_device
 from ..metrics import classification_metrics, predict_logits
 from ..model_file import check_output_folders, load_model
-from ..models import ARCHITECTURES, NORMS
+from .. import distributed
+from ..models import AMP_CHOICES, ARCHITECTURES, NORMS, SpeedOptions
 from ..plots import reliability_diagram
 from ..sampler import INIT_CHOICES, SGLDConfig
 from ..training import TrainConfig, train
@@ -52,6 +53,17 @@ def register(subparsers) -> None:
     p.add_argument("--patience", type=int, default=defaults.patience, help="early-stopping patience in epochs")
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--metrics-json", type=Path, help="also write the test metrics here")
+    p.add_argument("--checkpoint", type=Path, help="training-state checkpoint (default: OUT with .ckpt added)")
+    p.add_argument("--checkpoint-every-min", type=float, default=10.0,
+                   help="also checkpoint mid-epoch every this many minutes (default: %(default)s; 0 = every iteration)")
+    p.add_argument("--resume", action="store_true", help="continue the killed run from its checkpoint")
+    p.add_argument("--max-recoveries", type=int, default=defaults.max_recoveries,
+                   help="automatic roll-backs after a divergence before giving up (default: %(default)s)")
+    speed = SpeedOptions()
+    p.add_argument("--no-channels-last", action="store_true", help="keep NCHW tensors (channels_last is faster)")
+    p.add_argument("--amp", default=speed.amp, choices=AMP_CHOICES,
+                   help="bf16 autocast; auto = on for CUDA, off on CPU (default: %(default)s)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the network (GPU; needs a C++ compiler on CPU)")
     add_device_option(p)
     p.set_defaults(run=run_train)
 
@@ -77,7 +89,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
                        labels_per_class=args.labels_per_class or None, baseline=args.baseline,
                        energy_reg=args.energy_reg, weight_gen=args.weight_gen, patience=args.patience,
                        consistency_weight=args.consistency, consistency_threshold=args.consistency_threshold,
-                       seed=args.seed, device=args.device, sgld=sgld)
+                       seed=args.seed, device=args.device, sgld=sgld, max_recoveries=args.max_recoveries,
+                       speed=SpeedOptions(channels_last=not args.no_channels_last, amp=args.amp, compile=args.compile))
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -85,7 +98,12 @@ def run_train(args: argparse.Namespace) -> int:
     check_output_folders(args.out, args.metrics_json)
     log(f"reading {args.data_dir} at {config.image_size} px ...")
     dataset = load_class_folder(args.data_dir, config.image_size)
-    result = train(dataset, config, out_path=args.out, progress=ProgressBar("train"), log=log)
+    ctx = distributed.init_from_env(config.device)  # joins the torchrun group, if any
+    checkpoint = args.checkpoint or args.out.with_name(args.out.name + ".ckpt")
+    result = train(dataset, config, out_path=args.out, progress=ProgressBar("train"), log=log,
+                   checkpoint_path=checkpoint, checkpoint_every_min=args.checkpoint_every_min, resume=args.resume)
+    if not ctx.is_main:
+        return 0
     m = result.metrics
     log(f"test accuracy {m['accuracy']:.1%}, NLL {m['nll']:.3f}, ECE {m['ece']:.3f} "
         f"({m['count']} test images); model written to {args.out}")
