@@ -132,14 +132,37 @@ def oscd_rgb(city: str, out_dir: Path) -> Path:
 
 
 def run_analyse(args: argparse.Namespace) -> None:
-    from jem_core.generation import sample_grid
-    from jem_core.model_file import load_model
-    from jem_core.ood import ood_analysis, reference_indices
     from jem_core.plots import reliability_diagram
 
     torch.set_num_threads(1)
     IMAGES.mkdir(parents=True, exist_ok=True)
     runs = {p.stem: json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))}
+    if args.tables_only:
+        ood, samples = load_analysis()
+    else:
+        ood, samples = compute_analysis(args)
+    for setting in SETTINGS:
+        curves = {METHOD_NAMES[m]: runs[f"{setting}_{m}"] for m in METHODS if f"{setting}_{m}" in runs}
+        if curves:
+            reliability_diagram(curves, IMAGES / f"aid_reliability_{setting}.png")
+    write_tables(runs, ood, samples)
+
+
+def load_analysis() -> tuple[dict, dict]:
+    """The OOD and sample results of an earlier `analyse` run."""
+    ood = {m: json.loads(p.read_text()) for m in METHODS
+           if (p := RESULTS.parent / f"aid_ood_{m.replace('+', '_')}.json").exists()}
+    samples_path = RESULTS.parent / "aid_samples.json"
+    samples = json.loads(samples_path.read_text()) if samples_path.exists() else {}
+    samples.pop("command", None)
+    return ood, samples
+
+
+def compute_analysis(args: argparse.Namespace) -> tuple[dict, dict]:
+    from jem_core.generation import sample_grid
+    from jem_core.model_file import load_model
+    from jem_core.ood import ood_analysis, reference_indices
+
     dataset = load_class_folder(DATA / "aid", 64)
     ood = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -155,10 +178,6 @@ def run_analyse(args: argparse.Namespace) -> None:
             ood[method] = ood_analysis(loaded, dataset, [("AID test", test), *rasters], reference_split="train",
                                        json_path=RESULTS.parent / f"aid_ood_{method.replace('+', '_')}.json",
                                        plot_path=IMAGES / f"aid_ood_{method.replace('+', '_')}.png")
-    for setting in SETTINGS:
-        curves = {METHOD_NAMES[m]: runs[f"{setting}_{m}"] for m in METHODS if f"{setting}_{m}" in runs}
-        if curves:
-            reliability_diagram(curves, IMAGES / f"aid_reliability_{setting}.png")
     samples = {}
     feature_path = args.models / "all_ce.pt"
     for method in ("jem", "jem+cons"):
@@ -171,7 +190,7 @@ def run_analyse(args: argparse.Namespace) -> None:
                                           unconditional_count=2 * args.per_class,
                                           feature_model=feature_path if feature_path.exists() else None)
     write_json(RESULTS.parent / "aid_samples.json", {"command": command_line(), **samples})
-    write_tables(runs, ood, samples)
+    return ood, samples
 
 
 def fmt(value: float | None, spec: str) -> str:
@@ -241,6 +260,8 @@ def main() -> None:
     a = sub.add_parser("analyse")
     a.add_argument("--per-class", type=int, default=4)
     a.add_argument("--sample-steps", type=int, default=60)
+    a.add_argument("--tables-only", action="store_true",
+                   help="redo plots and tables from the saved JSONs (no model evaluation)")
     a.set_defaults(run=run_analyse)
     args = parser.parse_args()
     args.run(args)
