@@ -36,6 +36,7 @@ def package_entries(root: Path = REPO_ROOT) -> dict[str, Path]:
             entries[f"{target}/{path.relative_to(source).as_posix()}"] = path
     entries.pop(BUILD_ONLY, None)
     entries[f"{PLUGIN}/metadata.txt"] = root / "metadata.txt"
+    entries[f"{PLUGIN}/LICENSE"] = root / "LICENSE"
     return entries
 
 
