@@ -50,7 +50,9 @@ def canvas(qgis_canvas, raster):
     qgis_canvas.setLayers([raster])
     qgis_canvas.setExtent(raster.extent())
     qgis_canvas.refresh()
-    return qgis_canvas
+    yield qgis_canvas
+    qgis_canvas.setLayers([])  # the session canvas must not keep a layer this test deletes
+    qgis_canvas.unsetMapTool(qgis_canvas.mapTool())
 
 
 def click(canvas, tool: PatchAnnotationTool, col: float, row: float) -> None:
@@ -234,4 +236,5 @@ def test_dock_loads_model_classes_and_activates_the_tool(qgis_iface, canvas, ras
         assert canvas.mapTool() is not tool
     finally:
         ui.unload()
+        canvas.setLayers([])
         QgsProject.instance().removeAllMapLayers()
