@@ -127,7 +127,7 @@ def save_grid(loaded: LoadedModel, panels: list[tuple[str, torch.Tensor, list[st
     bands = display_bands(loaded.meta.band_names)
     row_counts = [len(labels) for _, _, labels in panels]
     fig, axes = plt.subplots(len(panels), 1, squeeze=False, gridspec_kw={"height_ratios": row_counts},
-                             figsize=(1.1 * columns + 2.2, 1.1 * sum(row_counts) + 0.6 * len(panels)))
+                             figsize=(0.8 * columns + 2.2, 0.8 * sum(row_counts) + 0.6 * len(panels)))
     for ax, (title, pixels, labels) in zip(axes[:, 0], panels):
         shown = ((pixels[:, bands] - low) / max(high - low, 1e-12)).clamp(0, 1).permute(0, 2, 3, 1).numpy()
         if shown.shape[-1] == 1:

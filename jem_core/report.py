@@ -139,7 +139,7 @@ def build_report(model: str | os.PathLike | LoadedModel, out_html: str | os.Path
             numbers["metrics"] = {k: {m: v[m] for m in ("accuracy", "nll", "ece", "count", "mean_neg_energy")}
                                   for k, v in evaluated.items()}
             sections.append(table(["model", "test accuracy", "NLL", "ECE (15 bins)", "mean −E(x)", "test images"],
-                                  [(k, v["accuracy"], v["nll"], v["ece"], v["mean_neg_energy"], v["count"])
+                                  [(k, f"{v['accuracy']:.1%}", v["nll"], v["ece"], v["mean_neg_energy"], v["count"])
                                    for k, v in evaluated.items()]))
             reliability_diagram(evaluated, tmp / "reliability.png")
             sections.append(embed_png(tmp / "reliability.png", "reliability diagrams"))
