@@ -219,3 +219,79 @@ def test_multiband_uint16_geotiffs(tmp_path):
     dataset = load_class_folder(root, 16)
     assert dataset.images.shape == (8, 13, 16, 16)
     assert dataset.band_names[0] == "B1" and dataset.value_range[1] > 255
+
+
+class RunsCode:
+    """Pickles to a call of `function(*args)`: what a crafted model file runs when unpickled unsafely."""
+
+    def __init__(self, function, *args) -> None:
+        self.function, self.args = function, args
+
+    def __reduce__(self):
+        return self.function, self.args
+
+
+def crafted_model_files(tmp_path: Path, marker: Path) -> dict[str, Path]:
+    """Model files that would create `marker` if loading ran code from them, hidden in four ways."""
+    import builtins
+    import zipfile
+
+    exploit = RunsCode(builtins.exec, f"open({str(marker)!r}, 'w').close()")
+    files = {name: tmp_path / f"{name}.pt" for name in ("legacy", "raw_pickle", "in_meta", "swapped_data_pkl")}
+    torch.save({"format": "jem-eo-model", "x": exploit}, files["legacy"], _use_new_zipfile_serialization=False)
+    files["raw_pickle"].write_bytes(pickle.dumps(exploit))
+    model = build_model(ModelSpec(arch="wrn-10-1", num_classes=2))
+    meta = ModelMeta(["a", "b"], ["red", "green", "blue"], 16, [0.0] * 3, [1.0] * 3)
+    save_model(tmp_path / "good.pt", model, meta)
+    payload = torch.load(tmp_path / "good.pt", weights_only=True)
+    payload["meta"]["metrics"] = {"accuracy": exploit}
+    torch.save(payload, files["in_meta"])
+    # A real model file whose data.pkl (the pickle inside the zip) is replaced by the exploit.
+    with zipfile.ZipFile(tmp_path / "good.pt") as good, zipfile.ZipFile(files["swapped_data_pkl"], "w") as bad:
+        for item in good.infolist():
+            data = pickle.dumps(exploit, protocol=2) if item.filename.endswith("/data.pkl") else good.read(item)
+            bad.writestr(item, data)
+    return files
+
+
+@pytest.mark.parametrize("variant", ["legacy", "raw_pickle", "in_meta", "swapped_data_pkl"])
+def test_crafted_model_files_never_run_code(tmp_path, variant):
+    marker = tmp_path / "code_ran"
+    path = crafted_model_files(tmp_path, marker)[variant]
+    if variant == "raw_pickle":  # control: the exploit is live, an unsafe load does run it
+        pickle.loads(path.read_bytes())
+    else:
+        torch.load(path, weights_only=False)
+    assert marker.exists()
+    marker.unlink()
+    with pytest.raises(JEMError, match="not a readable JEM model"):
+        load_model(path)
+    assert not marker.exists()
+
+
+def test_crafted_model_file_through_the_cli_runs_no_code(tmp_path, capsys):
+    from jem_core.cli import main
+
+    marker = tmp_path / "code_ran"
+    evil = crafted_model_files(tmp_path, marker)["swapped_data_pkl"]
+    make_class_folder(tmp_path / "scenes", classes=2, per_class=2)
+    assert main(["evaluate", str(evil), str(tmp_path / "scenes")]) == 2
+    assert "not a readable JEM model" in capsys.readouterr().err
+    assert not marker.exists()
+
+
+def test_every_torch_load_in_jem_core_is_weights_only():
+    """A static guard: no jem_core module may call torch.load without weights_only=True."""
+    import ast
+
+    import jem_core
+
+    calls = []
+    for source in Path(jem_core.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(source.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load" \
+                    and getattr(node.func.value, "id", None) == "torch":
+                safe = any(k.arg == "weights_only" and getattr(k.value, "value", None) is True for k in node.keywords)
+                calls.append((source.name, node.lineno, safe))
+    assert calls, "no torch.load found: the guard is looking in the wrong place"
+    assert all(safe for *_, safe in calls), [c for c in calls if not c[2]]
