@@ -161,23 +161,14 @@ def load_analysis() -> tuple[dict, dict]:
 def compute_analysis(args: argparse.Namespace) -> tuple[dict, dict]:
     from jem_core.generation import sample_grid
     from jem_core.model_file import load_model
-    from jem_core.ood import ood_analysis, reference_indices
 
     dataset = load_class_folder(DATA / "aid", 64)
     ood = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        rasters = [str(oscd_rgb("beirut", Path(tmp))), str(oscd_rgb("rio", Path(tmp))),
-                   str(DATA / "landsat" / "RGB.byte.tif")]
-        for method in ("jem", "ce", "jem+cons"):
-            model_path = args.models / f"all_{method}.pt"
-            if not model_path.exists():
-                continue
+    for method in ("jem", "ce", "jem+cons"):
+        model_path = args.models / f"all_{method}.pt"
+        if model_path.exists():
             print(f"OOD: {METHOD_NAMES[method]}", flush=True)
-            loaded = load_model(model_path)
-            test = dataset.images[reference_indices(dataset, loaded, "test")[0]]
-            ood[method] = ood_analysis(loaded, dataset, [("AID test", test), *rasters], reference_split="train",
-                                       json_path=RESULTS.parent / f"aid_ood_{method.replace('+', '_')}.json",
-                                       plot_path=IMAGES / f"aid_ood_{method.replace('+', '_')}.png")
+            ood[method] = ood_table(load_model(model_path), dataset, method.replace("+", "_"))
     samples = {}
     feature_path = args.models / "all_ce.pt"
     for method in ("jem", "jem+cons"):
@@ -191,6 +182,29 @@ def compute_analysis(args: argparse.Namespace) -> tuple[dict, dict]:
                                           feature_model=feature_path if feature_path.exists() else None)
     write_json(RESULTS.parent / "aid_samples.json", {"command": command_line(), **samples})
     return ood, samples
+
+
+def ood_table(loaded, dataset, tag: str) -> dict:
+    """−E(x) of AID test, OSCD Beirut and Rio (B04/B03/B02, 8-bit) and the Landsat scene vs AID train."""
+    from jem_core.ood import ood_analysis, reference_indices
+
+    test = dataset.images[reference_indices(dataset, loaded, "test")[0]]
+    with tempfile.TemporaryDirectory() as tmp:
+        rasters = [str(oscd_rgb("beirut", Path(tmp))), str(oscd_rgb("rio", Path(tmp))),
+                   str(DATA / "landsat" / "RGB.byte.tif")]
+        return ood_analysis(loaded, dataset, [("AID test", test), *rasters], reference_split="train",
+                            json_path=RESULTS.parent / f"aid_ood_{tag}.json", plot_path=IMAGES / f"aid_ood_{tag}.png")
+
+
+def run_ood(args: argparse.Namespace) -> None:
+    """The OOD table for any AID model (e.g. the bundled demo model), at the model's image size."""
+    from jem_core.model_file import load_model
+
+    torch.set_num_threads(1)
+    loaded = load_model(args.model)
+    result = ood_table(loaded, load_class_folder(DATA / "aid", loaded.meta.image_size), args.tag)
+    for name, c in result["compare"].items():
+        print(f"{name:22s} n={c['count']:5d}  KL {c['kl_to_reference']:6.2f}  AUROC {c['auroc']:.3f}")
 
 
 def fmt(value: float | None, spec: str) -> str:
@@ -263,6 +277,10 @@ def main() -> None:
     a.add_argument("--tables-only", action="store_true",
                    help="redo plots and tables from the saved JSONs (no model evaluation)")
     a.set_defaults(run=run_analyse)
+    o = sub.add_parser("ood", help="the OOD table alone, for any AID model")
+    o.add_argument("--model", type=Path, required=True)
+    o.add_argument("--tag", required=True, help="names the outputs: docs/results/aid_ood_TAG.json, docs/img/aid_ood_TAG.png")
+    o.set_defaults(run=run_ood)
     args = parser.parse_args()
     args.run(args)
 
