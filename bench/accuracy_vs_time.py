@@ -4,7 +4,7 @@ Trains each configuration on AID (30 classes) at 64 px for the same time budget,
 `epoch_iters` iterations (val accuracy vs training minutes is the curve), then reports the test
 accuracy of the best-validated weights.  All runs share one split (seed 0, 5 % val, 10 % test).
 
-    /work/cpu-slot .venv/bin/python bench/accuracy_vs_time.py --minutes 8
+    /work/cpu-slot .venv/bin/python bench/accuracy_vs_time.py --minutes 6
         → docs/results/accuracy_vs_time.json and docs/results/accuracy_vs_time.png
 
 Configurations:
@@ -42,7 +42,7 @@ EPOCH_ITERS = {"default": 30, "default-20-uniform": 15, "paper-scaled": 3}
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="/work/shared/data/aid")
-    parser.add_argument("--minutes", type=float, default=8.0, help="training time budget per configuration")
+    parser.add_argument("--minutes", type=float, default=6.0, help="training time budget per configuration")
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--out", type=Path, default=Path("docs/results"))
     args = parser.parse_args()
