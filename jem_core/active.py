@@ -35,7 +35,7 @@ from .mapping import iter_patches
 from .metrics import predict_logits
 from .model_file import LoadedModel, ModelMeta, load_model
 from .models import ModelSpec, build_model
-from .raster_io import RasterSource, Stretch, choose_stretch, open_raster
+from .raster_io import RasterSource, Stretch, choose_stretch, open_raster, require_crs
 from .training import Cancelled, TrainConfig, train
 
 ProgressFn = Callable[[float, str], None]
@@ -440,6 +440,7 @@ def suggest(model: LoadedModel | str | Path, raster: RasterInput, count: int, *,
     with ExitStack() as stack:
         reader = open_patch_reader(stack, [raster], size, bands, loaded.meta, stretch)
         source = reader.sources[0]
+        require_crs(source, "the suggestions could not be placed on the ground")
         for batch in iter_patches(source, size, stride, batch_size=batch_size, stretch=reader.stretches[0],
                                   should_stop=should_stop):
             windows += [PatchWindow(0, *batch.grid.patch_window(int(r), int(c))[1::-1])

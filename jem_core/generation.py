@@ -41,7 +41,7 @@ import torch
 from . import JEMError
 from .data import SceneDataset
 from .distances import frechet_distance, kernel_distance
-from .model_file import LoadedModel, atomic_write
+from .model_file import LoadedModel, atomic_write, check_output_folders, written_together
 from .ood import as_loaded, load_reference, reference_indices
 from .sampler import ClassGaussianInit, SGLDConfig, UniformInit, make_initialiser, run_chain
 
@@ -189,6 +189,7 @@ def sample_grid(model: str | os.PathLike | LoadedModel, out_png: str | os.PathLi
         raise JEMError("Nothing to sample: ask for conditional and/or unconditional samples.")
     if per_class < 1:
         raise JEMError(f"per_class must be at least 1 (got {per_class}).")
+    check_output_folders(out_png, json_path)
     progress = progress or (lambda fraction, message: None)
     loaded = as_loaded(model, device)
     model_device = next(loaded.model.parameters()).device
@@ -250,9 +251,10 @@ def sample_grid(model: str | os.PathLike | LoadedModel, out_png: str | os.PathLi
         result["quality"] = quality_scores(scorer, scorer_name, to_pixels(loaded, torch.cat(all_samples)),
                                            to_pixels(loaded, torch.cat(all_starts)), dataset, train_idx, test_idx,
                                            seed, batch_size)
-    save_grid(loaded, panels, per_class, out_png)
-    if json_path is not None:
-        text = json.dumps(result, indent=2)
-        atomic_write(json_path, lambda tmp: Path(tmp).write_text(text), suffix=".json")
+    with written_together(out_png, json_path):
+        save_grid(loaded, panels, per_class, out_png)
+        if json_path is not None:
+            text = json.dumps(result, indent=2)
+            atomic_write(json_path, lambda tmp: Path(tmp).write_text(text), suffix=".json")
     progress(1.0, "done")
     return result

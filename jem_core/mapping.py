@@ -72,7 +72,7 @@ import torch
 from . import JEMError
 from .device import resolve_device
 from .model_file import LoadedModel, load_model
-from .raster_io import GdalFailures, RasterSource, Stretch, choose_stretch, open_raster, read_strips
+from .raster_io import GdalFailures, RasterSource, Stretch, choose_stretch, open_raster, read_strips, require_crs
 
 RESOLUTIONS = ("patch", "input")
 CLASS_NODATA = 255
@@ -508,10 +508,7 @@ def map_raster(model: str | os.PathLike | LoadedModel, inputs: str | os.PathLike
     if len(set(paths)) != len(paths):
         raise JEMError("Two outputs have the same path. Give each output its own file name.")
     with open_raster(inputs, bands, meta.band_names, target_gsd) as source:
-        if source.crs is None:
-            raise JEMError(f"'{source.description}' has no coordinate reference system (CRS), so the maps could not "
-                           "be placed on the ground. Assign one (QGIS: Raster ▸ Projections ▸ Assign Projection; "
-                           "GDAL: gdal_edit.py -a_srs EPSG:CODE FILE) and run again.")
+        require_crs(source, "the maps could not be placed on the ground")
         if len(source.band_indexes) != loaded.spec.in_channels:
             raise JEMError(f"The model takes {loaded.spec.in_channels} bands but {len(source.band_indexes)} were chosen.")
         grid = patch_grid(source.width, source.height, meta.image_size, stride)

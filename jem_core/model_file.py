@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import os
 import tempfile
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -73,6 +74,29 @@ def check_output_folders(*paths: str | os.PathLike | None) -> None:
     for path in paths:
         if path is not None and not Path(path).parent.is_dir():
             raise JEMError(f"Output folder '{Path(path).parent}' does not exist. Create it or choose another path.")
+
+
+@contextmanager
+def written_together(*paths: str | os.PathLike | None) -> Iterator[None]:
+    """Outputs of one run: if the block fails, those it already wrote are removed again, so a failed
+    run never leaves part of its result set (a plot without its numbers).  Files the block did not
+    replace (another run's) are kept."""
+    def identity(path: Path) -> tuple[int, int] | None:
+        try:
+            stat = path.stat()
+        except OSError:
+            return None
+        return stat.st_ino, stat.st_mtime_ns
+
+    check_output_folders(*paths)
+    before = {Path(p): identity(Path(p)) for p in paths if p is not None}
+    try:
+        yield
+    except BaseException:
+        for path, was in before.items():
+            if identity(path) not in (None, was):
+                path.unlink(missing_ok=True)
+        raise
 
 
 def atomic_write(path: str | os.PathLike, write: Any, suffix: str = "") -> None:

@@ -50,7 +50,7 @@ from .data import IMAGE_SUFFIXES, SceneDataset, list_class_folders, load_class_f
 from .device import resolve_device
 from .distances import KL_EPSILON, auroc, histogram_kl
 from .metrics import predict_logits
-from .model_file import LoadedModel, atomic_write, load_model
+from .model_file import LoadedModel, atomic_write, check_output_folders, load_model, written_together
 
 ProgressFn = Callable[[float, str], None]
 CompareItem = Union[str, os.PathLike, tuple]
@@ -250,6 +250,7 @@ def ood_analysis(model: str | os.PathLike | LoadedModel, reference: str | os.Pat
         raise JEMError("Nothing to compare: give at least one dataset, image folder or raster to compare with.")
     if bins < 2:
         raise JEMError(f"bins must be at least 2 (got {bins}).")
+    check_output_folders(json_path, plot_path)
     progress = progress or (lambda fraction, message: None)
     loaded = as_loaded(model, device)
     steps = len(compare) + 1
@@ -269,10 +270,11 @@ def ood_analysis(model: str | os.PathLike | LoadedModel, reference: str | os.Pat
         others.append(score_compare(item, loaded, batch_size, stretch, step_progress, should_stop))
     unique_names(others, {ref.name})
     result = summarise(ref, split, others, bins)
-    if plot_path is not None:
-        plot_histograms(result, plot_path, f"−E(x) of {ref.name} vs other data")
-    if json_path is not None:
-        text = json.dumps(result, indent=2)
-        atomic_write(json_path, lambda tmp: Path(tmp).write_text(text), suffix=".json")
+    with written_together(plot_path, json_path):
+        if plot_path is not None:
+            plot_histograms(result, plot_path, f"−E(x) of {ref.name} vs other data")
+        if json_path is not None:
+            text = json.dumps(result, indent=2)
+            atomic_write(json_path, lambda tmp: Path(tmp).write_text(text), suffix=".json")
     progress(1.0, "done")
     return result

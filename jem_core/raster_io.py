@@ -205,6 +205,14 @@ def open_raster(inputs: Sequence[str | os.PathLike] | str | os.PathLike, bands: 
             shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
+def require_crs(source: RasterSource, outcome: str) -> None:
+    """JEMError naming the fix when a raster whose outputs go on the ground has no CRS."""
+    if source.crs is None:
+        raise JEMError(f"'{source.description}' has no coordinate reference system (CRS), so {outcome}. Assign one "
+                       "(QGIS: Raster ▸ Projections ▸ Assign Projection; GDAL: gdal_edit.py -a_srs EPSG:CODE FILE) "
+                       "and run again.")
+
+
 class GdalFailures:
     """GDAL failures reported only to its error handler, never raised by rasterio (a full disk while
     flushing output blocks, for one): collected from start() to stop(), on this thread (GDAL's

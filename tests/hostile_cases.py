@@ -155,6 +155,9 @@ def build_inputs(root: Path) -> dict[str, Path]:
     inputs["raster: JPEG that is not an image"].write_text("<html>404 not found</html>\n")
     uncompressed.unlink()
     inputs.update(write_bad_models(root, inputs["good model"]))
+    inputs["good annotations"] = write_annotations(root / "annotations.gpkg")
+    inputs["annotations: invalid geometry"] = write_annotations(root / "bow_tie.gpkg", invalid=True)
+    inputs["annotations: not a vector file"] = inputs["raster: JPEG that is not an image"]
     inputs.update(bad_datasets(root))
     return inputs
 
@@ -191,22 +194,78 @@ class CliCase:
     file_size_limit: int | None = None
 
 
-def map_argv(raster: str, model: str = "good model") -> Callable[[dict[str, Path], Path], list[str]]:
+Argv = Callable[[dict[str, Path], Path], list[str]]  # (inputs, empty output folder) → argv
+
+
+def map_argv(raster: str = "good raster", model: str = "good model") -> Argv:
     return lambda inputs, out: ["map", str(inputs[model]), str(inputs[raster]), "--out-classes",
                                 str(out / "classes.tif"), "--out-confidence", str(out / "confidence.tif"),
                                 "--read-ahead", "0"]
 
 
 def evaluate_argv(dataset: str = "good dataset", model: str = "good model",
-                  extra: Callable[[Path], list[str]] | None = None) -> Callable[[dict[str, Path], Path], list[str]]:
+                  extra: Callable[[Path], list[str]] | None = None) -> Argv:
     return lambda inputs, out: ["evaluate", str(inputs[model]), str(inputs[dataset]), "--split", "all",
                                 "--json", str(out / "metrics.json"), *(extra(out) if extra else [])]
 
 
-def train_argv(dataset: str = "good dataset", out_name: str = "model.pt") -> Callable[[dict[str, Path], Path], list[str]]:
+def train_argv(dataset: str = "good dataset", out_name: str = "model.pt") -> Argv:
     return lambda inputs, out: ["train", str(inputs[dataset]), "--out", str(out / out_name), "--image-size",
                                 str(PATCH), "--epochs", "1", "--arch", "wrn-10-1", "--baseline", "--batch-size", "4",
                                 "--device", "cpu"]
+
+
+def ood_argv(compare: str = "good raster", model: str = "good model", dataset: str = "good dataset",
+             out_name: str = "ood.json") -> Argv:
+    return lambda inputs, out: ["ood", str(inputs[model]), "--reference", str(inputs[dataset]), "--reference-split",
+                                "all", "--compare", str(inputs[compare]), "--json", str(out / out_name),
+                                "--plot", str(out / "ood.png"), "--device", "cpu"]
+
+
+def sample_argv(model: str = "good model", out_name: str = "samples.png") -> Argv:
+    return lambda inputs, out: ["sample", str(inputs[model]), "--out", str(out / out_name), "--per-class", "1",
+                                "--steps", "2", "--unconditional-count", "2", "--device", "cpu"]
+
+
+def report_argv(model: str = "good model", dataset: str = "good dataset", out_name: str = "report.html") -> Argv:
+    return lambda inputs, out: ["report", str(inputs[model]), "--out", str(out / out_name), "--data",
+                                str(inputs[dataset]), "--no-samples", "--device", "cpu"]
+
+
+def retrain_argv(raster: str = "good raster", annotations: str = "good annotations", model: str = "good model",
+                 out_name: str = "retrained.pt") -> Argv:
+    return lambda inputs, out: ["retrain", str(inputs[raster]), "--annotations", str(inputs[annotations]),
+                                "--out", str(out / out_name), "--epochs", "1", "--unlabelled", "8",
+                                "--image-size", str(PATCH), "--arch", "wrn-10-1", "--device", "cpu",
+                                "--model", str(inputs[model])]
+
+
+def suggest_argv(raster: str = "good raster", model: str = "good model", out_name: str = "suggestions.gpkg") -> Argv:
+    return lambda inputs, out: ["suggest", str(inputs[model]), str(inputs[raster]), "--count", "3",
+                                "--out", str(out / out_name)]
+
+
+def write_annotations(path: Path, invalid: bool = False) -> Path:
+    """A GeoPackage of labelled points on the good raster (EPSG:32633); invalid adds a self-crossing polygon."""
+    from osgeo import ogr, osr
+
+    ogr.UseExceptions()
+    srs = osr.SpatialReference()
+    srs.ImportFromEPSG(32633)
+    dataset = ogr.GetDriverByName("GPKG").CreateDataSource(str(path))
+    layer = dataset.CreateLayer("annotations", srs, ogr.wkbUnknown)
+    layer.CreateField(ogr.FieldDefn("class", ogr.OFTString))
+    shapes = [("class_a", "POINT (500100 4099900)"), ("class_b", "POINT (500500 4099500)")]
+    if invalid:  # a bow tie: its edges cross, GEOS calls it invalid
+        shapes.append(("class_a", "POLYGON ((500200 4099800, 500400 4099600, 500400 4099800, 500200 4099600, "
+                                  "500200 4099800))"))
+    for name, wkt in shapes:
+        feature = ogr.Feature(layer.GetLayerDefn())
+        feature.SetField("class", name)
+        feature.SetGeometry(ogr.CreateGeometryFromWkt(wkt))
+        layer.CreateFeature(feature)
+    dataset = None
+    return path
 
 
 def disk_full(monkeypatch, inputs, out) -> None:
@@ -236,19 +295,19 @@ def unreadable_dataset(monkeypatch, inputs, out) -> None:
     monkeypatch.setattr(Path, "iterdir", iterdir)
 
 
-RASTER_CASES = [
-    ("raster: corrupt bytes", r"Cannot read the input raster"),
-    ("raster: truncated GeoTIFF", r"truncated|Cannot read|failed"),
-    ("raster: no CRS", r"no coordinate reference system|CRS"),
-    ("raster: smaller than one patch", r"8 × 8 px, smaller than"),
-    ("raster: all nodata", r"no valid pixels|nodata"),
-    ("raster: all NaN (float)", r"no valid pixels|nodata"),
+RASTER_CASES = [  # (input, message); "no CRS" only where outputs are placed on the ground
+    ("raster: corrupt bytes", r"Cannot read"),
+    ("raster: truncated GeoTIFF", r"truncated.tif"),
+    ("raster: smaller than one patch", r"8 ?× ?8 px, smaller than"),
+    ("raster: all nodata", r"nodata"),
+    ("raster: all NaN (float)", r"nodata"),
     ("raster: 1 band vs RGB model", r"1 band\(s\).*expects 3"),
     ("raster: 16 bands vs RGB model", r"16 band\(s\).*expects 3"),
-    ("raster: JPEG that is not an image", r"Cannot read the input raster"),
-    ("raster: TIFF header declaring 10^6 x 10^6 px", r"huge.tif.*IReadBlock failed"),
-    ("raster: missing file", r"does not exist"),
+    ("raster: JPEG that is not an image", r"Cannot read"),
+    ("raster: TIFF header declaring 10^6 x 10^6 px", r"huge.tif"),
+    ("raster: missing file", r"does not exist|No such file"),
 ]
+NO_CRS = ("raster: no CRS", r"no coordinate reference system")
 MODEL_CASES = [
     ("model: not a model (text)", r"not a readable JEM model"),
     ("model: truncated", r"truncated"),
@@ -256,41 +315,63 @@ MODEL_CASES = [
     ("model: future format version", r"version 99"),
     ("model: missing file", r"does not exist"),
 ]
+DATASET_CASES = [
+    ("dataset: JPEG that is not an image", r"zz_broken.jpg"),
+    ("dataset: image declaring 10^6 x 10^6 px", r"zz_huge.tif.*too large"),
+    ("dataset: truncated GeoTIFF", r"zz_truncated.tif"),
+    ("dataset: no class folders", r"No class folders"),
+    ("dataset: missing folder", r"does not exist"),
+]
+MISSING_FOLDER = "output folder does not exist"
+DISK_FULL = "disk full while writing"
+NO_SPACE = r"No space left on device"
+
+
+def cases_for(command: str, argv: Callable[..., Argv], *, raster: bool = False, model: bool = True,
+              dataset: bool = False, out_name: str | None = None, crs: bool = False,
+              dataset_key: str = "dataset", disk_full_limit: int | None = None) -> list[CliCase]:
+    """The cases that apply to one command, from its argv builder's keyword arguments."""
+    cases = []
+    if raster:
+        key = "compare" if command == "ood" else "raster"
+        cases += [CliCase(command, name, argv(**{key: name}), message)
+                  for name, message in RASTER_CASES + ([NO_CRS] if crs else [])]
+    if model:
+        cases += [CliCase(command, name, argv(model=name), message) for name, message in MODEL_CASES]
+    if dataset:
+        cases += [CliCase(command, name, argv(**{dataset_key: name}), message) for name, message in DATASET_CASES]
+        cases.append(CliCase(command, "dataset: unreadable folder", argv(), r"permission denied",
+                             setup=unreadable_dataset))
+    if out_name:
+        cases.append(CliCase(command, MISSING_FOLDER, argv(out_name=f"nowhere/{out_name}"), r"does not exist"))
+        cases.append(CliCase(command, DISK_FULL, argv(), NO_SPACE, setup=disk_full) if disk_full_limit is None else
+                     CliCase(command, DISK_FULL, argv(), r"[Ff]ile too large|free space", file_size_limit=disk_full_limit))
+    return cases
+
 
 CLI_CASES: list[CliCase] = [
-    *(CliCase("map", name, map_argv(name), message) for name, message in RASTER_CASES),
-    *(CliCase("map", name, map_argv("good raster", name), message) for name, message in MODEL_CASES),
-    CliCase("map", "output folder does not exist",
-            lambda inputs, out: ["map", str(inputs["good model"]), str(inputs["good raster"]),
-                                 "--out-classes", str(out / "nowhere" / "classes.tif")], r"does not exist"),
-    CliCase("map", "disk full while writing",
-            lambda inputs, out: [*map_argv("good raster")(inputs, out), "--resolution", "input"], r"Could not write the maps.*free space",
-            file_size_limit=1024),
-    *(CliCase("evaluate", name, evaluate_argv(model=name), message) for name, message in MODEL_CASES),
-    CliCase("evaluate", "dataset: JPEG that is not an image", evaluate_argv("dataset: JPEG that is not an image"),
-            r"zz_broken.jpg"),
-    CliCase("evaluate", "dataset: image declaring 10^6 x 10^6 px", evaluate_argv("dataset: image declaring 10^6 x 10^6 px"),
-            r"zz_huge.tif.*too large"),
-    CliCase("evaluate", "dataset: truncated GeoTIFF", evaluate_argv("dataset: truncated GeoTIFF"), r"zz_truncated.tif"),
+    *cases_for("train", train_argv, model=False, dataset=True, out_name="model.pt"),
+    *cases_for("evaluate", evaluate_argv, dataset=True),
     CliCase("evaluate", "dataset: 1-band images vs RGB model", evaluate_argv("dataset: 1-band images vs RGB model"),
             r"1-band images but the model expects 3"),
-    CliCase("evaluate", "dataset: no class folders", evaluate_argv("dataset: no class folders"), r"No class folders"),
-    CliCase("evaluate", "dataset: missing folder", evaluate_argv("dataset: missing folder"), r"does not exist"),
-    CliCase("evaluate", "dataset: unreadable folder", evaluate_argv(), r"permission denied",
-            setup=unreadable_dataset),
-    CliCase("evaluate", "output folder does not exist",
-            evaluate_argv(extra=lambda out: ["--plot", str(out / "nowhere" / "plot.png")]), r"does not exist"),
-    CliCase("evaluate", "disk full while writing", evaluate_argv(), r"No space left", setup=disk_full),
-    CliCase("train", "dataset: JPEG that is not an image", train_argv("dataset: JPEG that is not an image"),
-            r"zz_broken.jpg"),
-    CliCase("train", "dataset: image declaring 10^6 x 10^6 px", train_argv("dataset: image declaring 10^6 x 10^6 px"),
-            r"zz_huge.tif.*too large"),
-    CliCase("train", "dataset: truncated GeoTIFF", train_argv("dataset: truncated GeoTIFF"), r"zz_truncated.tif"),
-    CliCase("train", "dataset: no class folders", train_argv("dataset: no class folders"), r"No class folders"),
-    CliCase("train", "dataset: missing folder", train_argv("dataset: missing folder"), r"does not exist"),
-    CliCase("train", "dataset: unreadable folder", train_argv(), r"permission denied", setup=unreadable_dataset),
-    CliCase("train", "output folder does not exist", train_argv(out_name="nowhere/model.pt"), r"does not exist"),
-    CliCase("train", "disk full while writing", train_argv(), r"No space left", setup=disk_full),
+    CliCase("evaluate", MISSING_FOLDER, evaluate_argv(extra=lambda out: ["--plot", str(out / "nowhere" / "p.png")]),
+            r"does not exist"),
+    CliCase("evaluate", DISK_FULL, evaluate_argv(), NO_SPACE, setup=disk_full),
+    *cases_for("map", map_argv, raster=True, crs=True),
+    CliCase("map", MISSING_FOLDER,
+            lambda inputs, out: ["map", str(inputs["good model"]), str(inputs["good raster"]),
+                                 "--out-classes", str(out / "nowhere" / "classes.tif")], r"does not exist"),
+    CliCase("map", DISK_FULL, lambda inputs, out: [*map_argv()(inputs, out), "--resolution", "input"],
+            r"Could not write the maps.*free space", file_size_limit=1024),
+    *cases_for("ood", ood_argv, raster=True, dataset=True, out_name="ood.json"),
+    *cases_for("sample", sample_argv, out_name="samples.png", disk_full_limit=2048),
+    *cases_for("report", report_argv, dataset=True, out_name="report.html"),
+    *cases_for("retrain", retrain_argv, raster=True, crs=True, out_name="retrained.pt"),
+    CliCase("retrain", "annotations: invalid geometry", retrain_argv(annotations="annotations: invalid geometry"),
+            r"invalid geometry"),
+    CliCase("retrain", "annotations: not a vector file", retrain_argv(annotations="annotations: not a vector file"),
+            r"Cannot read the annotations"),
+    *cases_for("suggest", suggest_argv, raster=True, crs=True, out_name="suggestions.gpkg", disk_full_limit=4096),
 ]
 
 

@@ -14,6 +14,7 @@ from .. import JEMError
 from ..active import Annotation, cell_centres, retrain, suggest
 from ..sampler import SGLDConfig
 from ..training import TrainConfig
+from ..model_file import check_output_folders, written_together
 from .common import ProgressBar, add_device_option, log, write_json
 
 SUGGESTION_FIELDS = ["rank", "score", "unfamiliarity", "uncertainty", "neg_energy", "entropy", "margin",
@@ -60,9 +61,13 @@ def split_bands(text: str | None) -> list[str] | None:
 def raster_grid(path: str) -> tuple[str, float, float]:
     """The raster's CRS (WKT) and pixel size."""
     import rasterio
+    from rasterio.errors import RasterioIOError
 
-    with rasterio.open(path) as src:
-        return (src.crs.to_wkt() if src.crs else ""), abs(src.transform.a), abs(src.transform.e)
+    try:
+        with rasterio.open(path) as src:
+            return (src.crs.to_wkt() if src.crs else ""), abs(src.transform.a), abs(src.transform.e)
+    except RasterioIOError as error:
+        raise JEMError(f"Cannot read the raster '{path}': {str(error)[:200]}. Check the path and the format.") from None
 
 
 def read_annotations(path: Path, class_field: str, raster_wkt: str, cell_width: float,
@@ -74,7 +79,12 @@ def read_annotations(path: Path, class_field: str, raster_wkt: str, cell_width: 
     try:
         source = ogr.Open(str(path))
     except RuntimeError as error:
-        raise JEMError(f"Cannot read the annotations '{path}': {str(error)[:200]}.") from None
+        source, detail = None, str(error)[:200]
+    else:
+        detail = "not a vector file GDAL/OGR can open"
+    if source is None or source.GetLayerCount() == 0:
+        raise JEMError(f"Cannot read the annotations '{path}': {detail}. Use a GeoPackage, Shapefile or GeoJSON "
+                       "of points or polygons.")
     layer = source.GetLayer(0)
     definition = layer.GetLayerDefn()
     names = [definition.GetFieldDefn(i).GetName() for i in range(definition.GetFieldCount())]
@@ -113,9 +123,14 @@ def read_annotations(path: Path, class_field: str, raster_wkt: str, cell_width: 
 def run_retrain(args: argparse.Namespace) -> int:
     from ..model_file import load_model
 
+    check_output_folders(args.out)
     start = load_model(args.model) if args.model else None
     patch_size = start.meta.image_size if start else args.image_size
     wkt, pixel_x, pixel_y = raster_grid(args.rasters[0])
+    if not wkt:
+        raise JEMError(f"Raster '{args.rasters[0]}' has no coordinate reference system (CRS), so the annotations "
+                       "cannot be placed on it. Assign one (QGIS: Raster ▸ Projections ▸ Assign Projection; GDAL: "
+                       "gdal_edit.py -a_srs EPSG:CODE FILE) and run again.")
     annotations = read_annotations(args.annotations, args.class_field, wkt, pixel_x * patch_size, pixel_y * patch_size)
     config = TrainConfig(arch=args.arch, image_size=patch_size, epochs=args.epochs, lr=args.lr, seed=args.seed,
                          device=args.device, sgld=SGLDConfig(buffer_size=args.unlabelled))
@@ -128,17 +143,19 @@ def run_retrain(args: argparse.Namespace) -> int:
 
 
 def run_suggest(args: argparse.Namespace) -> int:
+    check_output_folders(args.out, args.json)
     raster = args.raster[0] if len(args.raster) == 1 else args.raster
     suggestions = suggest(args.model, raster, args.count, min_distance=args.min_distance,
                           bands=split_bands(args.bands), progress=ProgressBar("score"))
     wkt = raster_grid(args.raster[0])[0]
-    write_vector_atomically(args.out, lambda tmp: write_suggestions(tmp, suggestions, wkt, args.out.suffix))
+    with written_together(args.out, args.json):
+        write_vector_atomically(args.out, lambda tmp: write_suggestions(tmp, suggestions, wkt, args.out.suffix))
+        if args.json:
+            write_json(args.json, [s.to_dict() for s in suggestions])
     for s in suggestions:
         print(f"{s.rank:3d}  x {s.x:.8g}  y {s.y:.8g}  score {s.score:.2f}  (unfamiliar {s.unfamiliarity:.2f}, "
               f"uncertain {s.uncertainty:.2f})  -E {s.neg_energy:.2f}  entropy {s.entropy:.2f}  "
               f"predicted {s.predicted_class} {s.confidence:.0%}")
-    if args.json:
-        write_json(args.json, [s.to_dict() for s in suggestions])
     log(f"{len(suggestions)} suggestions written to {args.out}")
     return 0
 
@@ -151,8 +168,10 @@ def write_vector_atomically(path: Path, write) -> None:
     try:
         write(str(tmp))
         os.replace(tmp, path)
-    except RuntimeError as error:
-        raise JEMError(f"Could not write '{path}': {str(error)[:200]}. Check the extension and permissions.") from None
+    except (RuntimeError, OSError) as error:
+        detail = str(getattr(error, "strerror", None) or error)[:200] or "the driver reported a failure"
+        raise JEMError(f"Could not write '{path}': {detail}. Check the free space and write permission there, and "
+                       "the extension (.gpkg, .geojson, .shp).") from None
     finally:
         tmp.unlink(missing_ok=True)
 

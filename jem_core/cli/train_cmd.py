@@ -9,7 +9,7 @@ import torch
 from ..data import load_class_folder, split_dataset
 from ..device import resolve_device
 from ..metrics import classification_metrics, predict_logits
-from ..model_file import check_output_folders, load_model
+from ..model_file import check_output_folders, load_model, written_together
 from .. import distributed
 from ..models import AMP_CHOICES, ARCHITECTURES, NORMS, SpeedOptions
 from ..plots import reliability_diagram
@@ -128,10 +128,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
     metrics["split"] = args.split
     print(f"accuracy {metrics['accuracy']:.1%}  NLL {metrics['nll']:.3f}  ECE {metrics['ece']:.3f}  "
           f"({metrics['count']} images, split {args.split})")
-    if args.json:
-        write_json(args.json, metrics)
-    if args.plot:
-        reliability_diagram({args.model.stem: metrics}, args.plot)
+    with written_together(args.json, args.plot):
+        if args.json:
+            write_json(args.json, metrics)
+        if args.plot:
+            reliability_diagram({args.model.stem: metrics}, args.plot)
     return 0
 
 
