@@ -124,6 +124,10 @@ class RetrainAlgorithm(JemAlgorithm):
         if raster is None or raster.providerType() != "gdal":
             raise QgsProcessingException("The input must be a raster file layer (GDAL); save web or memory rasters "
                                          "to a GeoTIFF first.")
+        if not raster.crs().isValid():
+            raise QgsProcessingException(f"'{raster.source()}' has no coordinate reference system (CRS), so the "
+                                         "annotations cannot be placed on it. Assign one (Raster ▸ Projections ▸ "
+                                         "Assign Projection) and run again.")
         source = self.parameterAsSource(parameters, "ANNOTATIONS", context)
         if source is None:
             raise QgsProcessingException("The annotation layer cannot be read. Pick a point or polygon layer.")
