@@ -46,6 +46,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--lr0", type=float, default=1e-3, help="round-0 learning rate")
     p.add_argument("--lr1", type=float, default=3e-4, help="round-1 (fine-tuning) learning rate")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--arms", default="none,suggested,random #1,random #2", help="round-1 arms to run")
     p.add_argument("--json", type=Path, help="write the results here")
     return p.parse_args()
 
@@ -122,6 +123,8 @@ def main() -> None:
         picks[f"random #{draw}"] = candidates[torch.randperm(len(candidates), generator=generator)[:args.add]]
     rows = [row0]
     for name, added in picks.items():
+        if name not in args.arms.split(","):
+            continue
         _, row = run(torch.cat([labelled0, added]), model0, args.epochs1, args.lr1, name)
         was_wrong = wrong0[torch.isin(candidates, added)]
         row.update(added=len(added), added_classes=int(dataset.labels[added].unique().numel()),
