@@ -212,8 +212,8 @@ def fmt(value: float | None, spec: str) -> str:
 
 
 def write_tables(runs: dict, ood: dict, samples: dict) -> None:
-    lines = ["| labels / class | method | test acc | ECE | NLL | iterations | FixMatch mask | paper acc (GPU, 200 ep) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| labels / class | method | test acc | ECE | NLL | iterations in the budget | train s | FixMatch mask "
+             "| paper acc (GPU, 200 ep) |", "|---|---|---|---|---|---|---|---|---|"]
     for setting in SETTINGS:
         for method in METHODS:
             r = runs.get(f"{setting}_{method}")
@@ -222,7 +222,7 @@ def write_tables(runs: dict, ood: dict, samples: dict) -> None:
             mask = fmt(r["mean_mask_rate"], ".2f") if method == "jem+cons" else "–"
             paper = PAPER.get((setting, method))
             lines.append(f"| {setting} | {METHOD_NAMES[method]} | {r['accuracy']:.1%} | {r['ece']:.3f} | {r['nll']:.2f} "
-                         f"| {r['iterations']} | {mask} | {fmt(paper, '.1f')}{'' if paper is None else ' %'} |")
+                         f"| {r['iterations']} | {r['train_seconds']:.0f} | {mask} | {fmt(paper, '.1f')}{'' if paper is None else ' %'} |")
     table = "\n".join(lines)
     if ood:
         names = list(next(iter(ood.values()))["compare"].keys())
