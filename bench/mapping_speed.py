@@ -104,6 +104,20 @@ def conv_throughput(threads: int, seconds: float = 2.0) -> tuple[float, float]:
     return flops * runs / (time.perf_counter() - start), flops * runs / max(cpu_seconds() - cpu_start, 1e-9)
 
 
+def network_rate(loaded, batch_size: int, seconds: float = 2.0) -> float:
+    """Patches per CPU second of the network alone (forward passes on a random batch)."""
+    import torch
+
+    x = torch.randn(batch_size, 3, PATCH, PATCH)
+    with torch.inference_mode():
+        loaded.model(x)
+        runs, start = 0, cpu_seconds()
+        while cpu_seconds() - start < seconds:
+            loaded.model(x)
+            runs += 1
+    return runs * batch_size / (cpu_seconds() - start)
+
+
 def child(args: argparse.Namespace) -> None:
     import torch
 
@@ -130,7 +144,7 @@ def child(args: argparse.Namespace) -> None:
     print(json.dumps({"patches": result.patches, "seconds": result.seconds, "cpu_seconds": cpu,
                       "pps": result.patches_per_second, "mpxs": result.megapixels_per_second,
                       "rss_before_mb": before / 1024, "rss_at": rss_at, "peak_mb": vm_kib("VmHWM") / 1024,
-                      "flops": flops_per_image(loaded.model, PATCH),
+                      "flops": flops_per_image(loaded.model, PATCH), "network": network_rate(loaded, args.batch_size),
                       "conv_wall": max(conv_before[0], conv_after[0]), "conv_cpu": max(conv_before[1], conv_after[1])}))
 
 
@@ -169,7 +183,7 @@ def main() -> None:
         print(f"model wrn-10-2 stem 2, {PATCH} px patches, stride {PATCH}, batch {args.batch_size}, CPU "
               f"({os.cpu_count()} cores, shared: timings are noisy)")
         header = ("raster", "torch threads", "reader thread", "patches", "wall s", "CPU s", "patches/s",
-                  "Mpx/s", "patches per CPU-s", "FLOP-bound patches per CPU-s", "% of bound (CPU)",
+                  "Mpx/s", "patches per CPU-s", "network alone, patches per CPU-s", "FLOP-bound patches per CPU-s", "% of bound (CPU)",
                   "RSS MB: before / at 10, 50, 90 % / peak")
         print("| " + " | ".join(header) + " |")
         print("|" + "---|" * len(header))
@@ -179,7 +193,7 @@ def main() -> None:
             bound = r["conv_cpu"] / r["flops"]
             rss = " / ".join(f"{r['rss_at'].get(m, float('nan')):.0f}" for m in ("10%", "50%", "90%"))
             print(f"| {name} {size}×{size} | {threads} | {'yes' if read_ahead else 'no'} | {r['patches']} | "
-                  f"{r['seconds']:.1f} | {r['cpu_seconds']:.1f} | {r['pps']:.0f} | {r['mpxs']:.2f} | {per_cpu:.0f} | "
+                  f"{r['seconds']:.1f} | {r['cpu_seconds']:.1f} | {r['pps']:.0f} | {r['mpxs']:.2f} | {per_cpu:.0f} | {r['network']:.0f} | "
                   f"{bound:.0f} ({r['conv_cpu'] / 1e9:.1f} GFLOP per CPU-s ÷ {r['flops'] / 1e6:.1f} MFLOP) | "
                   f"{100 * per_cpu / bound:.0f} | {r['rss_before_mb']:.0f} / {rss} / {r['peak_mb']:.0f} |", flush=True)
 
