@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -14,10 +15,11 @@ from ..model_file import atomic_write
 class ProgressBar:
     """A one-line text progress bar on stderr, redrawn at most a few times a second."""
 
-    def __init__(self, label: str, stream=sys.stderr) -> None:
-        self.label, self.stream = label, stream
+    def __init__(self, label: str, stream=None) -> None:
+        # sys.stderr looked up now, not at import: it may have been replaced since (pytest capture).
+        self.label, self.stream = label, stream or sys.stderr
         self.start = self.last = time.monotonic()
-        self.interactive = stream.isatty()
+        self.interactive = self.stream.isatty()
 
     def __call__(self, fraction: float, message: str = "") -> None:
         now = time.monotonic()
@@ -31,6 +33,15 @@ class ProgressBar:
         else:
             self.stream.write(line + "\n")
         self.stream.flush()
+
+
+def silence_gdal_printing() -> None:
+    """GDAL prints its own errors and warnings on stderr; each one that matters reaches the user as the one
+    JEMError line, so the CLI sends GDAL's printing to the null device (unless CPL_LOG names a log file)."""
+    from osgeo import gdal
+
+    if gdal.GetConfigOption("CPL_LOG") is None:
+        gdal.SetConfigOption("CPL_LOG", os.devnull)
 
 
 def log(message: str) -> None:
