@@ -115,10 +115,13 @@ def _file_band_name(path: Path, description: str | None) -> str:
 def _resolve_bands(requested: Sequence[str] | None, aliases: list[list[str]], expected: Sequence[str] | None,
                    source: str) -> list[int]:
     """0-based positions of the chosen bands, in the order asked for (or the model's order)."""
+    # A band's own name (first alias) wins over another band's positional alias ("B2" of band 2
+    # must not shadow a band described as "B02"): fill the lookup rank by rank.
     lookup: dict[str, int] = {}
-    for i, names in enumerate(aliases):
-        for name in names:
-            lookup.setdefault(_canonical(name), i)
+    for rank in range(max(map(len, aliases), default=0)):
+        for i, names in enumerate(aliases):
+            if rank < len(names):
+                lookup.setdefault(_canonical(names[rank]), i)
     available = ", ".join(names[0] for names in aliases)
     if requested:
         chosen = []

@@ -155,6 +155,17 @@ def test_band_mismatch_is_a_clear_error(tmp_path, model_path):
     assert not (tmp_path / "c.tif").exists()
 
 
+def test_band_names_win_over_positional_aliases(tmp_path):
+    """Bands described B04, B03, B02 (a Sentinel RGB stack): 'B03' is band 2, not band 3 ("B3")."""
+    from jem_core.raster_io import open_raster
+
+    stack = write_raster(tmp_path / "rgb.tif", scene(), descriptions=["B04", "B03", "B02"])
+    with open_raster(stack, ["B04", "B03", "B02"]) as source:
+        assert source.band_indexes == [1, 2, 3] and source.band_names == ["B04", "B03", "B02"]
+    with open_raster(stack, ["B2", "B4"]) as source:
+        assert source.band_indexes == [3, 1]
+
+
 def test_raster_smaller_than_a_patch_is_a_clear_error(tmp_path, model_path):
     small = write_raster(tmp_path / "small.tif", scene(12, 40))
     with pytest.raises(JEMError, match="smaller than the model's 16 × 16 px patch"):
