@@ -9,6 +9,7 @@ import sys
 
 from .. import JEMError, __version__
 from . import label_cmd, map_cmd, science_cmd, train_cmd
+from .common import silence_gdal_printing
 
 COMMAND_MODULES = [train_cmd, map_cmd, science_cmd, label_cmd]
 
@@ -24,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    silence_gdal_printing()
     try:
         return int(args.run(args) or 0)
     except JEMError as error:
