@@ -238,3 +238,27 @@ def test_dock_loads_model_classes_and_activates_the_tool(qgis_iface, canvas, ras
         ui.unload()
         canvas.setLayers([])
         QgsProject.instance().removeAllMapLayers()
+
+
+class CancelAfter(QgsProcessingFeedback):
+    """Reports 'cancelled' from the n-th poll on, like a user pressing Cancel mid-run."""
+
+    def __init__(self, polls: int) -> None:
+        super().__init__()
+        self.polls_left = polls
+
+    def isCanceled(self) -> bool:  # noqa: N802 (QGIS API name)
+        self.polls_left -= 1
+        if self.polls_left < 0 and not super().isCanceled():
+            self.cancel()
+        return super().isCanceled()
+
+
+def test_cancelled_retrain_writes_nothing(provider, raster, tmp_path):
+    import processing
+
+    layer = memory_layer("Polygon", [("field", square(5, 5)), ("town", square(60, 5))])
+    with pytest.raises(QgsProcessingException, match="Cancelled"):
+        processing.run("jem:retrain", {"INPUT": raster, "ANNOTATIONS": layer, "CLASS_FIELD": "class", **FAST,
+                                       "EPOCHS": 50, "OUTPUT_MODEL": str(tmp_path / "m.pt")}, feedback=CancelAfter(5))
+    assert [p.name for p in tmp_path.iterdir()] == ["scene.tif"], "no model and no temporary file may be left"
