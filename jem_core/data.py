@@ -92,7 +92,8 @@ def read_image(path: Path, size: int) -> tuple[np.ndarray, list[str], str]:
                 names = [d or f"B{i + 1}" for i, d in enumerate(src.descriptions)]
                 dtype = src.dtypes[0]
     except RasterioIOError as error:
-        raise JEMError(f"Cannot read image '{path}': {str(error)[:200]}. Remove or replace the file.") from None
+        raise JEMError(f"Cannot read image '{path}': {str(error).strip().rstrip('.')[:200]}. Remove or replace "
+                       "the file.") from None
     if len(names) == 3 and dtype == "uint8" and all(n.startswith("B") for n in names):
         names = list(RGB_BAND_NAMES)
     return pixels.astype(np.float32), names, dtype

@@ -72,7 +72,8 @@ import torch
 from . import JEMError
 from .device import resolve_device
 from .model_file import LoadedModel, load_model
-from .raster_io import GdalFailures, RasterSource, Stretch, choose_stretch, open_raster, read_strips, require_crs
+from .raster_io import (GdalFailures, RasterSource, Stretch, choose_stretch, open_raster, raster_error, read_strips,
+                        require_crs)
 
 RESOLUTIONS = ("patch", "input")
 CLASS_NODATA = 255
@@ -548,7 +549,7 @@ def _map(loaded: LoadedModel, source: RasterSource, grid: PatchGrid, stretch: St
         outputs.commit()
     except RasterioIOError as error:
         outputs.abort()
-        raise JEMError(f"Reading or writing a raster failed: {str(error)[:200]}.") from None
+        raise raster_error(error) from None
     except BaseException:
         outputs.abort()
         raise

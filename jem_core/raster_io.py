@@ -202,10 +202,22 @@ def open_raster(inputs: Sequence[str | os.PathLike] | str | os.PathLike, bands: 
             source = _describe(path, band_indexes, names, description, target_gsd)
         yield source
     except RasterioIOError as error:
-        raise JEMError(f"Cannot read the input raster: {str(error)[:200]}. Check the path and the format.") from None
+        raise raster_error(error) from None
     finally:
         if tmp_dir:
             shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def raster_error(error: Exception) -> JEMError:
+    """One JEMError for a GDAL failure to open, read or write a raster, with the likely fix."""
+    detail = str(error).strip().rstrip(".")[:240]
+    if re.search(r"IWriteBlock|TIFFWrite|WriteProc|write error", detail):
+        fix = "Check the free space and the write permission of the output folder"
+    elif "not recognized as a supported file format" in detail or "No such file" in detail:
+        fix = "Check the path, and that the file is a raster GDAL reads (GeoTIFF, JPEG 2000, VRT, ...)"
+    else:
+        fix = "The file looks damaged or truncated (an interrupted download or copy?): re-download or re-export it"
+    return JEMError(f"Cannot read the raster: {detail}. {fix}.")
 
 
 def require_crs(source: RasterSource, outcome: str) -> None:
@@ -369,7 +381,8 @@ def band_percentiles(source: RasterSource, low: float, high: float) -> tuple[lis
                                        resampling=Resampling.nearest)
             valid &= (masks > 0).all(axis=0)
     if not valid.any():
-        raise JEMError(f"'{source.description}' has no valid pixels (all nodata); nothing to map.")
+        raise JEMError(f"'{source.description}' has no valid pixels (all nodata, NaN or masked). Check the raster "
+                       "and its nodata value.")
     values = pixels[:, valid]
     lows = np.percentile(values, low, axis=1)
     highs = np.percentile(values, high, axis=1)

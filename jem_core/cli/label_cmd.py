@@ -15,6 +15,7 @@ from ..active import Annotation, cell_centres, retrain, suggest
 from ..sampler import SGLDConfig
 from ..training import TrainConfig
 from ..model_file import check_output_folders, written_together
+from ..raster_io import raster_error
 from .common import ProgressBar, add_device_option, log, write_json
 
 SUGGESTION_FIELDS = ["rank", "score", "unfamiliarity", "uncertainty", "neg_energy", "entropy", "margin",
@@ -67,7 +68,7 @@ def raster_grid(path: str) -> tuple[str, float, float]:
         with rasterio.open(path) as src:
             return (src.crs.to_wkt() if src.crs else ""), abs(src.transform.a), abs(src.transform.e)
     except RasterioIOError as error:
-        raise JEMError(f"Cannot read the raster '{path}': {str(error)[:200]}. Check the path and the format.") from None
+        raise raster_error(error) from None
 
 
 def read_annotations(path: Path, class_field: str, raster_wkt: str, cell_width: float,
@@ -104,7 +105,9 @@ def read_annotations(path: Path, class_field: str, raster_wkt: str, cell_width: 
         geometry = feature.GetGeometryRef()
         if not name or geometry is None or not geometry.IsValid():
             problem = "no class" if not name else "no geometry" if geometry is None else "an invalid geometry"
-            raise JEMError(f"Feature {feature.GetFID()} of '{path}' has {problem}. Fix or delete it.")
+            fix = " (QGIS: Vector ▸ Geometry Tools ▸ Fix Geometries; GDAL: ogr2ogr -makevalid)" if name and geometry \
+                else ""
+            raise JEMError(f"Feature {feature.GetFID()} of '{path}' has {problem}. Fix{fix} or delete it.")
         geometry = geometry.Clone()
         if transform is not None:
             geometry.Transform(transform)
