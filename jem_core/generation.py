@@ -168,6 +168,9 @@ def quality_scores(feature_model: LoadedModel, feature_name: str, samples: torch
     result: dict[str, Any] = {
         "feature_space": f"penultimate layer ({ref_features.shape[1]}-d) of {feature_name}; NOT Inception FID/KID",
         "reference": f"{len(reference)} real training images", "count": len(samples)}
+    if len(samples) <= 2 * ref_features.shape[1]:
+        result["warning"] = (f"only {len(samples)} samples for {ref_features.shape[1]}-d features: the distances are "
+                             "dominated by small-sample bias; compare them only with the 'real' row (same count)")
     for key, pixels in (("samples", samples), ("init", starts), ("real", dataset.images[held_out])):
         if len(pixels) < 2:
             continue

@@ -183,7 +183,7 @@ def build_report(model: str | os.PathLike | LoadedModel, out_html: str | os.Path
             if "quality" in result:
                 q = result["quality"]
                 sections.append(f'<p class="note">Sample quality in the {esc(q["feature_space"])}, against '
-                                f'{esc(q["reference"])}; lower is closer.</p>')
+                                f'{esc(q["reference"])}; lower is closer. {esc(q.get("warning", ""))}</p>')
                 sections.append(table(["images", "count", "Fréchet distance", "kernel distance (MMD², KID estimator)"],
                                       [(label, q[key]["count"], q[key]["frechet"], q[key]["kernel"])
                                        for key, label in (("samples", "SGLD samples"), ("init", "chain starts (no SGLD)"),

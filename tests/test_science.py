@@ -122,6 +122,7 @@ def test_sample_grid_with_quality_score(trained, tmp_path):
     assert sum(result["unconditional"]["predicted_classes"].values()) == 4
     quality = result["quality"]
     assert quality["count"] == 10 and "NOT Inception" in quality["feature_space"]
+    assert "small-sample bias" in quality["warning"]  # 10 samples, 64-d features
     assert "ce.pt" in quality["feature_space"]
     for key in ("samples", "init", "real"):
         assert quality[key]["frechet"] >= 0 and np.isfinite(quality[key]["kernel"])

@@ -95,6 +95,8 @@ def run_sample(args: argparse.Namespace) -> int:
     if "quality" in result:
         q = result["quality"]
         print(f"feature space: {q['feature_space']}")
+        if "warning" in q:
+            log(f"warning: {q['warning']}")
         for key in ("samples", "init", "real"):
             if key in q:
                 print(f"{key:8s} n={q[key]['count']:5d}  Fréchet {q[key]['frechet']:10.3f}  kernel {q[key]['kernel']:.5f}")
