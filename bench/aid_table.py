@@ -15,6 +15,8 @@ Usage (each run through /work/cpu-slot, single-threaded):
   /work/cpu-slot .venv/bin/python bench/aid_table.py train --settings all,20 --budget-min 3.5
   /work/cpu-slot .venv/bin/python bench/aid_table.py train --settings 3,1 --budget-min 3.5
   /work/cpu-slot .venv/bin/python bench/aid_table.py analyse
+  .venv/bin/python bench/aid_table.py analyse --tables-only     (plots and tables from the saved JSONs)
+  /work/cpu-slot .venv/bin/python bench/aid_table.py ood --model demo/model.pt --tag demo
 """
 from __future__ import annotations
 
@@ -274,8 +276,8 @@ def main() -> None:
                                                                  "minute of the budget on this CPU)")
     t.set_defaults(run=run_train)
     a = sub.add_parser("analyse")
-    a.add_argument("--per-class", type=int, default=4)
-    a.add_argument("--sample-steps", type=int, default=60)
+    a.add_argument("--per-class", type=int, default=3)
+    a.add_argument("--sample-steps", type=int, default=40)
     a.add_argument("--tables-only", action="store_true",
                    help="redo plots and tables from the saved JSONs (no model evaluation)")
     a.set_defaults(run=run_analyse)
