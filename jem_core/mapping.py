@@ -71,7 +71,7 @@ import torch
 
 from . import JEMError
 from .device import resolve_device
-from .model_file import LoadedModel, load_model
+from .model_file import LoadedModel, load_model, publish
 from .raster_io import (GdalFailures, RasterSource, Stretch, choose_stretch, open_raster, raster_error, read_strips,
                         require_crs)
 
@@ -349,11 +349,8 @@ class _Outputs:
         self.gdal_failures.stop()
         if self.gdal_failures.messages:
             raise _write_failed(next(iter(self.files.values())).final, self.gdal_failures.messages[0])
-        umask = os.umask(0)
-        os.umask(umask)
         for output in self.files.values():
-            os.chmod(output.tmp, 0o666 & ~umask)  # mkstemp made it private; maps are ordinary files
-            os.replace(output.tmp, output.final)
+            publish(output.tmp, output.final)
 
     def abort(self) -> None:
         self.gdal_failures.stop()

@@ -99,6 +99,17 @@ def written_together(*paths: str | os.PathLike | None) -> Iterator[None]:
         raise
 
 
+def publish(tmp_path: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Rename a finished temporary file onto its real name, with ordinary permissions.
+
+    mkstemp creates files readable by their owner only; outputs are shared files (0666 & ~umask).
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp_path, 0o666 & ~umask)
+    os.replace(tmp_path, path)
+
+
 def atomic_write(path: str | os.PathLike, write: Any, suffix: str = "") -> None:
     """Call write(tmp_path), then rename tmp_path → path; remove tmp_path if anything fails."""
     path = Path(path)
@@ -107,7 +118,7 @@ def atomic_write(path: str | os.PathLike, write: Any, suffix: str = "") -> None:
     os.close(handle)
     try:
         write(tmp_name)
-        os.replace(tmp_name, path)
+        publish(tmp_name, path)
     except OSError as error:
         Path(tmp_name).unlink(missing_ok=True)
         raise JEMError(f"Could not write '{path}': {error.strerror or error}. Check free space and permissions.") from error

@@ -295,3 +295,16 @@ def test_every_torch_load_in_jem_core_is_weights_only():
                 calls.append((source.name, node.lineno, safe))
     assert calls, "no torch.load found: the guard is looking in the wrong place"
     assert all(safe for *_, safe in calls), [c for c in calls if not c[2]]
+
+
+def test_model_files_get_ordinary_permissions(tmp_path):
+    import os
+
+    model = build_model(ModelSpec(arch="wrn-10-1", num_classes=2))
+    meta = ModelMeta(["a", "b"], ["red", "green", "blue"], 16, [0.0] * 3, [1.0] * 3)
+    old = os.umask(0o022)
+    try:
+        save_model(tmp_path / "m.pt", model, meta)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "m.pt").stat().st_mode & 0o777 == 0o644
