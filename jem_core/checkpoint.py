@@ -29,7 +29,7 @@ from typing import Any, Optional
 import torch
 
 from . import JEMError
-from .model_file import atomic_write
+from .model_file import atomic_write, load_versioned
 
 CHECKPOINT_FORMAT = "jem-eo-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -120,18 +120,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise JEMError(f"No checkpoint at '{path}' to resume from. Start without --resume, or pass the "
                        "checkpoint of the killed run with --checkpoint.")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # truncated zip, foreign pickle, unsafe globals ...
-        raise JEMError(f"'{path}' is not a readable JEM-EO checkpoint (truncated or corrupt; loading refused: "
-                       f"{type(error).__name__}). Delete it and start without --resume.") from None
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise JEMError(f"'{path}' is not a JEM-EO training checkpoint. Pass the .ckpt file written by `jem train`.")
-    version = payload.get("format_version")
-    if not isinstance(version, int) or version > CHECKPOINT_VERSION:
-        raise JEMError(f"'{path}' has checkpoint version {version}; this JEM-EO reads up to version "
-                       f"{CHECKPOINT_VERSION}. Update JEM-EO or start without --resume.")
-    return payload
+    return load_versioned(path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, "JEM-EO checkpoint",
+                          "Pass the .ckpt file written by `jem train`, or delete it and start without --resume.")
 
 
 def check_resumable(payload: dict[str, Any], config: dict[str, Any], images: int, class_names: list[str],

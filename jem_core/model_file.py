@@ -138,23 +138,32 @@ def save_model(path: str | os.PathLike, model: JEM, meta: ModelMeta) -> None:
     atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
-def read_payload(path: str | os.PathLike) -> dict[str, Any]:
-    """torch.load with weights_only=True, every failure turned into one clear JEMError."""
-    path = Path(path)
-    if not path.is_file():
-        raise JEMError(f"Model file '{path}' does not exist. Train one with `jem train` or pick an existing .pt file.")
+def load_versioned(path: Path, expected_format: str, max_version: int, name: str, fix: str) -> dict[str, Any]:
+    """torch.load(weights_only=True) of a {"format", "format_version", ...} dict: never runs code.
+
+    name: what the file should be (e.g. "JEM-EO model file"); fix: what the user can do when it is not.
+    Every failure is one clear JEMError.
+    """
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types: pickle, zip, unsafe globals
-        raise JEMError(f"'{path}' is not a readable JEM model file (it may be truncated, corrupt or not "
-                       f"a model at all; loading refused: {type(error).__name__}). Retrain or re-download it.") from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise JEMError(f"'{path}' is a PyTorch file but not a JEM-EO model. Use a model written by `jem train`.")
+        raise JEMError(f"'{path}' is not a readable {name} (it may be truncated, corrupt or not one at all; "
+                       f"loading refused: {type(error).__name__}). {fix}") from None
+    if not isinstance(payload, dict) or payload.get("format") != expected_format:
+        raise JEMError(f"'{path}' is a PyTorch file but not a {name}. {fix}")
     version = payload.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise JEMError(f"'{path}' has model format version {version}; this JEM-EO reads up to version "
-                       f"{FORMAT_VERSION}. Update JEM-EO to load it.")
+    if not isinstance(version, int) or version > max_version:
+        raise JEMError(f"'{path}' has {name} format version {version}; this JEM-EO reads up to version "
+                       f"{max_version}. Update JEM-EO to load it.")
     return payload
+
+
+def read_payload(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise JEMError(f"Model file '{path}' does not exist. Train one with `jem train` or pick an existing .pt file.")
+    return load_versioned(path, FORMAT, FORMAT_VERSION, "JEM-EO model file",
+                          "Use a model written by `jem train`, or retrain it.")
 
 
 def model_from_payload(payload: dict[str, Any], source: str = "model file") -> LoadedModel:

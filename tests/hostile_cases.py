@@ -309,9 +309,9 @@ RASTER_CASES = [  # (input, message); "no CRS" only where outputs are placed on 
 ]
 NO_CRS = ("raster: no CRS", r"no coordinate reference system")
 MODEL_CASES = [
-    ("model: not a model (text)", r"not a readable JEM model"),
+    ("model: not a model (text)", r"not a readable JEM-EO model"),
     ("model: truncated", r"truncated"),
-    ("model: PyTorch file, not JEM", r"not a JEM-EO model"),
+    ("model: PyTorch file, not JEM", r"not a JEM-EO model file"),
     ("model: future format version", r"version 99"),
     ("model: missing file", r"does not exist"),
 ]

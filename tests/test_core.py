@@ -156,13 +156,13 @@ def test_loading_refuses_code_in_pickles(tmp_path):
     evil = tmp_path / "evil.pt"
     evil.write_bytes(b"")
     torch.save({"format": "jem-eo-model", "x": Exploit()}, evil)
-    with pytest.raises(JEMError, match="not a readable JEM model"):
+    with pytest.raises(JEMError, match="not a readable JEM-EO model"):
         load_model(evil)
     assert not marker.exists()
 
 
 @pytest.mark.parametrize("content,message", [
-    (b"not a zip at all", "not a readable JEM model"),
+    (b"not a zip at all", "not a readable JEM-EO model"),
     (None, "does not exist"),
 ])
 def test_bad_model_files_give_clear_errors(tmp_path, content, message):
@@ -175,7 +175,7 @@ def test_bad_model_files_give_clear_errors(tmp_path, content, message):
 
 def test_foreign_and_future_model_files(tmp_path):
     torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
-    with pytest.raises(JEMError, match="not a JEM-EO model"):
+    with pytest.raises(JEMError, match="not a JEM-EO model file"):
         load_model(tmp_path / "other.pt")
     model = build_model(ModelSpec(arch="wrn-10-1", num_classes=2))
     meta = ModelMeta(["a", "b"], ["red", "green", "blue"], 16, [0.0] * 3, [1.0] * 3)
@@ -264,7 +264,7 @@ def test_crafted_model_files_never_run_code(tmp_path, variant):
         torch.load(path, weights_only=False)
     assert marker.exists()
     marker.unlink()
-    with pytest.raises(JEMError, match="not a readable JEM model"):
+    with pytest.raises(JEMError, match="not a readable JEM-EO model"):
         load_model(path)
     assert not marker.exists()
 
@@ -276,7 +276,7 @@ def test_crafted_model_file_through_the_cli_runs_no_code(tmp_path, capsys):
     evil = crafted_model_files(tmp_path, marker)["swapped_data_pkl"]
     make_class_folder(tmp_path / "scenes", classes=2, per_class=2)
     assert main(["evaluate", str(evil), str(tmp_path / "scenes")]) == 2
-    assert "not a readable JEM model" in capsys.readouterr().err
+    assert "not a readable JEM-EO model" in capsys.readouterr().err
     assert not marker.exists()
 
 
