@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from qgis.core import QgsProcessingFeedback
 
 torch.set_num_threads(2)
 
@@ -45,3 +46,27 @@ def make_class_folder(root: Path, classes: int = 3, per_class: int = 12, size: i
 @pytest.fixture
 def class_folder(tmp_path: Path) -> Path:
     return make_class_folder(tmp_path / "scenes")
+
+
+class CancelAfter(QgsProcessingFeedback):
+    """Feedback that reports 'cancelled' from the n-th poll on, like a user pressing Cancel mid-run."""
+
+    def __init__(self, polls: int) -> None:
+        super().__init__()
+        self.polls_left = polls
+
+    def isCanceled(self) -> bool:  # noqa: N802 (QGIS API name)
+        self.polls_left -= 1
+        if self.polls_left < 0 and not super().isCanceled():
+            self.cancel()
+        return super().isCanceled()
+
+
+@pytest.fixture(scope="module")
+def provider(qgis_processing):
+    import jem_qgis_plugin
+
+    plugin = jem_qgis_plugin.classFactory(None)
+    plugin.initGui()
+    yield plugin.provider
+    plugin.unload()

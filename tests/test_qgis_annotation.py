@@ -15,19 +15,10 @@ from jem_core.active import Annotation, patches_from_annotations
 from jem_core.model_file import load_model
 from jem_qgis_plugin.annotation import (AnnotationDock, AnnotationUi, PatchAnnotationTool, create_annotation_layer,
                                         open_annotation_layer, patch_footprint)
+from tests.conftest import CancelAfter
 from tests.test_active import ORIGIN_X, ORIGIN_Y, PATCH, PIXEL, at, write_scene
 
 FAST = {"EPOCHS": 1, "UNLABELLED": 16, "PATCH_SIZE": PATCH, "ARCH": "wrn-10-1", "DEVICE": "cpu"}
-
-
-@pytest.fixture(scope="module")
-def provider(qgis_processing):
-    import jem_qgis_plugin
-
-    plugin = jem_qgis_plugin.classFactory(None)
-    plugin.initGui()
-    yield plugin.provider
-    plugin.unload()
 
 
 def run(algorithm: str, parameters: dict) -> dict:
@@ -238,20 +229,6 @@ def test_dock_loads_model_classes_and_activates_the_tool(qgis_iface, canvas, ras
         ui.unload()
         canvas.setLayers([])
         QgsProject.instance().removeAllMapLayers()
-
-
-class CancelAfter(QgsProcessingFeedback):
-    """Reports 'cancelled' from the n-th poll on, like a user pressing Cancel mid-run."""
-
-    def __init__(self, polls: int) -> None:
-        super().__init__()
-        self.polls_left = polls
-
-    def isCanceled(self) -> bool:  # noqa: N802 (QGIS API name)
-        self.polls_left -= 1
-        if self.polls_left < 0 and not super().isCanceled():
-            self.cancel()
-        return super().isCanceled()
 
 
 def test_cancelled_retrain_writes_nothing(provider, raster, tmp_path):

@@ -115,16 +115,6 @@ CASES: list[QgisCase] = [
 
 
 @pytest.fixture(scope="module")
-def provider(qgis_processing):
-    import jem_qgis_plugin
-
-    plugin = jem_qgis_plugin.classFactory(None)
-    plugin.initGui()
-    yield plugin.provider
-    plugin.unload()
-
-
-@pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> dict[str, Path]:
     return build_inputs(tmp_path_factory.mktemp("hostile"))
 

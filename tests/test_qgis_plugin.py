@@ -20,34 +20,10 @@ from jem_core.data import load_class_folder
 from jem_core.model_file import load_model
 from jem_core.models import ARCHITECTURES
 from jem_core.training import TrainConfig, train
-from tests.conftest import make_class_folder
+from tests.conftest import CancelAfter, make_class_folder
 
 PATCH = 16
 CLASSES = ["class_a", "class_b", "class_c"]
-
-
-class CancelAfter(QgsProcessingFeedback):
-    """Feedback that reports 'cancelled' from the n-th poll on, like a user pressing Cancel mid-run."""
-
-    def __init__(self, polls: int) -> None:
-        super().__init__()
-        self.polls_left = polls
-
-    def isCanceled(self) -> bool:  # noqa: N802 (QGIS API name)
-        self.polls_left -= 1
-        if self.polls_left < 0 and not super().isCanceled():
-            self.cancel()
-        return super().isCanceled()
-
-
-@pytest.fixture(scope="module")
-def provider(qgis_processing):
-    import jem_qgis_plugin
-
-    plugin = jem_qgis_plugin.classFactory(None)
-    plugin.initGui()
-    yield plugin.provider
-    plugin.unload()
 
 
 @pytest.fixture(scope="module")
