@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from qgis.core import (QgsProcessingAlgorithm, QgsProcessingContext, QgsProcessingException,
-                       QgsProcessingFeedback, QgsProcessingParameterEnum)
+                       QgsProcessingFeedback, QgsProcessingParameterEnum, QgsRasterLayer)
 
 from jem_core import JEMError
 
@@ -57,6 +57,21 @@ class JemAlgorithm(QgsProcessingAlgorithm):
 
     def device(self, parameters: dict[str, Any], context: QgsProcessingContext, name: str = "DEVICE") -> str:
         return self.parameterAsEnumString(parameters, name, context)
+
+    def raster_file_layer(self, parameters: dict[str, Any], context: QgsProcessingContext,
+                          name: str = "INPUT") -> QgsRasterLayer:
+        """The raster parameter as a GDAL file layer: the engine reads files, not QGIS providers."""
+        layer = self.parameterAsRasterLayer(parameters, name, context)
+        if layer is None or layer.providerType() != "gdal":
+            raise QgsProcessingException("The input must be a raster file layer (GDAL); save web or memory "
+                                         "rasters to a GeoTIFF first.")
+        return layer
+
+    def band_list(self, parameters: dict[str, Any], context: QgsProcessingContext,
+                  name: str = "BANDS") -> list[str] | None:
+        """'B04, B03,B02' → ['B04', 'B03', 'B02']; empty → None (the model's bands)."""
+        text = self.parameterAsString(parameters, name, context)
+        return [token.strip() for token in text.split(",") if token.strip()] or None
 
 
 def progress_reporter(feedback: QgsProcessingFeedback, start: float = 0.0,

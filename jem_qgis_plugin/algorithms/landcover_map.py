@@ -60,12 +60,8 @@ class LandCoverMapAlgorithm(JemAlgorithm):
             feedback: QgsProcessingFeedback) -> dict[str, Any]:
         from jem_core.mapping import map_raster
 
-        layer = self.parameterAsRasterLayer(parameters, "INPUT", context)
-        if layer is None or layer.providerType() != "gdal":
-            raise QgsProcessingException("The input must be a raster file layer (GDAL); save web or memory "
-                                         "rasters to a GeoTIFF first.")
-        bands_text = self.parameterAsString(parameters, "BANDS", context).strip()
-        bands = [token.strip() for token in bands_text.split(",") if token.strip()] or None
+        layer = self.raster_file_layer(parameters, context)
+        bands = self.band_list(parameters, context)
         out_classes = self.parameterAsOutputLayer(parameters, "OUTPUT", context)
         out_confidence = self.parameterAsOutputLayer(parameters, "CONFIDENCE", context) or None
         result = map_raster(

@@ -120,10 +120,7 @@ class RetrainAlgorithm(JemAlgorithm):
         from jem_core.sampler import SGLDConfig
         from jem_core.training import TrainConfig
 
-        raster = self.parameterAsRasterLayer(parameters, "INPUT", context)
-        if raster is None or raster.providerType() != "gdal":
-            raise QgsProcessingException("The input must be a raster file layer (GDAL); save web or memory rasters "
-                                         "to a GeoTIFF first.")
+        raster = self.raster_file_layer(parameters, context)
         if not raster.crs().isValid():
             raise QgsProcessingException(f"'{raster.source()}' has no coordinate reference system (CRS), so the "
                                          "annotations cannot be placed on it. Assign one (Raster ▸ Projections ▸ "
@@ -146,24 +143,22 @@ class RetrainAlgorithm(JemAlgorithm):
                              lr=self.parameterAsDouble(parameters, "LR", context),
                              seed=self.parameterAsInt(parameters, "SEED", context), device=self.device(parameters, context),
                              sgld=SGLDConfig(buffer_size=unlabelled))
-        bands_text = self.parameterAsString(parameters, "BANDS", context).strip()
         out_model = self.parameterAsFileOutput(parameters, "OUTPUT_MODEL", context)
+        bands = self.band_list(parameters, context)
         result = retrain([raster.source()], annotations, start_model=start,
                          extra_dataset=self.parameterAsFile(parameters, "EXTRA_DATASET", context) or None,
-                         out_model=out_model, config=config,
-                         bands=[t.strip() for t in bands_text.split(",") if t.strip()] or None,
-                         unlabelled_count=unlabelled,
+                         out_model=out_model, config=config, bands=bands, unlabelled_count=unlabelled,
                          progress=progress_reporter(feedback, 0, TRAIN_SHARE), should_stop=feedback.isCanceled,
                          log=feedback.pushInfo)
         feedback.pushInfo(f"Classes: {', '.join(result.class_names)}; the model fits {result.labelled_accuracy:.0%} "
                           f"of the {result.labelled_count} annotated patches. Model written to {out_model}.")
         outputs: dict[str, Any] = {"OUTPUT_MODEL": out_model, "LABELLED": result.labelled_count,
                                    "FIT_ACCURACY": result.labelled_accuracy}
-        outputs.update(self.write_maps(parameters, context, feedback, result.loaded, raster, bands_text))
+        outputs.update(self.write_maps(parameters, context, feedback, result.loaded, raster, bands))
         return outputs
 
     def write_maps(self, parameters: dict[str, Any], context: QgsProcessingContext, feedback: QgsProcessingFeedback,
-                   loaded, raster: QgsRasterLayer, bands_text: str) -> dict[str, Any]:
+                   loaded, raster: QgsRasterLayer, bands: list[str] | None) -> dict[str, Any]:
         """The optional class and confidence maps of the new model (jem_core.mapping, as jem:landcovermap)."""
         from jem_core.mapping import map_raster
 
@@ -174,7 +169,7 @@ class RetrainAlgorithm(JemAlgorithm):
         if not out_map:
             raise QgsProcessingException("The confidence map comes with the class map: set 'New class map' too.")
         map_raster(loaded, raster.source(), out_map, out_confidence,
-                   bands=[t.strip() for t in bands_text.split(",") if t.strip()] or None,
+                   bands=bands,
                    progress=progress_reporter(feedback, TRAIN_SHARE, 100.0), should_stop=feedback.isCanceled)
         outputs = {"OUTPUT_MAP": out_map}
         styled = [(out_map, "class_map")]

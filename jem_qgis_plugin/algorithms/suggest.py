@@ -60,16 +60,12 @@ class SuggestAlgorithm(JemAlgorithm):
         from jem_core.model_file import load_model
         from jem_core.device import resolve_device
 
-        raster = self.parameterAsRasterLayer(parameters, "INPUT", context)
-        if raster is None or raster.providerType() != "gdal":
-            raise QgsProcessingException("The input must be a raster file layer (GDAL); save web or memory rasters "
-                                         "to a GeoTIFF first.")
+        raster = self.raster_file_layer(parameters, context)
         loaded = load_model(self.parameterAsFile(parameters, "MODEL", context),
                             resolve_device(self.device(parameters, context)))
-        bands_text = self.parameterAsString(parameters, "BANDS", context).strip()
         suggestions = suggest(loaded, raster.source(), self.parameterAsInt(parameters, "COUNT", context),
                               min_distance=self.parameterAsDouble(parameters, "MIN_DISTANCE", context) or None,
-                              bands=[t.strip() for t in bands_text.split(",") if t.strip()] or None,
+                              bands=self.band_list(parameters, context),
                               progress=progress_reporter(feedback), should_stop=feedback.isCanceled)
         sink, sink_id = self.parameterAsSink(parameters, "OUTPUT", context, suggestion_fields(), QgsWkbTypes.Polygon,
                                              raster.crs())
