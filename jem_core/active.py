@@ -33,7 +33,7 @@ from . import JEMError
 from .data import SceneDataset, load_class_folder
 from .mapping import iter_patches
 from .metrics import predict_logits
-from .model_file import LoadedModel, ModelMeta, load_model
+from .model_file import LoadedModel, ModelMeta, as_loaded
 from .models import ModelSpec, build_model
 from .raster_io import RasterSource, Stretch, choose_stretch, open_raster, require_crs
 from .training import Cancelled, TrainConfig, train
@@ -315,10 +315,6 @@ def extend_head(loaded: LoadedModel, class_names: Sequence[str]) -> LoadedModel:
     return LoadedModel(model.to(device).eval(), meta)
 
 
-def as_loaded(model: LoadedModel | str | Path | None) -> LoadedModel | None:
-    return load_model(model) if isinstance(model, (str, Path)) else model
-
-
 def retrain(rasters: Sequence[RasterInput], annotations: Sequence[Annotation], *,
             start_model: LoadedModel | str | Path | None = None,
             extra_dataset: SceneDataset | str | Path | None = None, out_model: str | Path | None = None,
@@ -330,7 +326,7 @@ def retrain(rasters: Sequence[RasterInput], annotations: Sequence[Annotation], *
     extra_dataset: a class-folder dataset (or its path) whose images join the unlabelled set.
     The patch size is the starting model's, else config.image_size.
     """
-    start = as_loaded(start_model)
+    start = as_loaded(start_model) if start_model is not None else None
     config = config or TrainConfig()
     patch_size = start.meta.image_size if start is not None else config.image_size
     meta = start.meta if start is not None else None

@@ -41,8 +41,8 @@ import torch
 from . import JEMError
 from .data import SceneDataset
 from .distances import frechet_distance, kernel_distance
-from .model_file import LoadedModel, atomic_write, check_output_folders, written_together
-from .ood import as_loaded, load_reference, reference_indices
+from .model_file import LoadedModel, as_loaded, atomic_write, check_output_folders, written_together
+from .ood import load_reference, reference_indices
 from .sampler import ClassGaussianInit, SGLDConfig, UniformInit, make_initialiser, run_chain
 
 ProgressFn = Callable[[float, str], None]

@@ -71,7 +71,7 @@ import torch
 
 from . import JEMError
 from .device import resolve_device
-from .model_file import LoadedModel, load_model, publish
+from .model_file import LoadedModel, as_loaded, publish
 from .raster_io import (GdalFailures, RasterSource, Stretch, choose_stretch, open_raster, raster_error, read_strips,
                         require_crs)
 
@@ -495,8 +495,8 @@ def map_raster(model: str | os.PathLike | LoadedModel, inputs: str | os.PathLike
     if batch_size < 1:
         raise JEMError(f"--batch-size must be at least 1 (got {batch_size}).")
     torch_device = resolve_device(device)
-    loaded = model if isinstance(model, LoadedModel) else load_model(model, torch_device)
-    loaded.model.to(torch_device).eval()
+    loaded = as_loaded(model, torch_device)
+    loaded.model.eval()
     meta = loaded.meta
     if len(meta.class_names) > CLASS_NODATA:
         raise JEMError(f"The model has {len(meta.class_names)} classes; a Byte class map holds at most {CLASS_NODATA}.")

@@ -180,6 +180,21 @@ def model_from_payload(payload: dict[str, Any], source: str = "model file") -> L
     return LoadedModel(model.eval(), meta)
 
 
+def as_loaded(model: str | os.PathLike | LoadedModel, device: torch.device | str | None = None) -> LoadedModel:
+    """A model given by its file or already loaded; on `device` ("auto", "cpu", "cuda…") when one is given.
+
+    A file is loaded onto the CPU when no device is given; a loaded model then stays where it is.
+    """
+    from .device import resolve_device
+
+    target = resolve_device(str(device)) if device is not None else None
+    if not isinstance(model, LoadedModel):
+        return load_model(model, target or "cpu")
+    if target is not None:
+        model.model.to(target)
+    return model
+
+
 def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> LoadedModel:
     loaded = model_from_payload(read_payload(path), source=f"model file '{path}'")
     loaded.model.to(device)

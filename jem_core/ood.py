@@ -47,10 +47,9 @@ import torch
 
 from . import JEMError
 from .data import IMAGE_SUFFIXES, SceneDataset, list_class_folders, load_class_folder, read_image, split_dataset
-from .device import resolve_device
 from .distances import KL_EPSILON, auroc, histogram_kl
 from .metrics import predict_logits
-from .model_file import LoadedModel, atomic_write, check_output_folders, load_model, written_together
+from .model_file import LoadedModel, as_loaded, atomic_write, check_output_folders, written_together
 
 ProgressFn = Callable[[float, str], None]
 CompareItem = Union[str, os.PathLike, tuple]
@@ -71,13 +70,6 @@ def neg_energy(loaded: LoadedModel, pixels: torch.Tensor, batch_size: int,
                should_stop: Callable[[], bool] | None = None) -> torch.Tensor:
     """−E(x) = logsumexp f(x) of raw pixels in the model's value range."""
     return torch.logsumexp(predict_logits(loaded, pixels, batch_size, should_stop).double(), 1)
-
-
-def as_loaded(model: str | os.PathLike | LoadedModel, device: str) -> LoadedModel:
-    if isinstance(model, LoadedModel):
-        model.model.to(resolve_device(device))
-        return model
-    return load_model(model, resolve_device(device))
 
 
 def check_bands(pixels: torch.Tensor, loaded: LoadedModel, source: str) -> None:

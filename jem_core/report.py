@@ -30,8 +30,8 @@ from typing import Any, Callable, Sequence
 
 from . import JEMError
 from .metrics import classification_metrics, predict_logits
-from .model_file import LoadedModel, atomic_write
-from .ood import as_loaded, load_reference, ood_analysis, reference_indices
+from .model_file import LoadedModel, as_loaded, atomic_write
+from .ood import load_reference, ood_analysis, reference_indices
 
 ProgressFn = Callable[[float, str], None]
 
