@@ -169,3 +169,10 @@ def band_statistics(images: torch.Tensor) -> tuple[list[float], list[float]]:
     """Per-band mean and std (std floored so constant bands do not divide by zero)."""
     flat = images.transpose(0, 1).reshape(images.shape[1], -1).double()
     return flat.mean(1).tolist(), flat.std(1).clamp_min(1e-3).tolist()
+
+
+def check_band_count(images: torch.Tensor, band_names: Sequence[str], source: str | Path) -> None:
+    """Images (N, bands, H, W) must have as many bands as the model was trained on."""
+    if images.shape[1] != len(band_names):
+        raise JEMError(f"'{source}' has {images.shape[1]}-band images but the model expects {len(band_names)} "
+                       f"bands ({', '.join(band_names)}). Use data with the model's bands.")

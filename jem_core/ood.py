@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from . import JEMError
-from .data import IMAGE_SUFFIXES, SceneDataset, list_class_folders, load_class_folder, read_image, split_dataset
+from .data import IMAGE_SUFFIXES, SceneDataset, check_band_count, list_class_folders, load_class_folder, read_image, split_dataset
 from .distances import KL_EPSILON, auroc, histogram_kl
 from .metrics import predict_logits
 from .model_file import LoadedModel, as_loaded, atomic_write, check_output_folders, written_together
@@ -70,13 +70,6 @@ def neg_energy(loaded: LoadedModel, pixels: torch.Tensor, batch_size: int,
                should_stop: Callable[[], bool] | None = None) -> torch.Tensor:
     """−E(x) = logsumexp f(x) of raw pixels in the model's value range."""
     return torch.logsumexp(predict_logits(loaded, pixels, batch_size, should_stop).double(), 1)
-
-
-def check_bands(pixels: torch.Tensor, loaded: LoadedModel, source: str) -> None:
-    if pixels.shape[1] != len(loaded.meta.band_names):
-        raise JEMError(f"'{source}' has {pixels.shape[1]}-band images but the model expects "
-                       f"{len(loaded.meta.band_names)} bands ({', '.join(loaded.meta.band_names)}). "
-                       "Use data with the model's bands.")
 
 
 def reference_indices(dataset: SceneDataset, loaded: LoadedModel, split: str) -> tuple[torch.Tensor, str]:
@@ -155,7 +148,7 @@ def score_compare(item: CompareItem, loaded: LoadedModel, batch_size: int, stret
                   should_stop: Callable[[], bool] | None) -> ScoreSet:
     if isinstance(item, tuple):
         name, pixels = item
-        check_bands(pixels, loaded, name)
+        check_band_count(pixels, loaded.meta.band_names, name)
         return ScoreSet(name, "pixels", name, neg_energy(loaded, pixels, batch_size, should_stop))
     path = Path(item)
     kind = source_kind(path)
@@ -166,7 +159,7 @@ def score_compare(item: CompareItem, loaded: LoadedModel, batch_size: int, stret
         pixels = load_class_folder(path, loaded.meta.image_size).images
     else:
         pixels = read_image_folder(path, loaded.meta.image_size, should_stop)
-    check_bands(pixels, loaded, str(path))
+    check_band_count(pixels, loaded.meta.band_names, path)
     return ScoreSet(path.name, kind, str(path), neg_energy(loaded, pixels, batch_size, should_stop))
 
 
@@ -248,7 +241,7 @@ def ood_analysis(model: str | os.PathLike | LoadedModel, reference: str | os.Pat
     steps = len(compare) + 1
     progress(0.0, "scoring the reference")
     dataset = load_reference(reference, loaded)
-    check_bands(dataset.images, loaded, "the reference dataset")
+    check_band_count(dataset.images, loaded.meta.band_names, "the reference dataset")
     indices, split = reference_indices(dataset, loaded, reference_split)
     name = Path(dataset.paths[0]).parent.parent.name if dataset.paths else "reference"
     ref = ScoreSet(name, "class-folder", str(reference) if not isinstance(reference, SceneDataset) else name,

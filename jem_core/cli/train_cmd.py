@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from ..data import load_class_folder, split_dataset
+from ..data import check_band_count, load_class_folder, split_dataset
 from ..device import resolve_device
 from ..metrics import classification_metrics, predict_logits
 from ..model_file import check_output_folders, load_model, written_together
@@ -117,7 +117,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     loaded = load_model(args.model, resolve_device(args.device))
     meta = loaded.meta
     dataset = load_class_folder(args.data_dir, meta.image_size, class_names=meta.class_names)
-    check_bands(dataset.images.shape[1], meta.band_names, args.data_dir)
+    check_band_count(dataset.images, meta.band_names, args.data_dir)
     indices = torch.arange(len(dataset))
     if args.split == "test":
         cfg = meta.train_config
@@ -134,11 +134,3 @@ def run_evaluate(args: argparse.Namespace) -> int:
         if args.plot:
             reliability_diagram({args.model.stem: metrics}, args.plot)
     return 0
-
-
-def check_bands(count: int, band_names: list[str], source: Path) -> None:
-    from .. import JEMError
-
-    if count != len(band_names):
-        raise JEMError(f"'{source}' has {count}-band images but the model expects {len(band_names)} bands "
-                       f"({', '.join(band_names)}). Use data with the model's bands.")
