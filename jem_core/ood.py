@@ -46,7 +46,8 @@ import numpy as np
 import torch
 
 from . import JEMError
-from .data import IMAGE_SUFFIXES, SceneDataset, check_band_count, list_class_folders, load_class_folder, read_image, split_dataset
+from .data import (IMAGE_SUFFIXES, SceneDataset, check_band_count, list_class_folders, load_class_folder, read_image,
+                   split_dataset)
 from .distances import KL_EPSILON, auroc, histogram_kl
 from .metrics import predict_logits
 from .model_file import LoadedModel, as_loaded, atomic_write, check_output_folders, written_together
