@@ -12,8 +12,9 @@ B SGLD samples for the generative term, a replay buffer of --buffer images.
     then with the switches turned off one at a time so each one's effect is measured.
 
 Prints a table (seconds per iteration, SGLD image-steps per second, the share of the machine's
-measured convolution throughput the sampler reaches) and ends with `speedup: N.NN`, ours (all
-defaults) over the reference, per iteration.
+measured convolution throughput the sampler reaches), then the arithmetic bound: the iteration's
+FLOPs divided by that measured peak, i.e. the fastest any implementation of the same arithmetic could
+run here. Ends with `speedup: N.NN`, ours (all defaults) over the reference, per iteration.
 
     /work/cpu-slot .venv/bin/python bench/training_speed.py --ablation  # WRN-16-2, 32 px, B=64, 20 steps
     .venv/bin/python bench/training_speed.py --device cuda --amp-row   # on a GPU
@@ -40,17 +41,20 @@ def synchronise(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_calls(fn: Callable[[], None], repeats: int, device: torch.device) -> float:
-    """Median seconds per call after one warm-up call."""
-    fn()
-    synchronise(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def time_round_robin(calls: list[Callable[[], None]], repeats: int, device: torch.device) -> list[float]:
+    """Median seconds per call of each function, after one warm-up call each. The calls take turns
+    (one timed call of each per round), so drifting background load hits every variant alike."""
+    for fn in calls:
         fn()
-        synchronise(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times: list[list[float]] = [[] for _ in calls]
+    for _ in range(repeats):
+        for fn, sink in zip(calls, times):
+            synchronise(device)
+            start = time.perf_counter()
+            fn()
+            synchronise(device)
+            sink.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
 
 
 def timed(fn: Callable, sink: list[float], device: torch.device) -> Callable:
@@ -66,20 +70,28 @@ def timed(fn: Callable, sink: list[float], device: torch.device) -> Callable:
 
 
 def conv_throughput(device: torch.device, seconds: float = 3.0) -> float:
-    """FLOP/s of a 3×3, 64→64 channel float32 convolution (forward) on 64 × 32 × 32 maps."""
-    conv = torch.nn.Conv2d(64, 64, 3, padding=1).to(device)
-    x = torch.randn(64, 64, 32, 32, device=device)
-    flops = 2.0 * x.numel() * 64 * 9
+    """Best FLOP/s of a 3×3, 64→64 channel float32 convolution (forward) on 64 × 32 × 32 maps, in the
+    faster of the two memory layouts (NCHW and channels_last), so shares of it stay below 100 %."""
+    flops = 2.0 * 64 * 64 * 32 * 32 * 64 * 9
     best = 0.0
-    with torch.no_grad():
-        conv(x)
-        end = time.perf_counter() + seconds
-        while time.perf_counter() < end:
-            start = time.perf_counter()
+    for layout in (torch.contiguous_format, torch.channels_last):
+        conv = torch.nn.Conv2d(64, 64, 3, padding=1).to(device, memory_format=layout)
+        x = torch.randn(64, 64, 32, 32, device=device).contiguous(memory_format=layout)
+        with torch.no_grad():
             conv(x)
-            synchronise(device)
-            best = max(best, flops / (time.perf_counter() - start))
+            end = time.perf_counter() + seconds / 2
+            while time.perf_counter() < end:
+                start = time.perf_counter()
+                conv(x)
+                synchronise(device)
+                best = max(best, flops / (time.perf_counter() - start))
     return best
+
+
+def iteration_flops(flops_per_image: float, batch: int, steps: int) -> float:
+    """FLOPs of one training iteration: the chain's forward + input-gradient per image-step, then
+    forward + input-gradient + weight-gradient (≈ 3 × forward) for the labelled, data and sample batches."""
+    return batch * steps * 2 * flops_per_image + 3 * batch * 3 * flops_per_image
 
 
 class ReferenceJEM:
@@ -131,7 +143,7 @@ class Ours:
         self.config, self.inputs, self.labels = config, inputs, labels
         buffer = ReplayBuffer(UniformInit(tuple(inputs.shape[1:])), config.sgld.buffer_size, int(labels.max()) + 1,
                               device)
-        self.sampler = SGLDSampler(self.model, config.sgld, buffer, fused=options.fused)
+        self.sampler = SGLDSampler(self.model, config.sgld, buffer, fused=options.fused, split=options.split_batches)
         self.optimiser = torch.optim.Adam(self.model.parameters(), lr=config.lr, fused=options.fused)
         generator = torch.Generator().manual_seed(0)
         indices = torch.arange(len(inputs))
@@ -153,7 +165,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--buffer", type=int, default=10000)
-    parser.add_argument("--repeats", type=int, default=1, help="timed iterations per row (after one warm-up)")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="timed iterations per row (after one warm-up), taken in turns across the rows")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--ablation", action="store_true", help="also time ours with the switches off one by one")
     parser.add_argument("--amp-row", action="store_true", help="also time bf16 autocast (slow on CPUs without AVX512-BF16)")
@@ -183,30 +196,33 @@ def main() -> None:
     print(f"device: {device} ({name}), torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"net {args.arch} stem {args.stem_stride}, {args.image_size} px, {flops / 1e9:.3f} GFLOP/image forward; "
           f"batch {args.batch} labelled + {args.batch} data + {args.batch} SGLD, {args.steps} SGLD steps")
-    print(f"measured conv throughput: {gflops:.1f} GFLOP/s (3x3 conv, 64 ch, 32x32, float32)\n")
+    print(f"measured conv throughput: {gflops:.1f} GFLOP/s (3x3 conv, 64 ch, 32x32, float32, best layout)\n")
 
     sgld_flops = args.batch * args.steps * 2 * flops  # forward + input-gradient backward per image-step
-    rows: list[tuple[str, float, float]] = []
-
+    runners: list[tuple[str, Ours]] = []
     reference = ReferenceJEM(fresh_model().to(device), args.batch, args.steps, args.buffer, shape, device, sgld, 1e-4)
     x_lab, y_lab, x_p_d = inputs[:args.batch], labels[:args.batch], inputs[args.batch:2 * args.batch]
-    per_iter = time_calls(lambda: reference.iteration(x_lab, y_lab, x_p_d), args.repeats, device)
-    rows.append(("reference (original JEM loop)", per_iter, statistics.median(reference.chain_times[1:])))
 
     default = SpeedOptions()
     variants = [("ours, defaults", default)]
     if args.ablation:
-        variants = [("ours, all switches off", SpeedOptions(channels_last=False, fused=False, amp="off")),
-                    ("ours, fused/in-place only", SpeedOptions(channels_last=False, amp="off")),
-                    ("ours, channels_last only", SpeedOptions(fused=False, amp="off"))] + variants
+        off = SpeedOptions(channels_last=False, fused=False, amp="off", split_batches=False)
+        variants = [("ours, all switches off", off),
+                    ("ours, fused/in-place only", replace(off, fused=True)),
+                    ("ours, channels_last only", replace(off, channels_last=True)),
+                    ("ours, batch split only", replace(off, split_batches=True)),
+                    ("ours, defaults without batch split", replace(default, split_batches=False))] + variants
     if args.amp_row:
         variants.append(("ours, defaults + bf16 autocast", replace(default, amp="bf16")))
     if args.compile_row:
         variants.append(("ours, defaults + torch.compile", replace(default, compile=True)))
     for label, options in variants:
-        ours = Ours(fresh_model(), options, config, inputs, labels, device)
-        per_iter = time_calls(ours.iteration, args.repeats, device)
-        rows.append((label, per_iter, statistics.median(ours.chain_times[1:])))
+        runners.append((label, Ours(fresh_model(), options, config, inputs, labels, device)))
+    seconds = time_round_robin([lambda: reference.iteration(x_lab, y_lab, x_p_d)] +
+                               [ours.iteration for _, ours in runners], args.repeats, device)
+    names = ["reference (original JEM loop)"] + [label for label, _ in runners]
+    chains = [reference.chain_times] + [ours.chain_times for _, ours in runners]
+    rows = [(name, s, statistics.median(chain[1:])) for name, s, chain in zip(names, seconds, chains)]
 
     print(f"{'variant':36s} {'s/iter':>8s} {'vs ref':>7s} {'SGLD s':>7s} {'img-steps/s':>12s} {'% conv peak':>12s}")
     ref_iter = rows[0][1]
@@ -214,8 +230,12 @@ def main() -> None:
         rate = args.batch * args.steps / per_chain
         share = sgld_flops / per_chain / (gflops * 1e9)
         print(f"{label:36s} {per_iter:8.2f} {ref_iter / per_iter:6.2f}x {per_chain:7.2f} {rate:12.1f} {share:11.0%}")
+    bound = iteration_flops(flops, args.batch, args.steps) / (gflops * 1e9)
+    print(f"{'arithmetic bound (FLOPs / peak)':36s} {bound:8.2f} {ref_iter / bound:6.2f}x")
     ours_default = next(per_iter for label, per_iter, _ in rows if label == "ours, defaults")
-    print(f"\nspeedup: {ref_iter / ours_default:.2f}")
+    print(f"\nthe fastest any implementation of this iteration could run at the measured conv peak: "
+          f"{ref_iter / bound:.2f}x the reference")
+    print(f"speedup: {ref_iter / ours_default:.2f}")
 
 
 if __name__ == "__main__":

@@ -68,6 +68,8 @@ class SpeedOptions:
     compile: bool = False
     # Fused Adam and in-place SGLD updates.
     fused: bool = True
+    # CPU: run SGLD chains as slices of the batch on parallel single-threaded workers (batch_split.py).
+    split_batches: bool = True
 
     def __post_init__(self) -> None:
         if self.amp not in AMP_CHOICES:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from . import JEMError
+from .batch_split import map_slices, slice_count
 from .models import JEM
 
 INIT_CHOICES = ("informative", "uniform")
@@ -153,11 +154,13 @@ def make_initialiser(config: SGLDConfig, images: torch.Tensor, labels: torch.Ten
 
 
 class SGLDSampler:
-    def __init__(self, model: JEM, config: SGLDConfig, buffer: ReplayBuffer, fused: bool = True) -> None:
+    def __init__(self, model: JEM, config: SGLDConfig, buffer: ReplayBuffer, fused: bool = True,
+                 split: bool = True) -> None:
         self.model = model
         self.config = config
         self.buffer = buffer
         self.fused = fused
+        self.split = split
         # Fraction of the last batch's values pinned at ±sample_clamp (a sign of divergence), kept
         # as a device tensor so reading it is the caller's choice of when to synchronise.
         self.last_saturation = torch.zeros(())
@@ -165,7 +168,7 @@ class SGLDSampler:
     def sample(self, n: int, y: torch.Tensor | None = None, steps: int | None = None) -> torch.Tensor:
         """n samples from p(x) (or p(x|y)), continuing persistent chains from the buffer."""
         starts, slots = self.buffer.draw(n, y, self.config.reinit_prob)
-        samples = run_chain(self.model, starts, self.config, y=y, steps=steps, fused=self.fused)
+        samples = run_chain(self.model, starts, self.config, y=y, steps=steps, fused=self.fused, split=self.split)
         self.buffer.store(samples, slots)
         if self.config.sample_clamp is not None:
             self.last_saturation = (samples.abs() >= 0.999 * self.config.sample_clamp).float().mean()
@@ -173,51 +176,68 @@ class SGLDSampler:
 
 
 def run_chain(model: JEM, x: torch.Tensor, config: SGLDConfig, y: torch.Tensor | None = None,
-              steps: int | None = None, fused: bool = True) -> torch.Tensor:
+              steps: int | None = None, fused: bool = True, split: bool = True) -> torch.Tensor:
     """Run SGLD from x; parameters are frozen so no weight gradients are computed.
 
     fused=True updates x in place (one buffer, no temporaries per step); False is the
     out-of-place form, kept as the switch docs/performance.md measures against.
+    split=True runs the chains on the CPU as slices of the batch on parallel threads
+    (jem_core.batch_split), each slice with its own noise generator seeded from torch's
+    default one, so seeded runs repeat exactly.
     """
     was_training = model.training
     frozen = [p for p in model.parameters() if p.requires_grad]
     model.eval()
     for p in frozen:
         p.requires_grad_(False)
+    count = slice_count(len(x), x.device, split)
+    generators = [None] if count == 1 else [
+        torch.Generator(x.device).manual_seed(int(seed)) for seed in torch.randint(2 ** 62, (count,))]
     try:
-        x = x.detach().clone()
-        for _ in range(steps or config.steps):
-            x.requires_grad_(True)
-            energy = model.energy(x) if y is None else model.class_energy(x, y)
-            (grad,) = torch.autograd.grad(energy.sum(), x)
-            x = x.detach()  # the graph is freed, so x's storage can be updated in place
-            if fused:
-                sgld_update_(x, grad, config)
-            else:
-                x = sgld_update_out_of_place(x, grad, config)
-        return x
+        parts = map_slices(lambda i, part: _chain(model, x[part], config, None if y is None else y[part],
+                                                  steps or config.steps, fused, generators[i]),
+                           len(x), count)
+        return parts[0] if count == 1 else torch.cat(parts)
     finally:
         for p in frozen:
             p.requires_grad_(True)
         model.train(was_training)
 
 
-def sgld_update_(x: torch.Tensor, grad: torch.Tensor, config: SGLDConfig) -> None:
+def _chain(model: JEM, x: torch.Tensor, config: SGLDConfig, y: torch.Tensor | None, steps: int, fused: bool,
+           generator: torch.Generator | None) -> torch.Tensor:
+    x = x.detach().clone()
+    with torch.enable_grad():
+        for _ in range(steps):
+            x.requires_grad_(True)
+            energy = model.energy(x) if y is None else model.class_energy(x, y)
+            (grad,) = torch.autograd.grad(energy.sum(), x)
+            x = x.detach()  # the graph is freed, so x's storage can be updated in place
+            if fused:
+                sgld_update_(x, grad, config, generator)
+            else:
+                x = sgld_update_out_of_place(x, grad, config, generator)
+    return x
+
+
+def sgld_update_(x: torch.Tensor, grad: torch.Tensor, config: SGLDConfig,
+                 generator: torch.Generator | None = None) -> None:
     if config.grad_clip is not None:
         grad.clamp_(-config.grad_clip, config.grad_clip)
     x.add_(grad, alpha=-config.step_size)
     if config.noise > 0:
-        x.add_(torch.randn_like(x), alpha=config.noise)
+        x.add_(torch.empty_like(x).normal_(generator=generator), alpha=config.noise)
     if config.sample_clamp is not None:
         x.clamp_(-config.sample_clamp, config.sample_clamp)
 
 
-def sgld_update_out_of_place(x: torch.Tensor, grad: torch.Tensor, config: SGLDConfig) -> torch.Tensor:
+def sgld_update_out_of_place(x: torch.Tensor, grad: torch.Tensor, config: SGLDConfig,
+                             generator: torch.Generator | None = None) -> torch.Tensor:
     if config.grad_clip is not None:
         grad = grad.clamp(-config.grad_clip, config.grad_clip)
     x = x - config.step_size * grad
     if config.noise > 0:
-        x = x + config.noise * torch.randn_like(x)
+        x = x + config.noise * torch.empty_like(x).normal_(generator=generator)
     if config.sample_clamp is not None:
         x = x.clamp(-config.sample_clamp, config.sample_clamp)
     return x

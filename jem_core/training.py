@@ -235,7 +235,9 @@ def train(dataset: SceneDataset, config: TrainConfig, out_path: str | Path | Non
     if not config.baseline:
         initialiser = make_initialiser(config.sgld, inputs[labelled], train_labels[labelled], spec.num_classes)
         buffer = ReplayBuffer(initialiser, max(config.sgld.buffer_size // ctx.world_size, 1), spec.num_classes, device)
-        sampler = SGLDSampler(model, replace(config.sgld), buffer, fused=config.speed.fused)
+        # torch.compile'd networks are run from one thread only: that is the combination tested.
+        sampler = SGLDSampler(model, replace(config.sgld), buffer, fused=config.speed.fused,
+                              split=config.speed.split_batches and not config.speed.compile)
 
     optimiser = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
                                  fused=config.speed.fused)

@@ -63,6 +63,8 @@ def register(subparsers) -> None:
     p.add_argument("--no-channels-last", action="store_true", help="keep NCHW tensors (channels_last is faster)")
     p.add_argument("--amp", default=speed.amp, choices=AMP_CHOICES,
                    help="bf16 autocast; auto = on for CUDA, off on CPU (default: %(default)s)")
+    p.add_argument("--no-batch-split", action="store_true",
+                   help="CPU: run each SGLD chain with intra-op threads instead of one batch slice per core")
     p.add_argument("--compile", action="store_true", help="torch.compile the network (GPU; needs a C++ compiler on CPU)")
     add_device_option(p)
     p.set_defaults(run=run_train)
@@ -90,7 +92,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
                        energy_reg=args.energy_reg, weight_gen=args.weight_gen, patience=args.patience,
                        consistency_weight=args.consistency, consistency_threshold=args.consistency_threshold,
                        seed=args.seed, device=args.device, sgld=sgld, max_recoveries=args.max_recoveries,
-                       speed=SpeedOptions(channels_last=not args.no_channels_last, amp=args.amp, compile=args.compile))
+                       speed=SpeedOptions(channels_last=not args.no_channels_last, amp=args.amp, compile=args.compile,
+                                          split_batches=not args.no_batch_split))
 
 
 def run_train(args: argparse.Namespace) -> int:
