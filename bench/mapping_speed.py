@@ -138,8 +138,7 @@ def child(args: argparse.Namespace) -> None:
     cpu_start = cpu_seconds()
     with tempfile.TemporaryDirectory() as out:
         result = map_raster(loaded, args.raster, Path(out) / "c.tif", Path(out) / "e.tif", device="cpu",
-                            read_ahead=args.read_ahead, batch_size=args.batch_size,
-                            split_batches=not args.no_batch_split, progress=progress)
+                            read_ahead=args.read_ahead, batch_size=args.batch_size, progress=progress)
     cpu = cpu_seconds() - cpu_start
     conv_after = conv_throughput(args.threads)
     print(json.dumps({"patches": result.patches, "seconds": result.seconds, "cpu_seconds": cpu,
@@ -149,9 +148,9 @@ def child(args: argparse.Namespace) -> None:
                       "conv_wall": max(conv_before[0], conv_after[0]), "conv_cpu": max(conv_before[1], conv_after[1])}))
 
 
-def run_child(raster: Path, threads: int, read_ahead: int, split: bool, batch_size: int) -> dict:
+def run_child(raster: Path, threads: int, read_ahead: int, batch_size: int) -> dict:
     command = [sys.executable, __file__, "--child", "--raster", str(raster), "--threads", str(threads),
-               "--read-ahead", str(read_ahead), "--batch-size", str(batch_size)] + ([] if split else ["--no-batch-split"])
+               "--read-ahead", str(read_ahead), "--batch-size", str(batch_size)]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode:
@@ -168,7 +167,6 @@ def main() -> None:
     parser.add_argument("--raster", help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--read-ahead", type=int, default=2, help=argparse.SUPPRESS)
-    parser.add_argument("--no-batch-split", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args)
@@ -180,24 +178,21 @@ def main() -> None:
         for name, size in (("small", args.small), ("large", args.large)):
             rasters[name] = Path(tmp) / f"{name}.vrt"
             write_mosaic_vrt(tile, size, rasters[name])
-        # (raster, side, torch threads, strips read ahead, batch split over the cores)
-        configs = [("small", args.small, 1, 0, True), ("small", args.small, 1, 2, True),
-                   ("small", args.small, 2, 0, True), ("small", args.small, 2, 2, False),
-                   ("small", args.small, 2, 2, True), ("large", args.large, 2, 2, True)]
+        configs = [("small", args.small, 1, 0), ("small", args.small, 1, 2), ("small", args.small, 2, 0),
+                   ("small", args.small, 2, 2), ("large", args.large, 1, 2)]
         print(f"model wrn-10-2 stem 2, {PATCH} px patches, stride {PATCH}, batch {args.batch_size}, CPU "
               f"({os.cpu_count()} cores, shared: timings are noisy)")
-        header = ("raster", "torch threads", "reader thread", "batch split", "patches", "wall s", "CPU s", "patches/s",
+        header = ("raster", "torch threads", "reader thread", "patches", "wall s", "CPU s", "patches/s",
                   "Mpx/s", "patches per CPU-s", "network alone, patches per CPU-s", "FLOP-bound patches per CPU-s", "% of bound (CPU)",
                   "RSS MB: before / at 10, 50, 90 % / peak")
         print("| " + " | ".join(header) + " |")
         print("|" + "---|" * len(header))
-        for name, size, threads, read_ahead, split in configs:
-            r = run_child(rasters[name], threads, read_ahead, split, args.batch_size)
+        for name, size, threads, read_ahead in configs:
+            r = run_child(rasters[name], threads, read_ahead, args.batch_size)
             per_cpu = r["patches"] / r["cpu_seconds"]
             bound = r["conv_cpu"] / r["flops"]
             rss = " / ".join(f"{r['rss_at'].get(m, float('nan')):.0f}" for m in ("10%", "50%", "90%"))
-            print(f"| {name} {size}×{size} | {threads} | {'yes' if read_ahead else 'no'} | "
-                  f"{'yes' if split and threads > 1 else 'no'} | {r['patches']} | "
+            print(f"| {name} {size}×{size} | {threads} | {'yes' if read_ahead else 'no'} | {r['patches']} | "
                   f"{r['seconds']:.1f} | {r['cpu_seconds']:.1f} | {r['pps']:.0f} | {r['mpxs']:.2f} | {per_cpu:.0f} | {r['network']:.0f} | "
                   f"{bound:.0f} ({r['conv_cpu'] / 1e9:.1f} GFLOP per CPU-s ÷ {r['flops'] / 1e6:.1f} MFLOP) | "
                   f"{100 * per_cpu / bound:.0f} | {r['rss_before_mb']:.0f} / {rss} / {r['peak_mb']:.0f} |", flush=True)

@@ -2,9 +2,9 @@
 
 oneDNN parallelises each convolution over all intra-op threads; for the small feature maps of
 these networks that leaves cores idle between and inside layers. Giving every core its own slice
-of the batch, single-threaded, keeps them busy: on the 2-core build machine an SGLD chain of 64
-WRN-16-2 images at 32 px takes 1.66 s with 2 intra-op threads and 1.29 s as two single-threaded
-halves, and mapping runs at 2,446 vs 3,112 patches/s (docs/performance.md).
+of the batch keeps them busy. Used for SGLD chains, where it pays: on the 2-core build machine a
+5-step chain of 64 WRN-16-2 images at 32 px takes 1.27 s instead of 1.38 s (docs/performance.md).
+For inference (mapping, evaluation) it measured no gain there, so those stay intra-op.
 
 Slicing changes nothing but speed because every network here treats images independently (no
 batch norm). PyTorch releases the GIL inside its kernels, and autograd is thread-safe for separate
@@ -50,11 +50,3 @@ def map_slices(fn: Callable[[int, slice], T], n: int, count: int) -> list[T]:
         # set_num_threads also sets the count new threads start with; put the caller's back.
         torch.set_num_threads(total)
 
-
-def forward_in_slices(model: torch.nn.Module, x: torch.Tensor, enabled: bool = True) -> torch.Tensor:
-    """model(x) without gradients, the batch split over the CPU's threads."""
-    def forward(_: int, part: slice) -> torch.Tensor:
-        with torch.no_grad():
-            return model(x[part])
-
-    return torch.cat(map_slices(forward, len(x), slice_count(len(x), x.device, enabled)))

@@ -12,8 +12,7 @@ API (the QGIS layer adapts it 1:1)
 ----------------------------------
 map_raster(model, inputs, out_classes, out_confidence=None, *, bands=None, stride=None, batch_size=64,
            device="auto", out_max_probability=None, out_probabilities=None, resolution="patch",
-           target_gsd=None, stretch="auto", read_ahead=2, split_batches=True, progress=None,
-           should_stop=None) -> MapResult
+           target_gsd=None, stretch="auto", read_ahead=2, progress=None, should_stop=None) -> MapResult
 
   model       a model file path or a LoadedModel (moved to `device`).
   inputs      one raster GDAL can read (GeoTIFF, VRT, ...), or several single-band files that are
@@ -36,8 +35,6 @@ map_raster(model, inputs, out_classes, out_confidence=None, *, bands=None, strid
               or a raster_io.Stretch.  Percentiles come from a decimated read (≤ 1024 px a side).
               What was applied is reported in MapResult.stretch and in the outputs' metadata.
   read_ahead  strips a reader thread keeps ready (0 = read in the calling thread).
-  split_batches  on the CPU, run each batch as one slice per core on parallel threads
-              (jem_core.batch_split; faster than intra-op threading for these small networks).
   progress    progress(fraction, message), called after every batch.
   should_stop polled before every batch; True raises training.Cancelled and no output file is left.
 
@@ -73,7 +70,6 @@ import numpy as np
 import torch
 
 from . import JEMError
-from .batch_split import forward_in_slices
 from .device import resolve_device
 from .model_file import LoadedModel, as_loaded, publish
 from .raster_io import (GdalFailures, RasterSource, Stretch, choose_stretch, open_raster, raster_error, read_strips,
@@ -492,8 +488,7 @@ def map_raster(model: str | os.PathLike | LoadedModel, inputs: str | os.PathLike
                device: str = "auto", out_max_probability: str | os.PathLike | None = None,
                out_probabilities: str | os.PathLike | None = None, resolution: str = "patch",
                target_gsd: float | None = None, stretch: str | Stretch = "auto", read_ahead: int = 2,
-               split_batches: bool = True, progress: ProgressFn | None = None,
-               should_stop: Callable[[], bool] | None = None) -> MapResult:
+               progress: ProgressFn | None = None, should_stop: Callable[[], bool] | None = None) -> MapResult:
     """Classify a raster patch by patch; see the module docstring for every option."""
     if resolution not in RESOLUTIONS:
         raise JEMError(f"Unknown resolution '{resolution}'. Choose one of: {', '.join(RESOLUTIONS)}.")
@@ -517,12 +512,12 @@ def map_raster(model: str | os.PathLike | LoadedModel, inputs: str | os.PathLike
         grid = patch_grid(source.width, source.height, meta.image_size, stride)
         applied = choose_stretch(source, meta.value_range, stretch)
         return _map(loaded, source, grid, applied, targets, resolution, batch_size, torch_device, read_ahead,
-                    split_batches, progress, should_stop)
+                    progress, should_stop)
 
 
 def _map(loaded: LoadedModel, source: RasterSource, grid: PatchGrid, stretch: Stretch, targets: dict[str, Any],
-         resolution: str, batch_size: int, device: torch.device, read_ahead: int, split_batches: bool,
-         progress: ProgressFn | None, should_stop: Callable[[], bool] | None) -> MapResult:
+         resolution: str, batch_size: int, device: torch.device, read_ahead: int, progress: ProgressFn | None,
+         should_stop: Callable[[], bool] | None) -> MapResult:
     from rasterio.errors import RasterioIOError
 
     meta = loaded.meta
@@ -541,8 +536,8 @@ def _map(loaded: LoadedModel, source: RasterSource, grid: PatchGrid, stretch: St
     try:
         writer = _RowWriter(outputs, grid, resolution, width, height)
         counts = np.zeros(classes, dtype=np.int64)
-        stats = _run(loaded, source, grid, stretch, batch_size, device, read_ahead, split_batches, writer, counts,
-                     set(outputs.files), progress, should_stop)
+        stats = _run(loaded, source, grid, stretch, batch_size, device, read_ahead, writer, counts, set(outputs.files),
+                     progress, should_stop)
         if stats["patches"] == 0:
             raise JEMError(f"'{source.description}' has no {grid.patch_size} × {grid.patch_size} px patch without "
                            "nodata (all pixels are nodata, NaN or masked); nothing to map. Check the raster and its "
@@ -575,8 +570,8 @@ def _path(value: Any) -> Path | None:
 
 @torch.inference_mode()
 def _run(loaded: LoadedModel, source: RasterSource, grid: PatchGrid, stretch: Stretch, batch_size: int,
-         device: torch.device, read_ahead: int, split_batches: bool, writer: _RowWriter, class_counts: np.ndarray,
-         kinds: set[str], progress: ProgressFn | None, should_stop: Callable[[], bool] | None) -> dict[str, int]:
+         device: torch.device, read_ahead: int, writer: _RowWriter, class_counts: np.ndarray, kinds: set[str],
+         progress: ProgressFn | None, should_stop: Callable[[], bool] | None) -> dict[str, int]:
     """Classify patch rows in batches; emit each cell row as soon as no later patch can touch it."""
     classes, k = len(loaded.meta.class_names), grid.cells_per_patch
     sums: dict[int, np.ndarray] = {}
@@ -602,8 +597,7 @@ def _run(loaded: LoadedModel, source: RasterSource, grid: PatchGrid, stretch: St
         _check_stop(should_stop)
         rows, cols, pixels = pending.take(n)
         x = loaded.normalise(torch.from_numpy(pixels).to(device))
-        logits = forward_in_slices(loaded.model, x, split_batches)
-        accumulate(rows, cols, logits.float().cpu().numpy().astype(np.float64))
+        accumulate(rows, cols, loaded.model(x).float().cpu().numpy().astype(np.float64))
         stats["patches"] += n
 
     def emit_through(last_cell_row: int) -> None:

@@ -6,7 +6,6 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from .batch_split import forward_in_slices
 from .model_file import LoadedModel
 
 
@@ -22,7 +21,7 @@ def predict_logits(loaded: LoadedModel, pixels: torch.Tensor, batch_size: int = 
             from .training import Cancelled
             raise Cancelled()
         batch = loaded.normalise(pixels[start:start + batch_size].to(device))
-        out.append(forward_in_slices(loaded.model, batch).float().cpu())
+        out.append(loaded.model(batch).float().cpu())
     return torch.cat(out) if out else torch.empty(0, loaded.spec.num_classes)
 
 

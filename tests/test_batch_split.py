@@ -1,11 +1,10 @@
-"""Splitting a batch over CPU threads changes speed only: same logits, same SGLD chains, seeded
-runs that repeat, the caller's thread count restored, worker errors reaching the caller."""
+"""Splitting a batch over CPU threads changes speed only: same SGLD chains, seeded runs that repeat, the caller's thread count restored, worker errors reaching the caller."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from jem_core.batch_split import MIN_SLICE, forward_in_slices, map_slices, slice_count
+from jem_core.batch_split import MIN_SLICE, map_slices, slice_count
 from jem_core.models import ModelSpec, build_model
 from jem_core.sampler import SGLDConfig, run_chain
 
@@ -46,15 +45,6 @@ def test_a_worker_error_reaches_the_caller(two_threads):
     with pytest.raises(ValueError, match="slice 1 failed"):
         map_slices(fail, 32, 2)
     assert torch.get_num_threads() == 2
-
-
-def test_forward_in_slices_equals_one_forward_pass(two_threads, model):
-    x = torch.randn(40, 3, 16, 16)
-    with torch.no_grad():
-        whole = model(x)
-    split = forward_in_slices(model, x)
-    assert not split.requires_grad
-    torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-5)
 
 
 def test_split_sgld_chains_equal_unsplit_ones_without_noise(two_threads, model):

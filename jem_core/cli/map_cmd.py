@@ -31,8 +31,6 @@ def register(subparsers) -> None:
                         "range; auto stretches percentiles 2–98 when an 8-bit model meets non-8-bit data")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--read-ahead", type=int, default=2, help="strips a reader thread keeps ready (0: no thread)")
-    p.add_argument("--no-batch-split", action="store_true",
-                   help="CPU: run each batch with intra-op threads instead of one batch slice per core")
     p.add_argument("--json", type=Path, help="also write the run summary as JSON here")
     p.add_argument("--preview", type=Path, help="also write a PNG: input, class map with legend, −E(x)")
     add_device_option(p)
@@ -45,8 +43,7 @@ def run_map(args: argparse.Namespace) -> int:
                         stride=args.stride, batch_size=args.batch_size, device=args.device,
                         out_max_probability=args.out_max_probability, out_probabilities=args.out_probabilities,
                         resolution=args.resolution, target_gsd=args.target_gsd, stretch=args.stretch,
-                        read_ahead=args.read_ahead, split_batches=not args.no_batch_split,
-                        progress=ProgressBar("map"))
+                        read_ahead=args.read_ahead, progress=ProgressBar("map"))
     log(f"bands {','.join(result.bands)}; stretch {result.stretch}")
     for note in result.notes:
         log(note)
