@@ -8,15 +8,19 @@ B SGLD samples for the generative term, a replay buffer of --buffer images.
     replay buffer on the CPU, the model switched eval()/train() around every chain, a Python loop
     of autograd.grad over logsumexp f(x) with retain_graph=True, `x.data +=` updates, and three
     separate forward passes (data, samples, labelled batch) for the loss.
-(b) ours — jem_core.training.training_step with the sampler and every speed switch at its default,
-    then with the switches turned off one at a time so each one's effect is measured.
+(b) ours — jem_core.training.training_step with the sampler and every speed switch at its default;
+    with --ablation also with every switch off and one switch on at a time, so each one's effect
+    is measured.
+
+The rows take turns (one timed iteration of each per round, --repeats rounds, medians), so load
+that drifts during the run hits every row alike.
 
 Prints a table (seconds per iteration, SGLD image-steps per second, the share of the machine's
 measured convolution throughput the sampler reaches), then the arithmetic bound: the iteration's
 FLOPs divided by that measured peak, i.e. the fastest any implementation of the same arithmetic could
 run here. Ends with `speedup: N.NN`, ours (all defaults) over the reference, per iteration.
 
-    /work/cpu-slot .venv/bin/python bench/training_speed.py --ablation  # WRN-16-2, 32 px, B=64, 20 steps
+    .venv/bin/python bench/training_speed.py --ablation  # WRN-16-2, 32 px, B=64, 20 steps, all threads
     .venv/bin/python bench/training_speed.py --device cuda --amp-row   # on a GPU
 """
 from __future__ import annotations
