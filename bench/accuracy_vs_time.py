@@ -4,8 +4,8 @@ Trains each configuration on AID (30 classes) at 64 px for the same time budget,
 `epoch_iters` iterations (val accuracy vs training minutes is the curve), then reports the test
 accuracy of the best-validated weights.  All runs share one split (seed 0, 5 % val, 10 % test).
 
-    /work/cpu-slot .venv/bin/python bench/accuracy_vs_time.py --minutes 6
-        → docs/results/accuracy_vs_time.json and docs/results/accuracy_vs_time.png
+    .venv/bin/python bench/accuracy_vs_time.py --minutes 10 --out docs/results/accuracy_vs_time_idle
+        → accuracy_vs_time.json and accuracy_vs_time.png in --out (default docs/results)
 
 Configurations:
   default           TrainConfig() — wrn-10-2, stem stride 2, 5 SGLD steps from the informative
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -51,8 +52,9 @@ def main() -> None:
     dataset = load_class_folder(args.data, 64)
     print(f"AID: {len(dataset)} images, {dataset.num_classes} classes, loaded in {time.monotonic() - start:.0f} s; "
           f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)", flush=True)
-    results = {"command": " ".join(["/work/cpu-slot", ".venv/bin/python"] + sys.argv),
-               "machine": f"{platform.machine()} {platform.processor()}, {torch.get_num_threads()} thread(s), shared",
+    results = {"command": " ".join([".venv/bin/python"] + sys.argv),
+               "machine": f"{platform.machine()}, {torch.get_num_threads()} CPU thread(s), "
+                          f"load average {os.getloadavg()[0]:.1f} at the start",
                "minutes_budget": args.minutes, "runs": {}}
     for name in args.configs:
         config = replace(CONFIGS[name], epochs=1000, patience=None, time_budget_min=args.minutes,
@@ -88,7 +90,7 @@ def plot(results: dict, path: Path) -> None:
         xs = [0.0] + [p["minutes"] for p in run["curve"]]
         ys = [1 / 30] + [p["val_accuracy"] for p in run["curve"]]
         ax.plot(xs, ys, marker="o", markersize=3, label=f"{name} (test {run['test_accuracy']:.1%})")
-    ax.set_xlabel("training minutes (1 CPU thread, shared machine)")
+    ax.set_xlabel(f"training minutes ({results['machine']})", fontsize=8)
     ax.set_ylabel("validation accuracy (AID, 30 classes, 64 px)")
     ax.set_title("JEM accuracy vs wall-clock time")
     ax.grid(alpha=0.3)
