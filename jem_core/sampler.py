@@ -193,10 +193,13 @@ def run_chain(model: JEM, x: torch.Tensor, config: SGLDConfig, y: torch.Tensor |
     count = slice_count(len(x), x.device, split)
     generators = [None] if count == 1 else [
         torch.Generator(x.device).manual_seed(int(seed)) for seed in torch.randint(2 ** 62, (count,))]
+
+    def chain_on(i: int, part: slice) -> torch.Tensor:
+        labels = None if y is None else y[part]
+        return _chain(model, x[part], config, labels, steps or config.steps, fused, generators[i])
+
     try:
-        parts = map_slices(lambda i, part: _chain(model, x[part], config, None if y is None else y[part],
-                                                  steps or config.steps, fused, generators[i]),
-                           len(x), count)
+        parts = map_slices(chain_on, len(x), count)
         return parts[0] if count == 1 else torch.cat(parts)
     finally:
         for p in frozen:
