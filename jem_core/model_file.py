@@ -25,7 +25,7 @@ from typing import Any, Iterator
 import torch
 
 from . import JEMError, __version__
-from .models import JEM, ModelSpec, build_model
+from .models import JEM, ModelSpec, SpeedOptions, apply_speed_options, build_model
 
 FORMAT = "jem-eo-model"
 FORMAT_VERSION = 1
@@ -197,5 +197,11 @@ def as_loaded(model: str | os.PathLike | LoadedModel, device: torch.device | str
 
 def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> LoadedModel:
     loaded = model_from_payload(read_payload(path), source=f"model file '{path}'")
-    loaded.model.to(device)
+    ready_for_inference(loaded.model, device)
     return loaded
+
+
+def ready_for_inference(model: JEM, device: torch.device | str) -> JEM:
+    """On device in channels_last: oneDNN's blocked convolutions map ~18 % faster on the build
+    machine (docs/mapping.md). float32 is kept, so outputs do not depend on the device's bf16 support."""
+    return apply_speed_options(model, SpeedOptions(amp="off"), torch.device(device))

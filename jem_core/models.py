@@ -143,7 +143,7 @@ class JEM(nn.Module):
         self.spec = spec
         self.features = WideResNet(spec)
         self.head = nn.Linear(self.features.out_features, spec.num_classes)
-        # Set by apply_speed_options; a freshly loaded model runs plain float32 NCHW.
+        # Set by apply_speed_options (load_model applies channels_last); a built model runs float32 NCHW.
         self.channels_last = False
         self.autocast_dtype: torch.dtype | None = None
 

@@ -94,3 +94,16 @@ def test_training_speed_benchmark_runs_and_prints_the_speedup():
                 "ours, batch split only", "ours, defaults", "arithmetic bound"):
         assert row in table
     assert "measured conv throughput" in table and "% conv peak" in table
+
+
+def test_loaded_models_run_channels_last_in_float32_with_the_saved_logits(tmp_path):
+    from jem_core.model_file import ModelMeta, load_model, save_model
+
+    plain, _ = model_pair(SpeedOptions())
+    save_model(tmp_path / "m.pt", plain, ModelMeta(["a", "b", "c", "d"], ["r", "g", "b"], 16, [0.0] * 3, [1.0] * 3))
+    loaded = load_model(tmp_path / "m.pt")
+    assert loaded.model.channels_last and loaded.model.autocast_dtype is None
+    assert loaded.model.features.stem.weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(x), plain(x), rtol=1e-4, atol=1e-5)
