@@ -4,7 +4,8 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from qgis.core import (QgsProcessingAlgorithm, QgsProcessingContext, QgsProcessingException,
-                       QgsProcessingFeedback, QgsProcessingParameterEnum, QgsRasterLayer)
+                       QgsProcessingFeedback, QgsProcessingParameterDefinition, QgsProcessingParameterEnum,
+                       QgsProcessingParameterFile, QgsProcessingParameterString, QgsRasterLayer)
 
 from jem_core import JEMError
 
@@ -50,6 +51,15 @@ class JemAlgorithm(QgsProcessingAlgorithm):
             feedback: QgsProcessingFeedback) -> dict[str, Any]:
         raise NotImplementedError
 
+    def add_model_parameter(self) -> None:
+        self.addParameter(QgsProcessingParameterFile("MODEL", "JEM model file", fileFilter="JEM model (*.pt)"))
+
+    def add_advanced(self, *parameters: QgsProcessingParameterDefinition) -> None:
+        """Parameters shown under the dialog's "Advanced parameters"."""
+        for parameter in parameters:
+            parameter.setFlags(parameter.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
+            self.addParameter(parameter)
+
     def add_device_parameter(self, name: str = "DEVICE") -> None:
         """Static strings: scripts pass DEVICE='cpu' rather than an index; 'auto' picks CUDA when present."""
         self.addParameter(QgsProcessingParameterEnum(name, "Device (auto: CUDA GPU when present, else CPU)",
@@ -66,6 +76,11 @@ class JemAlgorithm(QgsProcessingAlgorithm):
             raise QgsProcessingException("The input must be a raster file layer (GDAL); save web or memory "
                                          "rasters to a GeoTIFF first.")
         return layer
+
+    @staticmethod
+    def bands_parameter(name: str = "BANDS") -> QgsProcessingParameterString:
+        """The text band_list() parses."""
+        return QgsProcessingParameterString(name, "Bands (names or 1-based indexes, comma separated)", optional=True)
 
     def band_list(self, parameters: dict[str, Any], context: QgsProcessingContext,
                   name: str = "BANDS") -> list[str] | None:

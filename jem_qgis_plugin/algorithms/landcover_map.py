@@ -3,11 +3,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from qgis.core import (QgsProcessingContext, QgsProcessingException, QgsProcessingFeedback,
-                       QgsProcessingParameterDefinition, QgsProcessingParameterEnum,
-                       QgsProcessingParameterFile, QgsProcessingParameterNumber,
-                       QgsProcessingParameterRasterDestination, QgsProcessingParameterRasterLayer,
-                       QgsProcessingParameterString)
+from qgis.core import (QgsProcessingContext, QgsProcessingFeedback, QgsProcessingParameterEnum,
+                       QgsProcessingParameterNumber, QgsProcessingParameterRasterDestination,
+                       QgsProcessingParameterRasterLayer, QgsProcessingParameterString)
 
 from ..lazy_torch import core_constant
 from ..styles import post_processor, write_style_beside
@@ -36,22 +34,19 @@ class LandCoverMapAlgorithm(JemAlgorithm):
 
     def initAlgorithm(self, config=None) -> None:  # noqa: N802 (QGIS API name)
         self.addParameter(QgsProcessingParameterRasterLayer("INPUT", "Input raster"))
-        self.addParameter(QgsProcessingParameterFile("MODEL", "JEM model file", fileFilter="JEM model (*.pt)"))
-        self.addParameter(QgsProcessingParameterString("BANDS", "Bands (names or 1-based indexes, comma separated)",
-                                                       optional=True))
+        self.add_model_parameter()
+        self.addParameter(self.bands_parameter())
         self.addParameter(QgsProcessingParameterNumber("STRIDE", "Stride in pixels (0 = the patch size)",
                                                        QgsProcessingParameterNumber.Integer, 0, minValue=0))
         self.add_device_parameter()
-        for parameter in (
+        self.add_advanced(
                 QgsProcessingParameterNumber("BATCH_SIZE", "Batch size (patches per forward pass)",
                                              QgsProcessingParameterNumber.Integer, 64, minValue=1),
                 QgsProcessingParameterEnum("RESOLUTION", "Output grid (patch: one pixel per stride × stride "
                                            "cell; input: the input's pixels)", options=list(RESOLUTIONS),
                                            defaultValue=RESOLUTIONS[0], usesStaticStrings=True),
                 QgsProcessingParameterString("STRETCH", "Value stretch (auto, none, percentile:2,98, "
-                                             "linear:MIN,MAX)", defaultValue="auto")):
-            parameter.setFlags(parameter.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
-            self.addParameter(parameter)
+                                             "linear:MIN,MAX)", defaultValue="auto"))
         self.addParameter(QgsProcessingParameterRasterDestination("OUTPUT", "Class map"))
         self.addParameter(QgsProcessingParameterRasterDestination("CONFIDENCE", "Confidence map (−E(x))",
                                                                   optional=True, createByDefault=True))

@@ -7,10 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from qgis.core import (QgsProcessing, QgsProcessingContext, QgsProcessingException, QgsProcessingFeedback,
-                       QgsProcessingOutputString, QgsProcessingParameterDefinition, QgsProcessingParameterEnum,
-                       QgsProcessingParameterFile, QgsProcessingParameterFileDestination,
-                       QgsProcessingParameterMultipleLayers, QgsProcessingParameterNumber,
-                       QgsProcessingParameterString)
+                       QgsProcessingOutputString, QgsProcessingParameterEnum, QgsProcessingParameterFile,
+                       QgsProcessingParameterFileDestination, QgsProcessingParameterMultipleLayers,
+                       QgsProcessingParameterNumber, QgsProcessingParameterString)
 
 from ..lazy_torch import core_constant
 from .base import JemAlgorithm, progress_reporter
@@ -33,7 +32,7 @@ class OodAlgorithm(JemAlgorithm):
             "extrapolate. <b>Reference split</b> <i>test</i> uses the images training held out.")
 
     def initAlgorithm(self, config=None) -> None:  # noqa: N802 (QGIS API name)
-        self.addParameter(QgsProcessingParameterFile("MODEL", "JEM model file", fileFilter="JEM model (*.pt)"))
+        self.add_model_parameter()
         self.addParameter(QgsProcessingParameterFile("REFERENCE", "Reference dataset (class folders, e.g. the "
                                                      "training data)", behavior=QgsProcessingParameterFile.Folder))
         self.addParameter(QgsProcessingParameterEnum("REFERENCE_SPLIT", "Reference images", options=REFERENCE_SPLITS,
@@ -43,15 +42,13 @@ class OodAlgorithm(JemAlgorithm):
         self.addParameter(QgsProcessingParameterString("COMPARE_FOLDERS", "Folders to compare (separated by ;)",
                                                        optional=True))
         self.add_device_parameter()
-        for parameter in (
+        self.add_advanced(
                 QgsProcessingParameterNumber("BINS", "Histogram bins", QgsProcessingParameterNumber.Integer, 50,
                                              minValue=2),
                 QgsProcessingParameterNumber("BATCH_SIZE", "Batch size", QgsProcessingParameterNumber.Integer, 256,
                                              minValue=1),
                 QgsProcessingParameterString("STRETCH", "Raster value stretch (auto, none, percentile:2,98, "
-                                             "linear:MIN,MAX)", defaultValue="auto")):
-            parameter.setFlags(parameter.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
-            self.addParameter(parameter)
+                                             "linear:MIN,MAX)", defaultValue="auto"))
         self.addParameter(QgsProcessingParameterFileDestination("OUTPUT_HTML", "OOD report", "HTML (*.html)",
                                                                 optional=True, createByDefault=True))
         self.addParameter(QgsProcessingParameterFileDestination("OUTPUT_PLOT", "Histogram plot", "PNG image (*.png)",

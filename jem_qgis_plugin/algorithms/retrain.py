@@ -5,11 +5,11 @@ from typing import Any
 
 from qgis.core import (QgsCoordinateTransform, QgsFeatureRequest, QgsGeometry, QgsPointXY, QgsProcessing,
                        QgsProcessingContext, QgsProcessingException, QgsProcessingFeedback,
-                       QgsProcessingFeatureSource, QgsProcessingOutputNumber, QgsProcessingParameterDefinition,
-                       QgsProcessingParameterEnum, QgsProcessingParameterFeatureSource, QgsProcessingParameterField,
-                       QgsProcessingParameterFile, QgsProcessingParameterFileDestination,
-                       QgsProcessingParameterNumber, QgsProcessingParameterRasterDestination,
-                       QgsProcessingParameterRasterLayer, QgsProcessingParameterString, QgsRasterLayer, QgsWkbTypes)
+                       QgsProcessingFeatureSource, QgsProcessingOutputNumber, QgsProcessingParameterEnum,
+                       QgsProcessingParameterFeatureSource, QgsProcessingParameterField, QgsProcessingParameterFile,
+                       QgsProcessingParameterFileDestination, QgsProcessingParameterNumber,
+                       QgsProcessingParameterRasterDestination, QgsProcessingParameterRasterLayer, QgsRasterLayer,
+                       QgsWkbTypes)
 
 from ..lazy_torch import core_constant
 from ..styles import post_processor, write_style_beside
@@ -91,20 +91,17 @@ class RetrainAlgorithm(JemAlgorithm):
         self.addParameter(QgsProcessingParameterNumber("UNLABELLED", "Unlabelled patches sampled from the raster",
                                                        QgsProcessingParameterNumber.Integer, 512, minValue=1))
         self.add_device_parameter()
-        for parameter in (
+        self.add_advanced(
                 QgsProcessingParameterNumber("PATCH_SIZE", "Patch size in px (new model only)",
                                              QgsProcessingParameterNumber.Integer, 32, minValue=8),
                 QgsProcessingParameterEnum("ARCH", "Architecture (new model only)", options=ARCHITECTURES,
                                            defaultValue="wrn-10-2", usesStaticStrings=True),
-                QgsProcessingParameterString("BANDS", "Bands (names or 1-based indexes, comma separated)",
-                                             optional=True),
+                self.bands_parameter(),
                 QgsProcessingParameterFile("EXTRA_DATASET", "Extra unlabelled images: class-folder dataset",
                                            behavior=QgsProcessingParameterFile.Folder, optional=True),
                 QgsProcessingParameterNumber("LR", "Learning rate", QgsProcessingParameterNumber.Double, 1e-3,
                                              minValue=1e-7),
-                QgsProcessingParameterNumber("SEED", "Random seed", QgsProcessingParameterNumber.Integer, 0)):
-            parameter.setFlags(parameter.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
-            self.addParameter(parameter)
+                QgsProcessingParameterNumber("SEED", "Random seed", QgsProcessingParameterNumber.Integer, 0))
         self.addParameter(QgsProcessingParameterFileDestination("OUTPUT_MODEL", "Retrained model", "JEM model (*.pt)"))
         self.addParameter(QgsProcessingParameterRasterDestination("OUTPUT_MAP", "New class map", optional=True,
                                                                   createByDefault=False))

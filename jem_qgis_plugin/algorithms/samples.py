@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 from qgis.core import (QgsProcessingContext, QgsProcessingFeedback, QgsProcessingOutputNumber,
-                       QgsProcessingParameterBoolean, QgsProcessingParameterDefinition, QgsProcessingParameterFile,
+                       QgsProcessingParameterBoolean, QgsProcessingParameterFile,
                        QgsProcessingParameterFileDestination, QgsProcessingParameterNumber)
 
 from .base import JemAlgorithm, progress_reporter
@@ -25,7 +25,7 @@ class SamplesAlgorithm(JemAlgorithm):
             "longer.")
 
     def initAlgorithm(self, config=None) -> None:  # noqa: N802 (QGIS API name)
-        self.addParameter(QgsProcessingParameterFile("MODEL", "JEM model file", fileFilter="JEM model (*.pt)"))
+        self.add_model_parameter()
         self.addParameter(QgsProcessingParameterNumber("PER_CLASS", "Samples per class",
                                                        QgsProcessingParameterNumber.Integer, 4, minValue=1))
         self.addParameter(QgsProcessingParameterNumber("STEPS", "SGLD steps per sample",
@@ -36,14 +36,12 @@ class SamplesAlgorithm(JemAlgorithm):
                                                      "and quality score)", behavior=QgsProcessingParameterFile.Folder,
                                                      optional=True))
         self.add_device_parameter()
-        for parameter in (
+        self.add_advanced(
                 QgsProcessingParameterFile("FEATURE_MODEL", "Feature model for the quality score (default: the "
                                            "sampled model)", fileFilter="JEM model (*.pt)", optional=True),
                 QgsProcessingParameterNumber("SEED", "Random seed", QgsProcessingParameterNumber.Integer, 0),
                 QgsProcessingParameterNumber("BATCH_SIZE", "Batch size (chains run together)",
-                                             QgsProcessingParameterNumber.Integer, 64, minValue=1)):
-            parameter.setFlags(parameter.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
-            self.addParameter(parameter)
+                                             QgsProcessingParameterNumber.Integer, 64, minValue=1))
         self.addParameter(QgsProcessingParameterFileDestination("OUTPUT", "Sample grid", "PNG image (*.png)"))
         self.addParameter(QgsProcessingParameterFileDestination("OUTPUT_JSON", "Numbers (JSON)", "JSON (*.json)",
                                                                 optional=True))

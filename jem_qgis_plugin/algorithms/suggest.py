@@ -4,9 +4,8 @@ from __future__ import annotations
 from typing import Any
 
 from qgis.core import (QgsFeature, QgsFeatureSink, QgsField, QgsFields, QgsGeometry, QgsProcessingContext,
-                       QgsProcessingException, QgsProcessingFeedback, QgsProcessingParameterDefinition,
-                       QgsProcessingParameterFeatureSink, QgsProcessingParameterFile, QgsProcessingParameterNumber,
-                       QgsProcessingParameterRasterLayer, QgsProcessingParameterString, QgsRectangle, QgsWkbTypes)
+                       QgsProcessingException, QgsProcessingFeedback, QgsProcessingParameterFeatureSink,
+                       QgsProcessingParameterNumber, QgsProcessingParameterRasterLayer, QgsRectangle, QgsWkbTypes)
 from qgis.PyQt.QtCore import QVariant
 
 from ..annotation import CLASS_FIELD
@@ -41,17 +40,14 @@ class SuggestAlgorithm(JemAlgorithm):
 
     def initAlgorithm(self, config=None) -> None:  # noqa: N802 (QGIS API name)
         self.addParameter(QgsProcessingParameterRasterLayer("INPUT", "Input raster"))
-        self.addParameter(QgsProcessingParameterFile("MODEL", "JEM model file", fileFilter="JEM model (*.pt)"))
+        self.add_model_parameter()
         self.addParameter(QgsProcessingParameterNumber("COUNT", "Number of suggestions",
                                                        QgsProcessingParameterNumber.Integer, 10, minValue=1))
         self.add_device_parameter()
-        for parameter in (
+        self.add_advanced(
                 QgsProcessingParameterNumber("MIN_DISTANCE", "Minimum distance between suggestions (px, 0 = auto)",
                                              QgsProcessingParameterNumber.Double, 0.0, minValue=0.0),
-                QgsProcessingParameterString("BANDS", "Bands (names or 1-based indexes, comma separated)",
-                                             optional=True)):
-            parameter.setFlags(parameter.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
-            self.addParameter(parameter)
+                self.bands_parameter())
         self.addParameter(QgsProcessingParameterFeatureSink("OUTPUT", "Suggested patches"))
 
     def execute(self, parameters: dict[str, Any], context: QgsProcessingContext,

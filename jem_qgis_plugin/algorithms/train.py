@@ -5,9 +5,8 @@ from pathlib import Path
 from typing import Any
 
 from qgis.core import (QgsProcessingContext, QgsProcessingFeedback, QgsProcessingOutputNumber,
-                       QgsProcessingParameterBoolean, QgsProcessingParameterDefinition, QgsProcessingParameterEnum,
-                       QgsProcessingParameterFile, QgsProcessingParameterFileDestination,
-                       QgsProcessingParameterNumber)
+                       QgsProcessingParameterBoolean, QgsProcessingParameterEnum, QgsProcessingParameterFile,
+                       QgsProcessingParameterFileDestination, QgsProcessingParameterNumber)
 
 from ..lazy_torch import core_constant
 from .base import JemAlgorithm, progress_reporter
@@ -57,7 +56,7 @@ class TrainAlgorithm(JemAlgorithm):
                                                        QgsProcessingParameterNumber.Double, 0.0, minValue=0.0))
         self.add_device_parameter()
         self.addParameter(QgsProcessingParameterBoolean("BASELINE", "Baseline: cross-entropy only (no JEM)", False))
-        for parameter in (
+        self.add_advanced(
                 QgsProcessingParameterNumber("BATCH_SIZE", "Batch size (labelled images per step)",
                                              QgsProcessingParameterNumber.Integer, default("batch_size"), minValue=1),
                 QgsProcessingParameterNumber("LR", "Learning rate", QgsProcessingParameterNumber.Double,
@@ -68,9 +67,7 @@ class TrainAlgorithm(JemAlgorithm):
                                              QgsProcessingParameterNumber.Integer, default("buffer_size", SGLD),
                                              minValue=1),
                 QgsProcessingParameterNumber("SEED", "Random seed (split, labelled subset, initialisation)",
-                                             QgsProcessingParameterNumber.Integer, default("seed"))):
-            parameter.setFlags(parameter.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
-            self.addParameter(parameter)
+                                             QgsProcessingParameterNumber.Integer, default("seed")))
         self.addParameter(QgsProcessingParameterFileDestination("OUTPUT_MODEL", "Model file", "JEM model (*.pt)"))
         self.addParameter(QgsProcessingParameterFileDestination("METRICS", "Test metrics", "JSON (*.json)",
                                                                 optional=True))
