@@ -92,10 +92,15 @@ def conv_throughput(device: torch.device, seconds: float = 3.0) -> float:
     return best
 
 
+def chain_flops(flops_per_image: float, batch: int, steps: int) -> float:
+    """FLOPs of one SGLD chain: forward + input-gradient backward (≈ 2 × forward) per image-step."""
+    return batch * steps * 2 * flops_per_image
+
+
 def iteration_flops(flops_per_image: float, batch: int, steps: int) -> float:
-    """FLOPs of one training iteration: the chain's forward + input-gradient per image-step, then
-    forward + input-gradient + weight-gradient (≈ 3 × forward) for the labelled, data and sample batches."""
-    return batch * steps * 2 * flops_per_image + 3 * batch * 3 * flops_per_image
+    """FLOPs of one training iteration: the chain, then forward + input-gradient + weight-gradient
+    (≈ 3 × forward) for the labelled, data and sample batches."""
+    return chain_flops(flops_per_image, batch, steps) + 3 * batch * 3 * flops_per_image
 
 
 class ReferenceJEM:
@@ -202,7 +207,7 @@ def main() -> None:
           f"batch {args.batch} labelled + {args.batch} data + {args.batch} SGLD, {args.steps} SGLD steps")
     print(f"measured conv throughput: {gflops:.1f} GFLOP/s (3x3 conv, 64 ch, 32x32, float32, best layout)\n")
 
-    sgld_flops = args.batch * args.steps * 2 * flops  # forward + input-gradient backward per image-step
+    sgld_flops = chain_flops(flops, args.batch, args.steps)
     runners: list[tuple[str, Ours]] = []
     reference = ReferenceJEM(fresh_model().to(device), args.batch, args.steps, args.buffer, shape, device, sgld, 1e-4)
     x_lab, y_lab, x_p_d = inputs[:args.batch], labels[:args.batch], inputs[args.batch:2 * args.batch]
