@@ -29,7 +29,7 @@ from typing import Any, Callable, Sequence, Union
 import numpy as np
 import torch
 
-from . import JEMError
+from . import JEMError, ProgressFn, no_progress
 from .data import SceneDataset, load_class_folder
 from .mapping import iter_patches
 from .metrics import predict_logits
@@ -38,7 +38,6 @@ from .models import ModelSpec, build_model
 from .raster_io import RasterSource, Stretch, choose_stretch, open_raster, require_crs
 from .training import Cancelled, TrainConfig, train
 
-ProgressFn = Callable[[float, str], None]
 StopFn = Callable[[], bool]
 # One raster: a path GDAL opens, or single-band files stacked on the finest grid (raster_io.open_raster).
 RasterInput = Union[str, Path, Sequence[Union[str, Path]]]
@@ -429,7 +428,7 @@ def suggest(model: LoadedModel | str | Path, raster: RasterInput, count: int, *,
     if count < 1:
         raise JEMError(f"COUNT must be at least 1 (got {count}).")
     loaded = as_loaded(model)
-    progress = progress or (lambda fraction, message: None)
+    progress = progress or no_progress
     size = loaded.meta.image_size
     windows: list[PatchWindow] = []
     logits: list[torch.Tensor] = []

@@ -38,14 +38,13 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from . import JEMError
+from . import JEMError, ProgressFn, no_progress
 from .data import SceneDataset
 from .distances import frechet_distance, kernel_distance
 from .model_file import LoadedModel, as_loaded, atomic_write, check_output_folders, written_together
 from .ood import load_reference, reference_indices
 from .sampler import ClassGaussianInit, SGLDConfig, UniformInit, make_initialiser, run_chain
 
-ProgressFn = Callable[[float, str], None]
 REAL_REFERENCE_MAX = 1000
 STEP_CHUNK = 10  # SGLD steps between progress updates / cancel checks
 
@@ -193,7 +192,7 @@ def sample_grid(model: str | os.PathLike | LoadedModel, out_png: str | os.PathLi
     if per_class < 1:
         raise JEMError(f"per_class must be at least 1 (got {per_class}).")
     check_output_folders(out_png, json_path)
-    progress = progress or (lambda fraction, message: None)
+    progress = progress or no_progress
     loaded = as_loaded(model, device)
     model_device = next(loaded.model.parameters()).device
     config = sgld_config(loaded, steps, step_size, noise)

@@ -69,7 +69,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from . import JEMError
+from . import JEMError, ProgressFn
 from .device import resolve_device
 from .model_file import LoadedModel, as_loaded, publish
 from .raster_io import (GdalFailures, RasterSource, Stretch, choose_stretch, open_raster, raster_error, read_strips,
@@ -77,7 +77,6 @@ from .raster_io import (GdalFailures, RasterSource, Stretch, choose_stretch, ope
 
 RESOLUTIONS = ("patch", "input")
 CLASS_NODATA = 255
-ProgressFn = Callable[[float, str], None]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -45,14 +45,13 @@ from typing import Any, Callable, Sequence, Union
 import numpy as np
 import torch
 
-from . import JEMError
+from . import JEMError, ProgressFn, no_progress
 from .data import (IMAGE_SUFFIXES, SceneDataset, check_band_count, list_class_folders, load_class_folder, read_image,
                    split_dataset)
 from .distances import KL_EPSILON, auroc, histogram_kl
 from .metrics import predict_logits
 from .model_file import LoadedModel, as_loaded, atomic_write, check_output_folders, written_together
 
-ProgressFn = Callable[[float, str], None]
 CompareItem = Union[str, os.PathLike, tuple]
 REFERENCE_SPLITS = ("test", "train", "all")
 
@@ -237,7 +236,7 @@ def ood_analysis(model: str | os.PathLike | LoadedModel, reference: str | os.Pat
     if bins < 2:
         raise JEMError(f"bins must be at least 2 (got {bins}).")
     check_output_folders(json_path, plot_path)
-    progress = progress or (lambda fraction, message: None)
+    progress = progress or no_progress
     loaded = as_loaded(model, device)
     steps = len(compare) + 1
     progress(0.0, "scoring the reference")

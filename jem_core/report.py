@@ -28,12 +28,11 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 
-from . import JEMError
+from . import JEMError, ProgressFn, no_progress
 from .metrics import classification_metrics, predict_logits
 from .model_file import LoadedModel, as_loaded, atomic_write
 from .ood import load_reference, ood_analysis, reference_indices
 
-ProgressFn = Callable[[float, str], None]
 
 STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }
@@ -114,7 +113,7 @@ def build_report(model: str | os.PathLike | LoadedModel, out_html: str | os.Path
     from .generation import sample_grid
     from .plots import reliability_diagram
 
-    progress = progress or (lambda fraction, message: None)
+    progress = progress or no_progress
     if compare and data is None:
         raise JEMError("The OOD section compares with the training data: give the dataset (--data) as well.")
     loaded = as_loaded(model, device)

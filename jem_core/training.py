@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from . import JEMError, distributed
+from . import JEMError, ProgressFn, distributed, no_progress
 from .checkpoint import (LoopState, Snapshot, check_resumable, cpu_state, load_checkpoint, restore_snapshot,
                          remove_stale_temporaries, rng_state, save_checkpoint, set_rng_state,
                          take_snapshot)
@@ -96,7 +96,6 @@ class TrainResult:
     history: list[dict[str, float]]
 
 
-ProgressFn = Callable[[float, str], None]
 
 
 def augment(x: torch.Tensor) -> torch.Tensor:
@@ -197,7 +196,7 @@ def train(dataset: SceneDataset, config: TrainConfig, out_path: str | Path | Non
         raise JEMError("resume needs the checkpoint path of the run to continue.")
     ctx = distributed.current()
     log = log if log and ctx.is_main else (lambda message: None)
-    progress = progress if progress and ctx.is_main else (lambda fraction, message: None)
+    progress = progress if progress and ctx.is_main else no_progress
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     device = distributed.device_for(ctx, config.device)
