@@ -200,7 +200,6 @@ def train(dataset: SceneDataset, config: TrainConfig, out_path: str | Path | Non
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     device = distributed.device_for(ctx, config.device)
-    start_time = time.monotonic()
 
     split = split_dataset(dataset.labels, config.seed, config.val_fraction, config.test_fraction)
     if len(split.train) == 0:
