@@ -221,8 +221,8 @@ def train(dataset: SceneDataset, config: TrainConfig, out_path: str | Path | Non
     meta = ModelMeta(class_names=list(dataset.class_names), band_names=list(dataset.band_names),
                      image_size=config.image_size, mean=mean, std=std, value_range=list(dataset.value_range),
                      train_config=config.to_dict())
-    model = (build_model(spec) if start_model is None else copy.deepcopy(start_model.model)).to(device)
-    apply_speed_options(model, config.speed, device)
+    model = build_model(spec) if start_model is None else copy.deepcopy(start_model.model)
+    apply_speed_options(model, config.speed, device)  # moves it to the device too
     loaded = LoadedModel(model, meta)
     inputs = loaded.normalise(pool).to(device)  # whole normalised training pool on the device
     train_labels = visible_labels.to(device)
