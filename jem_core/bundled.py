@@ -1,0 +1,21 @@
+"""The model that ships with JEM-EO, in the repository and inside the QGIS plugin zip.
+
+`landcover_base.pt`: a JEM trained by our own `jem train` on AID scenes grouped into 8 land-cover
+classes (recipe: recipes/aid_landcover.py; model card: docs/base_model.md).  It is the default model
+of mapping and the default starting point of a retrain whose raster has red, green and blue bands.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import JEMError
+
+BASE_MODEL = Path(__file__).with_name("bundled") / "landcover_base.pt"
+
+
+def base_model_path() -> Path:
+    """The bundled base model's file; a clear error when an install lost it."""
+    if not BASE_MODEL.is_file():
+        raise JEMError(f"The bundled base model '{BASE_MODEL}' is missing from this installation. Reinstall "
+                       "JEM-EO, or give a model file explicitly.")
+    return BASE_MODEL
