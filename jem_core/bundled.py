@@ -1,8 +1,8 @@
 """The model that ships with JEM-EO, in the repository and inside the QGIS plugin zip.
 
 `landcover_base.pt`: a JEM trained by our own `jem train` on AID scenes grouped into 8 land-cover
-classes (recipe: recipes/aid_landcover.py; model card: docs/base_model.md).  It is the default model
-of mapping and the default starting point of a retrain whose raster has red, green and blue bands.
+classes (recipe: recipes/aid_landcover.py; training log: docs/results/base_model/).  Not yet the
+default of any command: that wiring is still to come.
 """
 from __future__ import annotations
 

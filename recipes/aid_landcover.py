@@ -4,8 +4,8 @@ classes, and a fixed hold-out of AID images that the base model never sees.
     python recipes/aid_landcover.py ../shared/data/aid runs/aid_landcover
 
 links every training image (not held out) into runs/aid_landcover/<land-cover class>/, ready for
-`jem train`.  The scene benchmark (bench/scene_benchmark.py) builds its mosaics from the held-out images
-only, so a model trained by this recipe is never scored on images it saw.
+`jem train`.  A benchmark scoring such a model on AID must build its test scenes from the held-out
+images only (is_held_out), so the model is never scored on images it saw.
 """
 from __future__ import annotations
 
