@@ -42,7 +42,7 @@ EPOCH_ITERS = {"default": 30, "default-20-uniform": 15, "paper-scaled": 3}
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default="/work/shared/data/aid")
+    parser.add_argument("--data", default="../shared/data/aid")
     parser.add_argument("--minutes", type=float, default=6.0, help="training time budget per configuration")
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--out", type=Path, default=Path("docs/results"))

@@ -10,7 +10,7 @@ Round 1: fine-tune that model after adding N labels, chosen
   - "none": no new labels, the same fine-tuning (separates the labels' effect from more training).
 Accuracy is measured on a held-out test split that no arm ever sees.
 
-    /work/cpu-slot .venv/bin/python bench/active_learning.py --data /work/shared/data/aid \\
+    .venv/bin/python bench/active_learning.py --data ../shared/data/aid \\
         --json docs/active_learning.json
 """
 from __future__ import annotations

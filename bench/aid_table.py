@@ -11,12 +11,12 @@ Two phases, each loading AID once per process:
            reliability diagrams JEM vs CE, SGLD sample grids with their feature-space distances, and
            the markdown tables written into docs/science.md between the aid-table markers.
 
-Usage (each run through /work/cpu-slot, single-threaded):
-  /work/cpu-slot .venv/bin/python bench/aid_table.py train --settings all,20 --budget-min 3.5
-  /work/cpu-slot .venv/bin/python bench/aid_table.py train --settings 3,1 --budget-min 3.5
-  /work/cpu-slot .venv/bin/python bench/aid_table.py analyse
+Usage (each run single-threaded, one at a time):
+  .venv/bin/python bench/aid_table.py train --settings all,20 --budget-min 3.5
+  .venv/bin/python bench/aid_table.py train --settings 3,1 --budget-min 3.5
+  .venv/bin/python bench/aid_table.py analyse
   .venv/bin/python bench/aid_table.py analyse --tables-only     (plots and tables from the saved JSONs)
-  /work/cpu-slot .venv/bin/python bench/aid_table.py ood --model demo/model.pt --tag demo
+  .venv/bin/python bench/aid_table.py ood --model demo/model.pt --tag demo
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ from jem_core.data import load_class_folder  # noqa: E402
 from jem_core.sampler import SGLDConfig  # noqa: E402
 from jem_core.training import TrainConfig  # noqa: E402
 
-DATA = Path("/work/shared/data")
+DATA = Path("../shared/data")
 RESULTS = ROOT / "docs" / "results" / "aid_table"
 IMAGES = ROOT / "docs" / "img"
 SCIENCE_MD = ROOT / "docs" / "science.md"
@@ -55,7 +55,7 @@ PAPER = {("all", "jem"): 74.1, ("all", "ce"): 78.7, ("20", "jem"): 50.2, ("20", 
 
 
 def command_line() -> str:
-    return "/work/cpu-slot .venv/bin/python bench/aid_table.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    return ".venv/bin/python bench/aid_table.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
 
 class MaskRateRecorder:

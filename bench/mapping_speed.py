@@ -1,6 +1,6 @@
 """Mapping throughput and peak memory, small vs very large raster, next to the FLOP-bound limit.
 
-    /work/cpu-slot .venv/bin/python bench/mapping_speed.py [--large 20000] [--small 2048]
+    .venv/bin/python bench/mapping_speed.py [--large 20000] [--small 2048]
 
 The rasters are VRT mosaics of one 1024 × 1024 tiled GeoTIFF tile (written to a temp folder), so a
 20,000 × 20,000 raster costs no disk.  Every configuration runs in a fresh child process that
