@@ -8,12 +8,19 @@ Loss per iteration:
 
 x_sgld comes from a short SGLD chain continued from a replay buffer.  The baseline drops the
 generative term and trains the same network with CE alone.
+
+How long a run lasts: an iteration count or a time budget is the primary knob (`iterations`,
+`time_budget_min`; with neither, DEFAULT_ITERATIONS), `epochs` (passes over the training images)
+only an upper bound.  The learning-rate warm-up and cosine decay follow the run's progress, the
+larger of the iteration and the time fraction, so every run, short or long, leaves its warm-up
+after a tenth of its length.  Validation and checkpoints happen every round (one pass over the
+training images, at least MIN_ROUND_ITERS iterations unless `epochs` bounds the run); early stopping and keeping the best round
+need a validation split of at least MIN_VAL_FOR_SELECTION images, otherwise the last weights are kept.
 """
 from __future__ import annotations
 
 import copy
 import math
-import statistics
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field, replace
@@ -24,23 +31,32 @@ import torch
 import torch.nn.functional as F
 
 from . import JEMError, ProgressFn, distributed, no_progress
-from .checkpoint import (LoopState, Snapshot, check_resumable, cpu_state, load_checkpoint, restore_snapshot,
-                         remove_stale_temporaries, rng_state, save_checkpoint, set_rng_state,
-                         take_snapshot)
+from .augmentation import augment, strong_augment
+from .checkpoint import LoopState, cpu_state
 from .data import SceneDataset, band_statistics, choose_labelled, split_dataset
 from .metrics import classification_metrics, predict_logits
 from .model_file import LoadedModel, ModelMeta, save_model
 from .models import ModelSpec, SpeedOptions, apply_speed_options, build_model
+from .run_state import (Diverged, RunParts, divergence_reason, recover, remove_checkpoint, resume_run,
+                        save_point)
 from .sampler import ReplayBuffer, SGLDConfig, SGLDSampler, make_initialiser
+
+__all__ = ["Cancelled", "Diverged", "TrainConfig", "TrainResult", "train"]
+
+# Chosen on the 112-image, 4-class case that ran 20 iterations under the old epoch default: 1000
+# iterations take a few minutes at 32 px on two cores and learn such data well above chance.
+DEFAULT_ITERATIONS = 1000
+WARMUP_FRACTION = 0.1
+MIN_ROUND_ITERS = 25
+MIN_VAL_FOR_SELECTION = 100
+# Below these a finished model gets a warning: fit on its own labelled images, test accuracy / chance.
+MIN_LABEL_FIT = 0.7
+NEAR_CHANCE_FACTOR = 1.5
 
 
 class Cancelled(JEMError):
     def __init__(self) -> None:
         super().__init__("Cancelled by the user; nothing was written.")
-
-
-class Diverged(JEMError):
-    pass
 
 
 @dataclass
@@ -50,13 +66,14 @@ class TrainConfig:
     norm: str = "none"
     dropout: float = 0.0
     image_size: int = 64
-    epochs: int = 10
+    iterations: Optional[int] = None  # None: DEFAULT_ITERATIONS unless epochs or a time budget bound the run
+    epochs: Optional[int] = None  # upper bound in passes over the training images
     time_budget_min: Optional[float] = None
     batch_size: int = 64
     sgld_batch_size: int = 32
     lr: float = 1e-3
     weight_decay: float = 0.0
-    warmup_iters: int = 100
+    warmup_iters: Optional[int] = None  # None: the first WARMUP_FRACTION of the run
     labels_per_class: Optional[int] = None  # None: every training image is labelled
     baseline: bool = False
     weight_ce: float = 1.0
@@ -64,7 +81,7 @@ class TrainConfig:
     energy_reg: float = 0.1
     input_noise: float = 0.03
     augment: bool = True
-    patience: Optional[int] = 5
+    patience: Optional[int] = 5  # rounds without val improvement; used with ≥ MIN_VAL_FOR_SELECTION val images
     val_fraction: float = 0.1
     test_fraction: float = 0.2
     seed: int = 0
@@ -76,7 +93,7 @@ class TrainConfig:
     grad_blowup: float = 1e3
     saturation_limit: float = 0.5
     max_recoveries: int = 3
-    # Iterations between validations/checkpoints; None = one pass over the training images.
+    # Iterations between validations/checkpoints; None = one pass (at least MIN_ROUND_ITERS).
     epoch_iters: Optional[int] = None
     speed: SpeedOptions = field(default_factory=SpeedOptions)
     # JEM + consistency (FixMatch): CE on strongly augmented unlabelled images towards the pseudo-label of
@@ -96,37 +113,6 @@ class TrainResult:
     history: list[dict[str, float]]
 
 
-
-
-def augment(x: torch.Tensor) -> torch.Tensor:
-    """Random flips per image and a random quarter turn per batch: scenes seen from above have no 'up'."""
-    flip_h = torch.rand(len(x), device=x.device) < 0.5
-    flip_v = torch.rand(len(x), device=x.device) < 0.5
-    x = torch.where(flip_h[:, None, None, None], x.flip(3), x)
-    x = torch.where(flip_v[:, None, None, None], x.flip(2), x)
-    return torch.rot90(x, int(torch.randint(0, 4, ())), dims=(2, 3))
-
-
-def strong_augment(x: torch.Tensor) -> torch.Tensor:
-    """FixMatch-style strong view of normalised images: weak flips/turn, then a random shift, per-band
-    contrast and brightness changes, a cut-out square and noise (the RandAugment idea without torchvision)."""
-    x = augment(x)
-    n, bands, size, _ = x.shape
-    shift = max(size // 8, 1)
-    padded = F.pad(x, (shift, shift, shift, shift), mode="reflect")
-    offsets = torch.randint(0, 2 * shift + 1, (n, 2))
-    x = torch.stack([padded[i, :, dy:dy + size, dx:dx + size] for i, (dy, dx) in enumerate(offsets.tolist())])
-    contrast = torch.empty(n, 1, 1, 1, device=x.device).uniform_(0.6, 1.4)
-    brightness = torch.empty(n, bands, 1, 1, device=x.device).uniform_(-0.4, 0.4)
-    x = x * contrast + brightness
-    cut = torch.randint(size // 4, size // 2 + 1, ())
-    top, left = torch.randint(0, size - cut + 1, (2, n)).tolist()
-    keep = torch.ones(n, 1, size, size, device=x.device)
-    for i in range(n):
-        keep[i, :, top[i]:top[i] + cut, left[i]:left[i] + cut] = 0
-    return x * keep + 0.1 * torch.randn_like(x)
-
-
 def consistency_loss(weak_logits: torch.Tensor, strong_logits: torch.Tensor,
                      threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
     """FixMatch: CE of the strong view towards the weak view's argmax where its confidence ≥ threshold,
@@ -137,10 +123,32 @@ def consistency_loss(weak_logits: torch.Tensor, strong_logits: torch.Tensor,
     return loss, mask.mean()
 
 
-def learning_rate(config: TrainConfig, iteration: int, progress: float) -> float:
-    """Linear warm-up, then cosine decay over the run (progress ∈ [0, 1], by iterations or time)."""
-    warm = min(1.0, (iteration + 1) / max(config.warmup_iters, 1))
-    return config.lr * warm * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+# ---------------------------------------------------------------------------------------------- schedule
+def planned_iterations(config: TrainConfig, iters_per_pass: int) -> int | None:
+    """The run's length in iterations, or None when only the time budget bounds it."""
+    limits = [config.iterations] if config.iterations else []
+    if config.epochs:
+        limits.append(config.epochs * iters_per_pass)
+    if not limits and not config.time_budget_min:
+        limits.append(DEFAULT_ITERATIONS)
+    return min(limits) if limits else None
+
+
+def run_progress(iterations_done: int, total_iters: int | None, elapsed_s: float, budget_s: float | None) -> float:
+    """How far the run is, in [0, 1]: the larger of its iteration and its time fraction."""
+    by_iterations = iterations_done / total_iters if total_iters else 0.0
+    by_time = elapsed_s / budget_s if budget_s else 0.0
+    return min(max(by_iterations, by_time), 1.0)
+
+
+def learning_rate(config: TrainConfig, iteration: int, progress: float, next_progress: float) -> float:
+    """Linear warm-up over the first WARMUP_FRACTION of the run (or config.warmup_iters iterations), then
+    cosine decay to 0 at its end; next_progress is the progress once this iteration is done."""
+    if config.warmup_iters is not None:
+        warm = min(1.0, (iteration + 1) / max(config.warmup_iters, 1))
+    else:
+        warm = min(1.0, next_progress / WARMUP_FRACTION)
+    return config.lr * warm * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 class BatchStream:
@@ -159,8 +167,9 @@ class BatchStream:
 
 
 def check_config(config: TrainConfig, dataset: SceneDataset) -> None:
-    if config.epochs < 1:
-        raise JEMError(f"--epochs must be at least 1 (got {config.epochs}).")
+    for name, value in (("--iterations", config.iterations), ("--epochs", config.epochs)):
+        if value is not None and value < 1:
+            raise JEMError(f"{name} must be at least 1 (got {value}).")
     if config.time_budget_min is not None and config.time_budget_min <= 0:
         raise JEMError(f"--time-budget-min must be positive (got {config.time_budget_min}).")
     if config.labels_per_class is not None and config.labels_per_class < 1:
@@ -174,6 +183,25 @@ def check_config(config: TrainConfig, dataset: SceneDataset) -> None:
                        f"{config.image_size} px; load the dataset at the training size.")
 
 
+# ---------------------------------------------------------------------------------------------- the run
+@dataclass
+class Run:
+    """Everything a prepared run needs: the model and its data on the device, the streams, the plan."""
+
+    parts: RunParts
+    loaded: LoadedModel
+    meta: ModelMeta
+    dataset: SceneDataset
+    inputs: torch.Tensor
+    train_labels: torch.Tensor
+    labelled: torch.Tensor
+    val: torch.Tensor
+    test: torch.Tensor
+    round_iters: int
+    total_iters: int | None
+    budget_s: float | None
+
+
 def train(dataset: SceneDataset, config: TrainConfig, out_path: str | Path | None = None,
           progress: ProgressFn | None = None, should_stop: Callable[[], bool] | None = None,
           log: Callable[[str], None] | None = None, *, unlabelled: torch.Tensor | None = None,
@@ -185,10 +213,11 @@ def train(dataset: SceneDataset, config: TrainConfig, out_path: str | Path | Non
     iteration and raises Cancelled (nothing is written) when it returns True.
     unlabelled: extra images (N, bands, H, W) for the generative term only (never in val/test).
     start_model: fine-tune this model (same bands and classes as the dataset; keeps its normalisation).
-    With no validation images (val_fraction 0) the last epoch's weights are kept.
-    checkpoint_path: write the training state there at every epoch end and every checkpoint_every_min
+    With fewer than MIN_VAL_FOR_SELECTION validation images the last weights are kept.
+    checkpoint_path: write the training state there at every round end and every checkpoint_every_min
     minutes (deleted when the run finishes or is cancelled); resume=True continues from it.
     Under torchrun (see distributed.py) each rank trains on its shard; rank 0 writes the files.
+    The result's metrics carry `warnings`: lines saying the model fits its labels badly or is near chance.
     """
     check_config(config, dataset)
     check_extras(dataset, unlabelled, start_model)
@@ -197,6 +226,30 @@ def train(dataset: SceneDataset, config: TrainConfig, out_path: str | Path | Non
     ctx = distributed.current()
     log = log if log and ctx.is_main else (lambda message: None)
     progress = progress if progress and ctx.is_main else no_progress
+    run = prepare_run(dataset, config, unlabelled, start_model, checkpoint_path, log)
+    state, best_model = LoopState(sgld_steps=config.sgld.steps), None
+    if resume:
+        state, best_model = resume_run(run.parts, config)
+        log(f"resumed from '{checkpoint_path}' at epoch {state.epoch}, iteration {state.iteration}")
+    try:
+        state, best_model, stop_reason = run_loop(run, config, state, best_model, progress, should_stop,
+                                                  checkpoint_every_min, log)
+    except Cancelled:
+        remove_checkpoint(run.parts)
+        raise
+    result = finish_run(run, config, state, best_model, stop_reason, log)
+    if out_path is not None and ctx.is_main:
+        save_model(out_path, run.parts.model, run.meta)
+    remove_checkpoint(run.parts)
+    progress(1.0, "done")
+    return result
+
+
+def prepare_run(dataset: SceneDataset, config: TrainConfig, unlabelled: torch.Tensor | None,
+                start_model: LoadedModel | None, checkpoint_path: str | Path | None,
+                log: Callable[[str], None]) -> Run:
+    """Split the data, build (or copy) the model, put the training pool on the device, plan the run."""
+    ctx = distributed.current()
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     device = distributed.device_for(ctx, config.device)
@@ -236,109 +289,152 @@ def train(dataset: SceneDataset, config: TrainConfig, out_path: str | Path | Non
         # torch.compile'd networks are run from one thread only: that is the combination tested.
         sampler = SGLDSampler(model, replace(config.sgld), buffer, fused=config.speed.fused,
                               split=config.speed.split_batches and not config.speed.compile)
-
     optimiser = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
                                  fused=config.speed.fused)
-    step_model = distributed.wrap(model, ctx, device)
-    iters_per_epoch = config.epoch_iters or \
-        max(1, math.ceil(len(data_indices) / (config.batch_size * ctx.world_size)))
-    total_iters = iters_per_epoch * config.epochs
+    iters_per_pass = max(1, math.ceil(len(data_indices) / (config.batch_size * ctx.world_size)))
+    total_iters = planned_iterations(config, iters_per_pass)
+    # A run bounded by --epochs validates after every pass, as asked; others at least every MIN_ROUND_ITERS.
+    round_iters = config.epoch_iters or (iters_per_pass if config.epochs else max(iters_per_pass, MIN_ROUND_ITERS))
+    if total_iters is not None:
+        round_iters = min(round_iters, total_iters)
+    streams = [BatchStream(distributed.shard(labelled, ctx), config.batch_size, generator),
+               BatchStream(distributed.shard(data_indices, ctx), config.sgld_batch_size, generator)]
+    parts = RunParts(model, optimiser, sampler, streams, generator, device, ctx, checkpoint_path,
+                     {"images": len(pool), "class_names": list(dataset.class_names)})
     budget_s = config.time_budget_min * 60 if config.time_budget_min else None
-    labelled_stream = BatchStream(distributed.shard(labelled, ctx), config.batch_size, generator)
-    data_stream = BatchStream(distributed.shard(data_indices, ctx), config.sgld_batch_size, generator)
-    run = RunParts(model, optimiser, sampler, [labelled_stream, data_stream], generator, device, ctx,
-                   checkpoint_path, {"images": len(pool), "class_names": list(dataset.class_names)})
+    run = Run(parts, loaded, meta, dataset, inputs, train_labels, labelled, split.val, split.test, round_iters,
+              total_iters, budget_s)
+    log(describe_run(run, config, len(data_indices), iters_per_pass))
+    return run
 
+
+def describe_run(run: Run, config: TrainConfig, train_images: int, iters_per_pass: int) -> str:
+    limits = ([f"{run.total_iters} iterations"] if run.total_iters else []) + \
+        ([f"{config.time_budget_min:g} min"] if config.time_budget_min else [])
+    validation = f"{len(run.val)} val" if len(run.val) >= MIN_VAL_FOR_SELECTION else \
+        "no validation split" if len(run.val) == 0 else \
+        f"{len(run.val)} val (too few to pick an epoch: the last weights are kept)"
     mode = "baseline (CE only)" if config.baseline else "JEM"
-    log(f"{mode}: {spec.arch} on {device}, {len(data_indices)} train images ({len(labelled)} labelled), "
-        f"{len(split.val)} val, {len(split.test)} test, {iters_per_epoch} iterations/epoch"
-        + (f", {ctx.world_size} processes" if ctx.active else ""))
-    state, best_model = LoopState(sgld_steps=config.sgld.steps), None
-    if resume:
-        state, best_model = resume_run(run, config)
-        log(f"resumed from '{checkpoint_path}' at epoch {state.epoch}, iteration {state.iteration}")
+    processes = f", {run.parts.ctx.world_size} processes" if run.parts.ctx.active else ""
+    return (f"{mode}: {run.loaded.spec.arch} on {run.parts.device}, {train_images} train images "
+            f"({len(run.labelled)} labelled), {validation}, {len(run.test)} test, {iters_per_pass} iterations/epoch"
+            f"{processes}; run of {' or '.join(limits)}, whichever comes first, warm-up over its first "
+            f"{WARMUP_FRACTION:.0%}")
+
+
+def run_loop(run: Run, config: TrainConfig, state: LoopState, best_model: dict[str, torch.Tensor] | None,
+             progress: ProgressFn, should_stop: Callable[[], bool] | None, checkpoint_every_min: float | None,
+             log: Callable[[str], None]) -> tuple[LoopState, dict[str, torch.Tensor] | None, str]:
+    """Rounds of iterations until the planned iterations or the time budget are used up (or early stop)."""
+    parts, ctx, device = run.parts, run.parts.ctx, run.parts.device
+    model, sampler, optimiser = parts.model, parts.sampler, parts.optimiser
+    labelled_stream, data_stream = parts.streams
+    step_model = distributed.wrap(model, ctx, device)
+    selects = len(run.val) >= MIN_VAL_FOR_SELECTION
     if sampler is not None:
         sampler.config.steps = state.sgld_steps
     start_time = time.monotonic() - state.elapsed_s
-    snapshot = save_point(run, config, state, best_model, start_time, write=False)
+    snapshot = save_point(parts, config, state, best_model, start_time, write=False)
     last_save = time.monotonic()
     grad_norms: deque[float] = deque(maxlen=50)
-    stop_reason = f"{config.epochs} epochs done"
-    try:
-        while state.epoch <= config.epochs:
-            model.train()
-            over_budget = early_stop = False
-            while state.done < iters_per_epoch:
-                elapsed = time.monotonic() - start_time
-                save_due = checkpoint_every_min is not None and time.monotonic() - last_save >= checkpoint_every_min * 60
-                cancel, over_budget, save_due = distributed.any_rank(
-                    [should_stop is not None and should_stop(), bool(budget_s and elapsed >= budget_s), save_due],
-                    ctx, device)
-                if cancel:
-                    raise Cancelled()
-                if over_budget:
-                    stop_reason = f"time budget of {config.time_budget_min} min reached in epoch {state.epoch}"
-                    break
-                fraction = max(state.iteration / total_iters, elapsed / budget_s if budget_s else 0.0)
-                for group in optimiser.param_groups:
-                    group["lr"] = learning_rate(config, state.iteration, fraction) * state.lr_scale
-                losses = training_step(step_model, sampler, optimiser, inputs, train_labels, labelled_stream,
-                                       data_stream, config)
-                if sampler is not None:
-                    losses["saturation"] = float(sampler.last_saturation)
-                losses = dict(zip(losses, distributed.average(list(losses.values()), ctx, device)))
-                reason = divergence_reason(losses, config, grad_norms)
-                if reason is not None:
-                    state, best_model = recover(reason, snapshot, state, run, config, log)
-                    grad_norms.clear()
-                    continue
-                grad_norms.append(losses["grad_norm"])
-                for key in state.sums:
-                    state.sums[key] += losses[key]
-                state.iteration += 1
-                state.done += 1
-                progress(min(fraction, 1.0), f"epoch {state.epoch}/{config.epochs} ce {losses['ce']:.3f} "
-                                             f"gap {losses['gap']:+.2f}")
-                if save_due:
-                    snapshot = save_point(run, config, state, best_model, start_time)
-                    last_save = time.monotonic()
-            if state.done:
-                record = end_of_epoch(loaded, dataset, split.val, state.epoch, state.iteration, state.sums,
-                                      state.done, start_time)
-                state.history.append(record)
-                log(format_record(record))
-                if record["val_accuracy"] > state.best_val_accuracy or len(split.val) == 0:
-                    state.best_val_accuracy, state.best_epoch = record["val_accuracy"], state.epoch
-                    best_model = cpu_state(model.state_dict())
-                elif config.patience is not None and state.epoch - state.best_epoch >= config.patience:
-                    stop_reason = f"early stop: no val improvement for {config.patience} epochs"
-                    early_stop = True
-            if over_budget or early_stop:
+    stop_reason = f"{run.total_iters} iterations done"
+    while run.total_iters is None or state.iteration < run.total_iters:
+        model.train()
+        over_budget = early_stop = False
+        while state.done < run.round_iters and (run.total_iters is None or state.iteration < run.total_iters):
+            elapsed = time.monotonic() - start_time
+            save_due = checkpoint_every_min is not None and time.monotonic() - last_save >= checkpoint_every_min * 60
+            cancel, over_budget, save_due = distributed.any_rank(
+                [should_stop is not None and should_stop(), bool(run.budget_s and elapsed >= run.budget_s), save_due],
+                ctx, device)
+            if cancel:
+                raise Cancelled()
+            if over_budget:
+                stop_reason = f"time budget of {config.time_budget_min:g} min reached after {state.iteration} iterations"
                 break
-            state.epoch, state.done = state.epoch + 1, 0
-            state.sums = dict.fromkeys(state.sums, 0.0)
-            snapshot = save_point(run, config, state, best_model, start_time)
-            last_save = time.monotonic()
-    except Cancelled:
-        remove_checkpoint(run)
-        raise
+            fraction = run_progress(state.iteration, run.total_iters, elapsed, run.budget_s)
+            next_fraction = run_progress(state.iteration + 1, run.total_iters, elapsed, run.budget_s)
+            for group in optimiser.param_groups:
+                group["lr"] = learning_rate(config, state.iteration, fraction, next_fraction) * state.lr_scale
+            losses = training_step(step_model, sampler, optimiser, run.inputs, run.train_labels, labelled_stream,
+                                   data_stream, config)
+            if sampler is not None:
+                losses["saturation"] = float(sampler.last_saturation)
+            losses = dict(zip(losses, distributed.average(list(losses.values()), ctx, device)))
+            reason = divergence_reason(losses, config, grad_norms)
+            if reason is not None:
+                state, best_model = recover(reason, snapshot, state, parts, config, log)
+                grad_norms.clear()
+                continue
+            grad_norms.append(losses["grad_norm"])
+            for key in state.sums:
+                state.sums[key] += losses[key]
+            state.iteration += 1
+            state.done += 1
+            progress(fraction, f"iteration {state.iteration}" + (f"/{run.total_iters}" if run.total_iters else "")
+                     + f" ce {losses['ce']:.3f} gap {losses['gap']:+.2f}")
+            if save_due:
+                snapshot = save_point(parts, config, state, best_model, start_time)
+                last_save = time.monotonic()
+        if state.done:
+            record = end_of_epoch(run.loaded, run.dataset, run.val, state.epoch, state.iteration, state.sums,
+                                  state.done, start_time)
+            state.history.append(record)
+            log(format_record(record))
+            if not selects or record["val_accuracy"] > state.best_val_accuracy:
+                state.best_val_accuracy, state.best_epoch = record["val_accuracy"], state.epoch
+                best_model = cpu_state(model.state_dict()) if selects else None
+            elif config.patience is not None and state.epoch - state.best_epoch >= config.patience:
+                stop_reason = f"early stop: no val improvement for {config.patience} epochs"
+                early_stop = True
+        if over_budget or early_stop:
+            break
+        state.epoch, state.done = state.epoch + 1, 0
+        state.sums = dict.fromkeys(state.sums, 0.0)
+        snapshot = save_point(parts, config, state, best_model, start_time)
+        last_save = time.monotonic()
+    state.elapsed_s = time.monotonic() - start_time
+    return state, best_model, stop_reason
 
+
+def finish_run(run: Run, config: TrainConfig, state: LoopState, best_model: dict[str, torch.Tensor] | None,
+               stop_reason: str, log: Callable[[str], None]) -> TrainResult:
+    """Keep the chosen weights, score the test split, check the fit, fill the model's metadata."""
+    model, dataset = run.parts.model, run.dataset
     if best_model is not None:
         model.load_state_dict(best_model)
-    log(f"stopped ({stop_reason}); keeping the weights of epoch {state.best_epoch}")
-    metrics = classification_metrics(predict_logits(loaded, dataset.images[split.test]),
-                                     dataset.labels[split.test], dataset.class_names)
+        log(f"stopped ({stop_reason}); keeping the weights of epoch {state.best_epoch} (best val accuracy)")
+    else:
+        log(f"stopped ({stop_reason}); keeping the last weights")
+    metrics = classification_metrics(predict_logits(run.loaded, dataset.images[run.test]),
+                                     dataset.labels[run.test], dataset.class_names)
+    fitted = run.labelled[:2000]
+    label_fit = float((predict_logits(run.loaded, dataset.images[fitted]).argmax(1) == dataset.labels[fitted])
+                      .double().mean())
+    warnings = fit_warnings(label_fit, len(fitted), metrics["accuracy"] if len(run.test) else None,
+                            dataset.num_classes)
+    for warning in warnings:
+        log(f"warning: {warning}")
     metrics.update(split="test", best_epoch=state.best_epoch, iterations=state.iteration, stop_reason=stop_reason,
-                   train_seconds=round(time.monotonic() - start_time, 1), labelled_images=len(labelled),
-                   mode="baseline" if config.baseline else "jem", recoveries=state.recoveries)
-    meta.metrics = {k: v for k, v in metrics.items() if k not in ("confusion_matrix", "reliability")}
-    meta.train_config["history"] = state.history
+                   train_seconds=round(state.elapsed_s, 1), labelled_images=len(run.labelled),
+                   mode="baseline" if config.baseline else "jem", recoveries=state.recoveries,
+                   label_fit=label_fit, warnings=warnings)
+    run.meta.metrics = {k: v for k, v in metrics.items() if k not in ("confusion_matrix", "reliability")}
+    run.meta.train_config["history"] = state.history
     model.eval()
-    if out_path is not None and ctx.is_main:
-        save_model(out_path, model, meta)
-    remove_checkpoint(run)
-    progress(1.0, "done")
-    return TrainResult(loaded, metrics, state.history)
+    return TrainResult(run.loaded, metrics, state.history)
+
+
+def fit_warnings(label_fit: float, labelled: int, test_accuracy: float | None, classes: int) -> list[str]:
+    """One clear line, with what to do, when a finished model fits its labels badly or is near chance."""
+    warnings = []
+    if label_fit < MIN_LABEL_FIT:
+        warnings.append(f"the model fits only {label_fit:.0%} of its own {labelled} labelled images: train longer "
+                        "(more iterations or minutes), check that the labels are right, or start from a model.")
+    if test_accuracy is not None and test_accuracy < NEAR_CHANCE_FACTOR / classes:
+        warnings.append(f"test accuracy {test_accuracy:.0%} is near chance ({1 / classes:.0%} for {classes} classes): "
+                        "train longer (more iterations or minutes) or give more labels per class.")
+    return warnings
 
 
 def check_extras(dataset: SceneDataset, unlabelled: torch.Tensor | None, start_model: LoadedModel | None) -> None:
@@ -398,123 +494,21 @@ def training_step(model, sampler: SGLDSampler | None, optimiser: torch.optim.Opt
             "consistency": consistency.item(), "mask_rate": mask_rate.item(), "grad_norm": grad_norm.item()}
 
 
-def divergence_reason(losses: dict[str, float], config: TrainConfig, grad_norms: deque[float]) -> str | None:
-    """Why this step looks like a divergence, or None: non-finite loss, energy gap or gradient norm
-    blowing up, SGLD samples saturating at the clamp."""
-    if not all(math.isfinite(v) for v in losses.values()):
-        return f"non-finite loss (loss {losses['loss']:.3g}, energy gap {losses['gap']:.3g})"
-    if abs(losses["gap"]) > config.divergence_threshold:
-        return f"energy gap {losses['gap']:.3g} beyond ±{config.divergence_threshold:g}"
-    if len(grad_norms) >= 10 and losses["grad_norm"] > config.grad_blowup * statistics.median(grad_norms):
-        return (f"gradient norm {losses['grad_norm']:.3g} is over {config.grad_blowup:g}× its recent median "
-                f"{statistics.median(grad_norms):.3g}")
-    if losses.get("saturation", 0.0) > config.saturation_limit:
-        return f"{losses['saturation']:.0%} of SGLD sample values pinned at the clamp"
-    return None
-
-
-@dataclass
-class RunParts:
-    """The mutable pieces of a run that checkpoints save and restore."""
-
-    model: torch.nn.Module
-    optimiser: torch.optim.Optimizer
-    sampler: SGLDSampler | None
-    streams: list[BatchStream]
-    generator: torch.Generator
-    device: torch.device
-    ctx: distributed.DistContext
-    checkpoint_path: str | Path | None
-    dataset_id: dict[str, Any]
-
-
-RECOVERY_LR_FACTOR = 0.5
-RECOVERY_SGLD_FACTOR = 1.5
-
-
-def recover(reason: str, snapshot: Snapshot, state: LoopState, run: RunParts, config: TrainConfig,
-            log: Callable[[str], None]) -> tuple[LoopState, dict[str, torch.Tensor] | None]:
-    """Roll back to the last good state with a lower learning rate, longer SGLD chains and a fresh
-    replay buffer; raise Diverged after config.max_recoveries attempts."""
-    if state.recoveries >= config.max_recoveries:
-        saved = f" The last good state is in '{run.checkpoint_path}' (continue it with --resume and a lower " \
-                "--lr)." if run.checkpoint_path is not None and Path(run.checkpoint_path).exists() else ""
-        raise Diverged(f"Training diverged in epoch {state.epoch} (iteration {state.iteration}): {reason}, after "
-                       f"{state.recoveries} automatic recoveries (learning rate ×{state.lr_scale:g}, {state.sgld_steps} "
-                       "SGLD steps). Retry with a lower --lr, a larger --energy-reg or more --sgld-steps." + saved)
-    restored = restore_snapshot(snapshot, run.model, run.optimiser)
-    restored.recoveries = state.recoveries + 1
-    restored.lr_scale = state.lr_scale * RECOVERY_LR_FACTOR
-    restored.sgld_steps = math.ceil(state.sgld_steps * RECOVERY_SGLD_FACTOR)
-    if run.sampler is not None:
-        run.sampler.config.steps = restored.sgld_steps
-        run.sampler.buffer.reset()
-    log(f"divergence in epoch {state.epoch} (iteration {state.iteration}): {reason}. Recovery "
-        f"{restored.recoveries}/{config.max_recoveries}: back to epoch {restored.epoch} iteration {restored.iteration}, "
-        f"learning rate ×{restored.lr_scale:g}, {restored.sgld_steps} SGLD steps, replay buffer reset.")
-    return restored, snapshot.best_model
-
-
-def save_point(run: RunParts, config: TrainConfig, state: LoopState, best_model: dict[str, torch.Tensor] | None,
-               start_time: float, write: bool = True) -> Snapshot:
-    """Keep the current state in memory for rollback and, with a checkpoint path, write it (rank 0)."""
-    state.elapsed_s = time.monotonic() - start_time
-    snapshot = take_snapshot(run.model, run.optimiser, state, best_model)
-    if not write or run.checkpoint_path is None:
-        return snapshot
-    local = {"rng": rng_state(run.device), "generator": run.generator.get_state(),
-             "orders": [stream.order.clone() for stream in run.streams],
-             "buffer": run.sampler.buffer.images.cpu() if run.sampler is not None else None}
-    ranks = distributed.gather(local, run.ctx)
-    if run.ctx.is_main:
-        save_checkpoint(run.checkpoint_path, {
-            "config": config.to_dict(), "dataset": run.dataset_id, "world_size": run.ctx.world_size,
-            "model": snapshot.model, "optimiser": snapshot.optimiser, "loop": state.to_dict(),
-            "best_model": best_model, "ranks": ranks})
-    return snapshot
-
-
-def resume_run(run: RunParts, config: TrainConfig) -> tuple[LoopState, dict[str, torch.Tensor] | None]:
-    """Load the checkpoint into the run's model, optimiser, buffer, batch orders and RNGs."""
-    assert run.checkpoint_path is not None
-    payload = load_checkpoint(run.checkpoint_path)
-    check_resumable(payload, config.to_dict(), run.dataset_id["images"], run.dataset_id["class_names"],
-                    run.ctx.world_size, run.checkpoint_path)
-    try:
-        run.model.load_state_dict(payload["model"])
-        run.optimiser.load_state_dict(payload["optimiser"])
-        state = LoopState(**payload["loop"])
-        local = payload["ranks"][run.ctx.rank]
-        if run.sampler is not None:
-            run.sampler.buffer.images = local["buffer"].to(run.device)
-        for stream, order in zip(run.streams, local["orders"]):
-            stream.order = order
-        run.generator.set_state(local["generator"])
-        set_rng_state(local["rng"], run.device)
-    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as error:
-        raise JEMError(f"Checkpoint '{run.checkpoint_path}' is damaged or incompatible ({type(error).__name__}: "
-                       f"{str(error)[:150]}). Delete it and start without --resume.") from None
-    return state, payload["best_model"]
-
-
-def remove_checkpoint(run: RunParts) -> None:
-    """A finished or cancelled run leaves no checkpoint (nor a killed run's half-written one) behind."""
-    if run.checkpoint_path is not None and run.ctx.is_main:
-        Path(run.checkpoint_path).unlink(missing_ok=True)
-        remove_stale_temporaries(run.checkpoint_path)
-
-
 def end_of_epoch(loaded: LoadedModel, dataset: SceneDataset, val: torch.Tensor, epoch: int, iteration: int,
                  sums: dict[str, float], iters: int, start_time: float) -> dict[str, float]:
+    nan = float("nan")  # no validation split: no figures rather than zeros that read as a failure
     val_metrics = classification_metrics(predict_logits(loaded, dataset.images[val]), dataset.labels[val],
-                                         dataset.class_names) if len(val) else {"accuracy": 0.0, "nll": 0.0,
-                                                                                "ece": 0.0}
+                                         dataset.class_names) if len(val) else {"accuracy": nan, "nll": nan,
+                                                                                "ece": nan}
     return {"epoch": epoch, "iteration": iteration, "minutes": (time.monotonic() - start_time) / 60,
             "train_ce": sums["ce"] / iters, "train_gap": sums["gap"] / iters,
             "val_accuracy": val_metrics["accuracy"], "val_nll": val_metrics["nll"], "val_ece": val_metrics["ece"]}
 
 
 def format_record(record: dict[str, float]) -> str:
-    return (f"epoch {record['epoch']:3d}  {record['minutes']:6.1f} min  train CE {record['train_ce']:.3f}  "
-            f"gap {record['train_gap']:+.3f}  val acc {record['val_accuracy']:.1%}  val NLL {record['val_nll']:.3f}  "
-            f"val ECE {record['val_ece']:.3f}")
+    line = (f"epoch {record['epoch']:3d}  iteration {record['iteration']:5d}  {record['minutes']:6.1f} min  "
+            f"train CE {record['train_ce']:.3f}  gap {record['train_gap']:+.3f}")
+    if math.isnan(record["val_accuracy"]):
+        return line + "  (no validation split)"
+    return line + (f"  val acc {record['val_accuracy']:.1%}  val NLL {record['val_nll']:.3f}  "
+                   f"val ECE {record['val_ece']:.3f}")
