@@ -446,7 +446,7 @@ def check_extras(dataset: SceneDataset, unlabelled: torch.Tensor | None, start_m
             (shape[0], dataset.num_classes):
         raise JEMError(f"The starting model takes {start_model.spec.in_channels} bands and {start_model.spec.num_classes} "
                        f"classes; the data has {shape[0]} bands and {dataset.num_classes} classes. Extend its head "
-                       "first (jem_core.active.extend_head) or start without a model.")
+                       "first (jem_core.active.fit_head) or start without a model.")
 
 
 def training_step(model, sampler: SGLDSampler | None, optimiser: torch.optim.Optimizer, inputs: torch.Tensor,

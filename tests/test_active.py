@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from jem_core import JEMError
-from jem_core.active import (Annotation, cell_centres, extend_head, patches_from_annotations, percentile_rank,
+from jem_core.active import (Annotation, cell_centres, fit_head, open_patch_reader, patches_from_annotations, percentile_rank,
                              retrain, sample_unlabelled_patches, spread_selection, suggest, uncertainty_scores)
 from jem_core.data import SceneDataset
 from jem_core.model_file import LoadedModel, ModelMeta, load_model
@@ -151,18 +151,34 @@ def test_unlabelled_patches_are_seeded_and_avoid_nodata(tmp_path):
     assert (valid_fraction >= 0.5).all()
 
 
-def test_extend_head_keeps_old_rows_and_adds_new_ones():
+def test_fit_head_copies_known_rows_by_name_adds_new_ones_and_drops_the_rest():
     torch.manual_seed(0)
     old = LoadedModel(build_model(ModelSpec(arch="wrn-10-1", num_classes=2)).eval(),
                       ModelMeta(["field", "town"], ["r", "g", "b"], PATCH, [0.0] * 3, [1.0] * 3))
-    new = extend_head(old, ["field", "town", "water"])
+    new = fit_head(old, ["field", "town", "water"])
     x = torch.randn(4, 3, PATCH, PATCH)
     with torch.no_grad():
         assert torch.allclose(new.model(x)[:, :2], old.model(x), atol=1e-5)
     assert new.spec.num_classes == 3 and new.meta.class_names == ["field", "town", "water"]
     assert old.spec.num_classes == 2, "the starting model must not change"
-    with pytest.raises(JEMError, match="extended, not shrunk"):
-        extend_head(old, ["field", "water"])
+    shrunk = fit_head(old, ["water", "town"])
+    with torch.no_grad():
+        assert torch.allclose(shrunk.model(x)[:, 1], old.model(x)[:, 1], atol=1e-5)
+    assert shrunk.meta.class_names == ["water", "town"]
+
+
+def test_unlabelled_windows_cover_the_scene_one_per_grid_cell(tmp_path):
+    from contextlib import ExitStack
+
+    from jem_core.active.patches import covering_windows
+
+    raster = write_scene(tmp_path / "plain.tif")
+    with ExitStack() as stack:
+        reader = open_patch_reader(stack, [raster], PATCH, None, None)
+        windows = covering_windows(reader, 0, 16, np.random.default_rng(0))
+    span = 96 - PATCH + 1  # a 4 × 4 grid of cells over the possible patch origins
+    cells = sorted((w.row * 4 // span, w.col * 4 // span) for w in windows)
+    assert cells == [(r, c) for r in range(4) for c in range(4)]
 
 
 def test_train_keeps_unlabelled_images_out_of_labels_and_rejects_mismatched_start():
@@ -188,9 +204,15 @@ def test_retrain_from_scratch_then_extend_with_a_new_class(tmp_path, scene):
     saved = load_model(tmp_path / "m1.pt")
     assert saved.meta.class_names == ["field", "town"] and saved.meta.image_size == PATCH
 
-    # Round 2: only 'town' and a new class are labelled; 'field' stays in the head, with a warning.
+    # Round 2: only 'town' and a new class are labelled. By default the new model has just those two classes;
+    # keep_model_classes keeps 'field' in the head, with a warning.
     lines: list[str] = []
-    second = retrain([scene], [point("town", 70, 20), point("water", 40, 85)], start_model=tmp_path / "m1.pt",
+    labels = [point("town", 70, 20), point("water", 40, 85)]
+    default = retrain([scene], labels, start_model=tmp_path / "m1.pt", config=tiny_config(epochs=1),
+                      unlabelled_count=16, log=lines.append)
+    assert default.class_names == ["town", "water"] and default.new_classes == ["water"]
+    assert any("field are left out (keep them with --keep-model-classes)" in line for line in lines)
+    second = retrain([scene], labels, start_model=tmp_path / "m1.pt", keep_model_classes=True,
                      out_model=tmp_path / "m2.pt", config=tiny_config(epochs=1), unlabelled_count=16,
                      log=lines.append)
     assert second.class_names == ["field", "town", "water"] and second.new_classes == ["water"]
@@ -269,8 +291,8 @@ def test_cli_retrain_then_suggest(tmp_path, scene, capsys):
     points = write_points_geojson(tmp_path / "points.geojson", [("field", 12, 20), ("field", 20, 70),
                                                                  ("town", 70, 20), ("town", 80, 75)])
     args = ["retrain", str(scene), "--annotations", str(points), "--class-field", "landcover", "--out",
-            str(tmp_path / "m.pt"), "--epochs", "1", "--unlabelled", "16", "--image-size", str(PATCH),
-            "--arch", "wrn-10-1", "--device", "cpu"]
+            str(tmp_path / "m.pt"), "--minutes", "0", "--iterations", "2", "--unlabelled", "16", "--image-size",
+            str(PATCH), "--arch", "wrn-10-1", "--device", "cpu", "--from-scratch"]
     assert main(args) == 0
     assert load_model(tmp_path / "m.pt").meta.class_names == ["field", "town"]
     assert main(args[:4] + ["--class-field", "class"] + args[6:]) == 2

@@ -11,10 +11,10 @@ import os
 from pathlib import Path
 
 from .. import JEMError
-from ..active import Annotation, cell_centres, retrain, suggest
+from ..active import (RETRAIN_DEFAULTS, Annotation, cell_centres, default_start_model, retrain, retrain_config,
+                      suggest)
 from ..sampler import SGLDConfig
-from ..training import TrainConfig
-from ..model_file import check_output_folders, written_together
+from ..model_file import check_output_folders, load_model, written_together
 from ..raster_io import raster_error
 from .common import ProgressBar, add_device_option, log, write_json
 
@@ -29,16 +29,26 @@ def register(subparsers) -> None:
     r.add_argument("rasters", nargs="+", metavar="RASTER", help="raster(s) the annotations lie on")
     r.add_argument("--annotations", type=Path, required=True, help="vector file (points or patch polygons)")
     r.add_argument("--class-field", default="class", help="field holding the class name (default: %(default)s)")
-    r.add_argument("--model", type=Path, help="starting model to fine-tune (default: train a new one)")
+    r.add_argument("--model", type=Path,
+                   help="starting model to fine-tune (default: the bundled base model when the bands fit it)")
+    r.add_argument("--from-scratch", action="store_true", help="train a new network instead of fine-tuning")
+    r.add_argument("--keep-model-classes", action="store_true",
+                   help="the new model keeps the starting model's classes beside the labelled ones "
+                        "(default: only the classes labelled this round)")
     r.add_argument("--out", type=Path, required=True, help="model file to write (.pt)")
     r.add_argument("--bands", help="bands, comma separated names or 1-based indexes (default: the model's)")
     r.add_argument("--extra-data", type=Path, help="class-folder dataset whose images join the unlabelled set")
-    r.add_argument("--unlabelled", type=int, default=512, help="patches sampled from the rasters (default: %(default)s)")
-    r.add_argument("--epochs", type=int, default=5)
-    r.add_argument("--image-size", type=int, default=32, help="patch size of a new model (default: %(default)s)")
-    r.add_argument("--arch", default="wrn-10-2", help="architecture of a new model (default: %(default)s)")
-    r.add_argument("--lr", type=float, default=1e-3)
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--unlabelled", type=int, default=RETRAIN_DEFAULTS.unlabelled,
+                   help="patches spread over the raster(s) for the energy term (default: %(default)s)")
+    r.add_argument("--minutes", type=float, default=RETRAIN_DEFAULTS.minutes,
+                   help="training time; 0 = no time limit, with --iterations (default: %(default)s)")
+    r.add_argument("--iterations", type=int, help="optimiser steps (default: as many as --minutes allows)")
+    r.add_argument("--baseline", action="store_true", help="cross-entropy only, no energy term (for comparison)")
+    r.add_argument("--image-size", type=int, default=RETRAIN_DEFAULTS.image_size,
+                   help="patch size of a new model (default: %(default)s)")
+    r.add_argument("--arch", default=RETRAIN_DEFAULTS.arch, help="architecture of a new model (default: %(default)s)")
+    r.add_argument("--lr", type=float, default=RETRAIN_DEFAULTS.lr, help="(default: %(default)s)")
+    r.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     add_device_option(r)
     r.set_defaults(run=run_retrain)
 
@@ -124,10 +134,14 @@ def read_annotations(path: Path, class_field: str, raster_wkt: str, cell_width: 
 
 
 def run_retrain(args: argparse.Namespace) -> int:
-    from ..model_file import load_model
-
     check_output_folders(args.out)
-    start = load_model(args.model) if args.model else None
+    if args.model and args.from_scratch:
+        raise JEMError("--model and --from-scratch exclude each other: fine-tune a model, or train a new one.")
+    if not args.minutes and not args.iterations:
+        raise JEMError("--minutes 0 needs --iterations: give the run a length.")
+    bands = split_bands(args.bands)
+    start = load_model(args.model) if args.model else \
+        None if args.from_scratch else default_start_model(args.rasters, bands, log)
     patch_size = start.meta.image_size if start else args.image_size
     wkt, pixel_x, pixel_y = raster_grid(args.rasters[0])
     if not wkt:
@@ -135,13 +149,15 @@ def run_retrain(args: argparse.Namespace) -> int:
                        "cannot be placed on it. Assign one (QGIS: Raster ▸ Projections ▸ Assign Projection; GDAL: "
                        "gdal_edit.py -a_srs EPSG:CODE FILE) and run again.")
     annotations = read_annotations(args.annotations, args.class_field, wkt, pixel_x * patch_size, pixel_y * patch_size)
-    config = TrainConfig(arch=args.arch, image_size=patch_size, epochs=args.epochs, lr=args.lr, seed=args.seed,
-                         device=args.device, sgld=SGLDConfig(buffer_size=args.unlabelled))
-    result = retrain(args.rasters, annotations, start_model=start, extra_dataset=args.extra_data, out_model=args.out,
-                     config=config, bands=split_bands(args.bands), unlabelled_count=args.unlabelled,
-                     progress=ProgressBar("retrain"), log=log)
+    config = retrain_config(args.minutes or None, args.iterations, arch=args.arch, image_size=patch_size, lr=args.lr,
+                            seed=args.seed, device=args.device, baseline=args.baseline,
+                            sgld=SGLDConfig(buffer_size=args.unlabelled))
+    result = retrain(args.rasters, annotations, start_model=start, keep_model_classes=args.keep_model_classes,
+                     extra_dataset=args.extra_data, out_model=args.out, config=config, bands=bands,
+                     unlabelled_count=args.unlabelled, progress=ProgressBar("retrain"), log=log)
     log(f"classes {', '.join(result.class_names)}; fits {result.labelled_accuracy:.0%} of the "
-        f"{result.labelled_count} annotated patches; model written to {args.out}")
+        f"{result.labelled_count} annotated patches after {result.metrics['iterations']} iterations; model written "
+        f"to {args.out}")
     return 0
 
 

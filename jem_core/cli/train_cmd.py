@@ -14,7 +14,7 @@ from .. import distributed
 from ..models import AMP_CHOICES, ARCHITECTURES, NORMS, SpeedOptions
 from ..plots import reliability_diagram
 from ..sampler import INIT_CHOICES, SGLDConfig
-from ..training import TrainConfig, train
+from ..training import DEFAULT_ITERATIONS, MIN_VAL_FOR_SELECTION, TrainConfig, train
 from .common import ProgressBar, add_device_option, log, write_json
 
 
@@ -31,8 +31,12 @@ def register(subparsers) -> None:
                    help="2 halves every feature map (4x cheaper) (default: %(default)s)")
     p.add_argument("--norm", default=defaults.norm, choices=NORMS)
     p.add_argument("--image-size", type=int, default=defaults.image_size)
-    p.add_argument("--epochs", type=int, default=defaults.epochs)
-    p.add_argument("--time-budget-min", type=float, default=None, help="stop after this many minutes")
+    p.add_argument("--iterations", type=int, default=None,
+                   help=f"optimiser steps of the run (default: {DEFAULT_ITERATIONS} unless --epochs or "
+                        "--time-budget-min bound it; whichever limit comes first ends the run)")
+    p.add_argument("--epochs", type=int, default=None, help="upper bound in passes over the training images "
+                                                            "(default: none)")
+    p.add_argument("--time-budget-min", type=float, default=None, help="stop after this many minutes (default: none)")
     p.add_argument("--batch-size", type=int, default=defaults.batch_size)
     p.add_argument("--lr", type=float, default=defaults.lr)
     p.add_argument("--baseline", action="store_true", help="plain cross-entropy training of the same network")
@@ -50,7 +54,9 @@ def register(subparsers) -> None:
                                           "(weight of the term; the bare flag means 1.0; default: off)")
     p.add_argument("--consistency-threshold", type=float, default=defaults.consistency_threshold,
                    help="confidence a weak view needs to become a pseudo-label (default: %(default)s)")
-    p.add_argument("--patience", type=int, default=defaults.patience, help="early-stopping patience in epochs")
+    p.add_argument("--patience", type=int, default=defaults.patience,
+                   help=f"early-stopping patience in epochs, with at least {MIN_VAL_FOR_SELECTION} validation images "
+                        "(default: %(default)s)")
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--metrics-json", type=Path, help="also write the test metrics here")
     p.add_argument("--checkpoint", type=Path, help="training-state checkpoint (default: OUT with .ckpt added)")
@@ -86,7 +92,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     sgld = SGLDConfig(steps=args.sgld_steps, step_size=args.sgld_step_size, noise=args.sgld_noise,
                       buffer_size=args.buffer_size, reinit_prob=args.reinit_prob, init=args.sgld_init)
     return TrainConfig(arch=args.arch, stem_stride=args.stem_stride, norm=args.norm, image_size=args.image_size,
-                       epochs=args.epochs, time_budget_min=args.time_budget_min, batch_size=args.batch_size,
+                       iterations=args.iterations, epochs=args.epochs, time_budget_min=args.time_budget_min, batch_size=args.batch_size,
                        sgld_batch_size=args.sgld_batch_size, lr=args.lr,
                        labels_per_class=args.labels_per_class or None, baseline=args.baseline,
                        energy_reg=args.energy_reg, weight_gen=args.weight_gen, patience=args.patience,

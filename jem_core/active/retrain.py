@@ -1,0 +1,174 @@
+"""Retrain on the analyst's own scene: the annotated patches are the labelled set, patches spread over
+the same rasters (plus, optionally, a class-folder dataset) the unlabelled set, semi-supervised JEM
+through `training.train`.
+
+By default the run starts from the bundled base model when the raster's bands fit it, lasts a time
+budget (RETRAIN_DEFAULTS.minutes) and the new model's classes are the classes labelled this round;
+`keep_model_classes` keeps the starting model's other classes too.  A starting model's head is fitted
+to the new class list by name: rows of classes it knows are copied, new classes get fresh rows.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .. import JEMError, ProgressFn
+from ..bundled import base_model_path
+from ..data import SceneDataset, load_class_folder
+from ..metrics import predict_logits
+from ..model_file import LoadedModel, as_loaded, load_model
+from ..models import ModelSpec, build_model
+from ..raster_io import open_raster
+from ..training import TrainConfig, train
+from .patches import Annotation, RasterInput, StopFn, patches_from_annotations, sample_unlabelled_patches
+
+
+@dataclass(frozen=True)
+class RetrainDefaults:
+    """What `jem retrain`, `jem:retrain` and the labelling dock do unless told otherwise (docs/labelling.md
+    has the scene-benchmark measurements behind each value)."""
+
+    minutes: float = 3.0  # training time on two CPU cores
+    unlabelled: int = 2048  # patches spread over the scene for the energy term
+    image_size: int = 32  # patch size of a new model (a starting model brings its own)
+    arch: str = "wrn-10-2"  # network of a new model
+    lr: float = 1e-3
+
+
+RETRAIN_DEFAULTS = RetrainDefaults()
+
+
+def retrain_config(minutes: float | None = RETRAIN_DEFAULTS.minutes, iterations: int | None = None,
+                   **overrides: Any) -> TrainConfig:
+    """The TrainConfig of a retrain: a time budget (or an iteration count), every label used, no split."""
+    values = dict(arch=RETRAIN_DEFAULTS.arch, image_size=RETRAIN_DEFAULTS.image_size, lr=RETRAIN_DEFAULTS.lr)
+    return TrainConfig(**{**values, **overrides, "time_budget_min": minutes, "iterations": iterations})
+
+
+@dataclass
+class RetrainResult:
+    loaded: LoadedModel
+    class_names: list[str]
+    new_classes: list[str]
+    unlabelled_classes: list[str]  # classes of the starting model that got no labels this round
+    labelled_count: int
+    unlabelled_count: int
+    labelled_accuracy: float  # on the annotated patches themselves (a fit check, not a held-out score)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+def fit_head(loaded: LoadedModel, class_names: Sequence[str]) -> LoadedModel:
+    """A copy of the model whose head has one row per class in class_names, in that order.
+
+    Rows of classes the model knows are copied (by name), classes not listed are dropped; new classes
+    get freshly initialised rows with the mean bias of the old ones, so they start neither favoured
+    nor impossible.
+    """
+    old_names = list(loaded.meta.class_names)
+    if list(class_names) == old_names:
+        return loaded
+    spec = ModelSpec(**{**loaded.spec.to_dict(), "num_classes": len(class_names)})
+    model = build_model(spec)
+    state = {k: v for k, v in loaded.model.state_dict().items() if not k.startswith("head.")}
+    model.load_state_dict(state, strict=False)
+    old_head = loaded.model.head
+    with torch.no_grad():
+        model.head.bias.fill_(float(old_head.bias.mean()))
+        for new_index, name in enumerate(class_names):
+            if name in old_names:
+                model.head.weight[new_index] = old_head.weight[old_names.index(name)]
+                model.head.bias[new_index] = old_head.bias[old_names.index(name)]
+    meta = copy.deepcopy(loaded.meta)
+    meta.class_names = list(class_names)
+    device = next(loaded.model.parameters()).device
+    return LoadedModel(model.to(device).eval(), meta)
+
+
+def default_start_model(rasters: Sequence[RasterInput], bands: Sequence[str] | None,
+                        log: Callable[[str], None]) -> LoadedModel | None:
+    """The bundled base model when the rasters' bands fit it, else None (a new model), saying which."""
+    base = load_model(base_model_path(), "cpu")
+    try:
+        for raster in rasters:
+            with open_raster(raster, bands, base.meta.band_names):
+                pass
+    except JEMError as error:
+        log(f"starting a new model: the bundled base model takes {', '.join(base.meta.band_names)} and these "
+            f"rasters do not fit it ({str(error)[:160]})")
+        return None
+    log(f"starting from the bundled base model ({len(base.meta.class_names)} land-cover classes, "
+        f"{base.meta.image_size} px patches); --from-scratch trains a new one")
+    return base
+
+
+def retrain(rasters: Sequence[RasterInput], annotations: Sequence[Annotation], *,
+            start_model: LoadedModel | str | Path | None = None, keep_model_classes: bool = False,
+            extra_dataset: SceneDataset | str | Path | None = None, out_model: str | Path | None = None,
+            config: TrainConfig | None = None, bands: Sequence[str] | None = None,
+            unlabelled_count: int = RETRAIN_DEFAULTS.unlabelled, stretch: str = "auto",
+            progress: ProgressFn | None = None, should_stop: StopFn | None = None,
+            log: Callable[[str], None] | None = None) -> RetrainResult:
+    """Semi-supervised JEM on annotated patches (labelled) + patches spread over the rasters (unlabelled).
+
+    start_model: a model (or its file) to fine-tune; None trains a new one (default_start_model picks
+    the bundled base model for callers that want it).  keep_model_classes: the new model keeps the
+    starting model's classes beside the labelled ones; otherwise it has the labelled classes only.
+    extra_dataset: a class-folder dataset (or its path) whose images join the unlabelled set.
+    The patch size is the starting model's, else config.image_size.
+    """
+    start = as_loaded(start_model) if start_model is not None else None
+    config = config or retrain_config()
+    patch_size = start.meta.image_size if start is not None else config.image_size
+    meta = start.meta if start is not None else None
+    head_order = meta.class_names if meta is not None and keep_model_classes else None
+    labelled = patches_from_annotations(rasters, annotations, patch_size, bands, meta, head_order, stretch)
+    unlabelled = sample_unlabelled_patches(rasters, unlabelled_count, config.seed, patch_size, bands, meta, stretch,
+                                           should_stop)
+    if extra_dataset is not None:
+        extra = extra_dataset if isinstance(extra_dataset, SceneDataset) else load_class_folder(extra_dataset, patch_size)
+        if extra.images.shape[1:] != unlabelled.shape[1:]:
+            raise JEMError(f"The extra dataset has {extra.images.shape[1]}-band {extra.images.shape[-1]} px images; "
+                           f"the raster patches are {unlabelled.shape[1]}-band {patch_size} px. Use matching data.")
+        unlabelled = torch.cat([unlabelled, extra.images])
+    return retrain_on_patches(labelled, unlabelled, start_model=start, out_model=out_model, config=config,
+                              progress=progress, should_stop=should_stop, log=log)
+
+
+def retrain_on_patches(labelled: SceneDataset, unlabelled: torch.Tensor, *, start_model: LoadedModel | None = None,
+                       out_model: str | Path | None = None, config: TrainConfig | None = None,
+                       progress: ProgressFn | None = None, should_stop: StopFn | None = None,
+                       log: Callable[[str], None] | None = None) -> RetrainResult:
+    """Semi-supervised JEM: every labelled image is a training label (no validation split: there are
+    too few), the unlabelled images feed the generative term; the last weights are kept.
+
+    A start model's head is fitted to labelled.class_names (fit_head).
+    """
+    log = log or (lambda message: None)
+    config = dataclasses.replace(config or retrain_config(), image_size=labelled.images.shape[-1],
+                                 labels_per_class=None, val_fraction=0.0, test_fraction=0.0)
+    old_names = start_model.meta.class_names if start_model is not None else []
+    new_classes = [n for n in labelled.class_names if n not in old_names]
+    dropped = [n for n in old_names if n not in labelled.class_names]
+    counts = torch.bincount(labelled.labels, minlength=labelled.num_classes).tolist()
+    without = [n for n, c in zip(labelled.class_names, counts) if c == 0]
+    if without:
+        log(f"warning: no labels this round for {', '.join(without)}; the model keeps these classes but "
+            "fine-tuning may weaken them. Label a few patches of each to keep them sharp.")
+    if dropped:
+        log(f"the new model has the {len(labelled.class_names)} labelled classes; the starting model's "
+            f"{', '.join(dropped)} are left out (keep them with --keep-model-classes)")
+    start = fit_head(start_model, labelled.class_names) if start_model is not None else None
+    log(f"retraining on {len(labelled)} labelled patches ({', '.join(f'{n}: {c}' for n, c in zip(labelled.class_names, counts))}) "
+        f"and {len(unlabelled)} unlabelled images" + (f"; new classes: {', '.join(new_classes)}" if new_classes else ""))
+    result = train(labelled, config, out_path=out_model, progress=progress, should_stop=should_stop, log=log,
+                   unlabelled=unlabelled, start_model=start)
+    predicted = predict_logits(result.loaded, labelled.images).argmax(1)
+    fit = (predicted == labelled.labels).double().mean().item()
+    return RetrainResult(result.loaded, list(labelled.class_names), new_classes, without, len(labelled),
+                         len(unlabelled), fit, result.metrics, list(result.metrics.get("warnings", [])))
