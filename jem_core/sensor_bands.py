@@ -80,4 +80,5 @@ def band_hint(expected: Sequence[str], band_names: Sequence[str], file_names: Se
         examples = "; ".join(f"{name}: --bands {','.join(table[c] for c in colours)}"
                              for name, table in SENSOR_BANDS.items())
         return f"Pass the bands that measure {', '.join(expected)}, in that order ({examples})."
-    return f"Pass the bands the model was trained on, in its order: --bands {','.join(expected)} or their 1-based indexes."
+    return (f"Pass the bands the model was trained on, in its order: --bands {','.join(expected)} "
+            "or their 1-based indexes.")
