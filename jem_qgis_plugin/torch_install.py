@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import queue
 import shlex
 import shutil
@@ -57,18 +58,21 @@ def activate(folder: Path) -> bool:
     return True
 
 
-def interpreter(platform: str | None = None, executable: str | None = None) -> str:
+def interpreter(platform: str | None = None, executable: str | None = None,
+                exists: Callable[[str], bool] = os.path.exists) -> str:
     """The python that runs pip for QGIS's Python.
 
-    Windows: QGIS (OSGeo4W or the standalone installer) ships python3.exe beside qgis-bin.exe, and
-    sys.executable is QGIS itself.  macOS and Linux: the python of the running prefix (lazy_torch).
+    Windows: sys.executable is QGIS itself; OSGeo4W and the standalone installer put python3.exe
+    beside qgis-bin.exe (else: python.exe of the Python prefix).  macOS (QGIS.app's bundled Python)
+    and Linux: the python of the running prefix (lazy_torch.qgis_python).
     """
     platform = platform or sys.platform
     executable = executable or sys.executable
     if platform == "win32":
         exe = PureWindowsPath(executable)
-        if exe.name.lower().startswith("qgis"):
-            return str(exe.with_name("python3.exe"))
+        beside = str(exe.with_name("python3.exe"))
+        if exe.name.lower().startswith("qgis") and exists(beside):
+            return beside
         if exe.name.lower().startswith("python"):
             return executable
     return qgis_python()

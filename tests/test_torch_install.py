@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from jem_core import JEMError
+from jem_qgis_plugin import torch_install
 from jem_qgis_plugin.lazy_torch import TORCH_VERSION
 from jem_qgis_plugin.torch_install import (CPU_INDEX, activate, index_arguments, install, interpreter, packages_dir,
                                            pip_command, shell_text)
@@ -132,6 +133,9 @@ def test_pip_command_and_its_terminal_text_per_platform():
                                                 "--target '/Users/a b/x'")
 
 
-def test_interpreter_on_windows_is_the_python_beside_qgis():
-    assert interpreter("win32", r"C:\OSGeo4W\bin\qgis-bin.exe") == r"C:\OSGeo4W\bin\python3.exe"
+def test_interpreter_on_windows_is_the_python_beside_qgis(monkeypatch):
+    assert interpreter("win32", r"C:\OSGeo4W\bin\qgis-bin.exe", lambda path: True) == r"C:\OSGeo4W\bin\python3.exe"
     assert interpreter("win32", r"C:\OSGeo4W\bin\python3.exe") == r"C:\OSGeo4W\bin\python3.exe"
+    monkeypatch.setattr(torch_install, "qgis_python", lambda: r"C:\OSGeo4W\apps\Python39\python.exe")
+    assert interpreter("win32", r"C:\OSGeo4W\bin\qgis-bin.exe", lambda path: False) == \
+        r"C:\OSGeo4W\apps\Python39\python.exe"
