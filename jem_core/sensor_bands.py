@@ -71,6 +71,9 @@ def pick_bands(expected: Sequence[str], band_names: Sequence[str],
 
 def band_hint(expected: Sequence[str], band_names: Sequence[str], file_names: Sequence[str]) -> str:
     """How to choose bands for the model: the sensor's bands when the model's names are colours."""
+    if len(band_names) < len(expected):
+        return (f"Give an input with the {len(expected)} bands the model needs ({', '.join(expected)}), as one "
+                "raster or one file per band.")
     colours = [name.strip().lower() for name in expected]
     sensor = sensor_of(band_names, file_names)
     if all(colour in SENSOR_BANDS["Sentinel-2"] for colour in colours):

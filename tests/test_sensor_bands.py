@@ -84,5 +84,6 @@ def test_sensor_recognition_needs_a_product_id_or_sentinel2_band_names():
     assert sensor_of(["B1", "B2"], ["LC08_L1TP_x.tif"]) == "Landsat 8/9"
     assert sensor_of(["B1"], ["LM01_L1GS_x.tif"]) is None  # MSS has no blue band
     assert sensor_of(["B02", "B8A"], ["x.tif"]) == "Sentinel-2"
-    assert band_hint(["nir", "red"], [], ["LE07_x.tif"]).startswith("For Landsat 4-7 that is --bands B4,B3 ")
-    assert "--bands ndvi,slope" in band_hint(["ndvi", "slope"], ["B1"], [])
+    assert band_hint(["nir", "red"], ["B1", "B2"], ["LE07_x.tif"]).startswith("For Landsat 4-7 that is --bands B4,B3 ")
+    assert "--bands ndvi,slope" in band_hint(["ndvi", "slope"], ["B1", "B2", "B3"], [])
+    assert band_hint(RGB, ["B1"], []).startswith("Give an input with the 3 bands the model needs (red, green, blue)")
