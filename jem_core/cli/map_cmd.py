@@ -53,7 +53,7 @@ def run_map(args: argparse.Namespace) -> int:
     written = [p for p in (result.classes, result.confidence, result.max_probability, result.probabilities) if p]
     log("written: " + ", ".join(str(p) for p in written))
     if args.preview:
-        render_map_preview(result.classes, result.confidence, args.preview, inputs=args.inputs, bands=bands,
+        render_map_preview(result.classes, result.confidence, args.preview, inputs=args.inputs, bands=result.bands,
                            title=f"{args.model.name}: {result.patch_size} px patches, stride {result.stride} px")
         log(f"preview: {args.preview}")
     if args.json:
