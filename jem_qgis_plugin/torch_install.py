@@ -121,15 +121,15 @@ def install(python: str, target: Path, sources: Sequence[str], requirement: str 
     command = pip_command(python, staging, sources, requirement)
     log: list[str] = []
     try:
-        returncode = _run_pip(command, log, progress, should_stop)
+        try:
+            returncode = _run_pip(command, log, progress, should_stop)
+        except FileNotFoundError:
+            return InstallOutcome(False, f"QGIS's Python '{python}' was not found, so pip cannot run. Install "
+                                  f"{requirement} from a terminal with the python QGIS uses; nothing was installed.")
         if returncode is None:
             return InstallOutcome(False, f"Installing {requirement} was cancelled; nothing was installed.", log)
         if returncode != 0:
-            errors = [line for line in log if line.startswith("ERROR")] or log[-3:]
-            terminal = shell_text(pip_command(python, target, sources, requirement))
-            return InstallOutcome(False, f"pip could not install {requirement} (exit code {returncode}): "
-                                  f"{' '.join(errors)[:400]} Nothing was installed. Check the network connection "
-                                  f"and run again, or run in a terminal: {terminal}", log)
+            return InstallOutcome(False, _pip_failure(python, target, sources, requirement, returncode, log), log)
         _move_into(staging, target)
     except OSError as error:
         return InstallOutcome(False, f"Cannot install {requirement} into '{target}': {error}. Nothing was installed; "
@@ -142,6 +142,18 @@ def install(python: str, target: Path, sources: Sequence[str], requirement: str 
                               "restart QGIS and try again.", log)
     progress(1.0, "done")
     return InstallOutcome(True, f"{requirement} installed into '{target}' and ready to use.", log)
+
+
+def _pip_failure(python: str, target: Path, sources: Sequence[str], requirement: str, returncode: int,
+                 log: list[str]) -> str:
+    """The failure message: pip's error lines and the likely fix."""
+    if any("No module named pip" in line for line in log):
+        return (f"QGIS's Python ({python}) has no pip, so {requirement} cannot be installed. Install pip "
+                "(Debian/Ubuntu: sudo apt install python3-pip) and run again; nothing was installed.")
+    errors = [line for line in log if line.startswith("ERROR")] or log[-3:]
+    terminal = shell_text(pip_command(python, target, sources, requirement))
+    return (f"pip could not install {requirement} (exit code {returncode}): {' '.join(errors)[:400]} Nothing was "
+            f"installed. Check the network connection and run again, or run in a terminal: {terminal}")
 
 
 def _run_pip(command: list[str], log: list[str], progress: Progress, should_stop: Callable[[], bool]) -> int | None:

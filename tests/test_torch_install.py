@@ -82,6 +82,19 @@ def test_unknown_package_fails_clearly_and_leaves_nothing(tmp_path, clean_sys_pa
     assert str(target) not in sys.path
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="a POSIX shell script stands in for a python without pip")
+def test_python_without_pip_or_missing_python_is_named_with_the_fix(tmp_path):
+    no_pip = tmp_path / "python3"
+    no_pip.write_text("#!/bin/sh\necho \"$0: No module named pip\" >&2\nexit 1\n")
+    no_pip.chmod(0o755)
+    target = packages_dir(tmp_path / "profile")
+    outcome = install(str(no_pip), target, [], "jem-standin-pkg==1.0", module=STANDIN)
+    assert not outcome.ok and "has no pip" in outcome.message and "apt install python3-pip" in outcome.message
+    outcome = install(str(tmp_path / "missing" / "python3"), target, [], "jem-standin-pkg==1.0", module=STANDIN)
+    assert not outcome.ok and "was not found" in outcome.message
+    assert not target.exists() and not target.with_name(target.name + ".partial").exists()
+
+
 def test_cancel_stops_pip_and_leaves_nothing(tmp_path, clean_sys_path):
     wheels = write_wheel(tmp_path / "wheels").parent
     target = packages_dir(tmp_path / "profile")
