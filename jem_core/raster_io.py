@@ -28,6 +28,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from . import JEMError
+from .sensor_bands import band_hint, pick_bands
 
 STRETCH_MODES = ("auto", "none", "percentile", "linear")
 # Longest side of the decimated read used to estimate percentiles: cheap even on huge rasters.
@@ -113,7 +114,7 @@ def _file_band_name(path: Path, description: str | None) -> str:
 
 
 def _resolve_bands(requested: Sequence[str] | None, aliases: list[list[str]], expected: Sequence[str] | None,
-                   source: str) -> list[int]:
+                   source: str, file_names: Sequence[str] = ()) -> list[int]:
     """0-based positions of the chosen bands, in the order asked for (or the model's order)."""
     # A band's own name (first alias) wins over another band's positional alias ("B2" of band 2
     # must not shadow a band described as "B02"): fill the lookup rank by rank.
@@ -150,8 +151,7 @@ def _resolve_bands(requested: Sequence[str] | None, aliases: list[list[str]], ex
     if len(aliases) == len(expected):
         return list(range(len(aliases)))
     raise JEMError(f"'{source}' has {len(aliases)} band(s) ({available}) but the model expects {len(expected)} "
-                   f"({', '.join(expected)}). Choose the matching bands with --bands, e.g. "
-                   f"--bands {','.join(names[0] for names in aliases[:len(expected)])}.")
+                   f"({', '.join(expected)}). {band_hint(expected, [names[0] for names in aliases], file_names)}")
 
 
 @contextmanager
@@ -191,7 +191,12 @@ def open_raster(inputs: Sequence[str | os.PathLike] | str | os.PathLike, bands: 
                                            "each. Pass one multi-band raster alone, or single-band files.")
                         aliases.append([_file_band_name(p, src.descriptions[0])])
                 description = f"{len(paths)} stacked files ({paths[0].parent})"
-            positions = _resolve_bands(bands, aliases, expected_bands, description)
+            # A model naming its bands by colour gets a known sensor's bands by what they measure.
+            file_names = [str(p) for p in paths]
+            picked = None if bands or not expected_bands else pick_bands(expected_bands, [a[0] for a in aliases],
+                                                                          file_names)
+            positions = _resolve_bands(picked[0] if picked else bands, aliases, expected_bands, description,
+                                       file_names)
             names = [aliases[i][0] for i in positions]
             if len(paths) == 1:
                 band_indexes = [i + 1 for i in positions]
@@ -200,6 +205,8 @@ def open_raster(inputs: Sequence[str | os.PathLike] | str | os.PathLike, bands: 
                 path = _stack_vrt([paths[i] for i in positions], names, Path(tmp_dir) / "stack.vrt")
                 band_indexes = list(range(1, len(positions) + 1))
             source = _describe(path, band_indexes, names, description, target_gsd)
+            if picked:
+                source.notes.append(picked[1])
         yield source
     except RasterioIOError as error:
         raise raster_error(error) from None

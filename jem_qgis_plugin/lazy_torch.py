@@ -67,7 +67,8 @@ def require_torch() -> None:
     if torch_available():
         return
     raise TorchMissing(f"JEM-EO needs PyTorch, which is not installed for QGIS's Python ({qgis_python()}). "
-                       f"Install it with:  {install_command()}  and restart QGIS.")
+                       "In the QGIS desktop, Plugins ▸ JEM-EO ▸ Install PyTorch… installs it in the background, "
+                       f"usable without a restart. Or install it with:  {install_command()}  and restart QGIS.")
 
 
 def core_constant(module: str, name: str) -> Any:

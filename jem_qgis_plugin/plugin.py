@@ -4,6 +4,7 @@ from __future__ import annotations
 from qgis.core import QgsApplication
 
 from .provider import JemProvider
+from .torch_install_ui import TorchInstallUi, activate_installed_packages
 
 
 class JemPlugin:
@@ -17,6 +18,8 @@ class JemPlugin:
         self.iface = iface
         self.provider: JemProvider | None = None
         self.annotation_ui = None
+        self.torch_ui: TorchInstallUi | None = None
+        activate_installed_packages()  # torch installed by the plugin in an earlier session
 
     def initProcessing(self) -> None:  # noqa: N802 (QGIS API name)
         if self.provider is None:
@@ -30,8 +33,13 @@ class JemPlugin:
 
             self.annotation_ui = AnnotationUi(self.iface)
             self.annotation_ui.initGui()
+            self.torch_ui = TorchInstallUi(self.iface)
+            self.torch_ui.initGui()
 
     def unload(self) -> None:
+        if self.torch_ui is not None:
+            self.torch_ui.unload()
+            self.torch_ui = None
         if self.annotation_ui is not None:
             self.annotation_ui.unload()
             self.annotation_ui = None

@@ -21,7 +21,9 @@ def register(subparsers) -> None:
     p.add_argument("--out-confidence", type=Path, help="confidence −E(x) GeoTIFF (Float32)")
     p.add_argument("--out-max-probability", type=Path, help="max p(y|x) GeoTIFF (Float32)")
     p.add_argument("--out-probabilities", type=Path, help="p(y|x) per class, one band each (Float32)")
-    p.add_argument("--bands", help="bands in the model's order, by name or 1-based index, e.g. B04,B03,B02")
+    p.add_argument("--bands", help="bands in the model's order, by name or 1-based index, e.g. B04,B03,B02 "
+                   "(default: the model's band names; for a red/green/blue model on Sentinel-2 or Landsat band "
+                   "files, the sensor's bands by what they measure; else all bands when the counts match)")
     p.add_argument("--stride", type=int, help="pixels between patches; divides the patch size (default: patch size)")
     p.add_argument("--resolution", default="patch", choices=RESOLUTIONS,
                    help="patch: one pixel per stride cell; input: the input grid (default: %(default)s)")
@@ -51,7 +53,7 @@ def run_map(args: argparse.Namespace) -> int:
     written = [p for p in (result.classes, result.confidence, result.max_probability, result.probabilities) if p]
     log("written: " + ", ".join(str(p) for p in written))
     if args.preview:
-        render_map_preview(result.classes, result.confidence, args.preview, inputs=args.inputs, bands=bands,
+        render_map_preview(result.classes, result.confidence, args.preview, inputs=args.inputs, bands=result.bands,
                            title=f"{args.model.name}: {result.patch_size} px patches, stride {result.stride} px")
         log(f"preview: {args.preview}")
     if args.json:
