@@ -1,0 +1,43 @@
+"""GDAL/OGR error modes and torch's thread count are changed only inside the block, then put back."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from osgeo import gdal, ogr
+
+from jem_core.process_state import gdal_exceptions, torch_threads
+
+
+@pytest.mark.parametrize("before", [False, True])
+def test_gdal_and_ogr_modes_come_back(before):
+    for module in (gdal, ogr):
+        module.UseExceptions() if before else module.DontUseExceptions()
+    with pytest.raises(RuntimeError):
+        with gdal_exceptions():
+            assert gdal.GetUseExceptions() and ogr.GetUseExceptions()
+            gdal.Open("/nonexistent/raster.tif")
+    assert bool(gdal.GetUseExceptions()) == before and bool(ogr.GetUseExceptions()) == before
+    ogr.DontUseExceptions()  # GDAL 3.6 keeps the modes on a stack: undo in reverse order
+    gdal.DontUseExceptions()
+
+
+def test_overlapping_thread_blocks_restore_the_count_from_before_the_first():
+    before = torch.get_num_threads()
+    first_in, second_done = threading.Event(), threading.Event()
+
+    def second() -> None:
+        first_in.wait()
+        with torch_threads(1):
+            pass
+        second_done.set()
+
+    worker = threading.Thread(target=second)
+    worker.start()
+    with torch_threads(1):
+        first_in.set()
+        second_done.wait()
+        assert torch.get_num_threads() == 1  # the other block ended first: not restored under our feet
+    worker.join()
+    assert torch.get_num_threads() == before
