@@ -1,19 +1,23 @@
 """`jem:retrain`: annotated patches + the raster's unlabelled patches → a semi-supervised JEM model."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from qgis.core import (QgsCoordinateTransform, QgsFeatureRequest, QgsGeometry, QgsPointXY, QgsProcessing,
                        QgsProcessingContext, QgsProcessingException, QgsProcessingFeedback,
-                       QgsProcessingFeatureSource, QgsProcessingOutputNumber, QgsProcessingParameterEnum,
+                       QgsProcessingFeatureSource, QgsProcessingOutputNumber, QgsProcessingParameterBoolean,
+                       QgsProcessingParameterEnum,
                        QgsProcessingParameterFeatureSource, QgsProcessingParameterField, QgsProcessingParameterFile,
                        QgsProcessingParameterFileDestination, QgsProcessingParameterNumber,
                        QgsProcessingParameterRasterDestination, QgsProcessingParameterRasterLayer, QgsRasterLayer,
                        QgsWkbTypes)
 
 from ..lazy_torch import core_constant
-from ..styles import post_processor, write_style_beside
+from ..annotation_layer import DEFAULT_PATCH
+from ..styles import StyledOutput, file_of, style_outputs
 from .base import JemAlgorithm, progress_reporter
+from .landcover_map import DEFAULT_RESOLUTION, default_stride
 
 ARCHITECTURES: list[str] = list(core_constant("models", "ARCHITECTURES"))
 # Retraining takes this share of the progress bar; the optional maps the rest.
@@ -71,12 +75,16 @@ class RetrainAlgorithm(JemAlgorithm):
             "<b>Annotations</b>: points (the patch centred on each) or polygons (every patch-sized cell inside; "
             "the footprints the JEM labelling tool draws are one patch each), with the class name in "
             "<b>Class field</b>. Annotations in another CRS are reprojected to the raster's. "
-            "<b>Starting model</b> (optional): fine-tunes it; classes it does not know are added to its head "
-            "(its patch size and bands are kept). Without one, a new model is trained at <b>Patch size</b>.<br>"
+            "<b>Starting model</b>: fine-tunes it (empty: the bundled base model); classes it does not know are "
+            "added to its head (its patch size and bands are kept). With <b>Train a new model</b> (advanced), a "
+            "new model is trained at <b>Patch size</b> instead.<br>"
             "Patches sampled at random from the raster (and, optionally, images of a class-folder dataset) are "
             "the unlabelled set of semi-supervised JEM training. Every annotation is used for training, so the "
-            "log reports only how well the model fits them. Optional outputs: the new class and confidence "
-            "(−E(x)) maps of the raster. Runs in the background; Cancel stops it and writes nothing.")
+            "log reports only how well the model fits them (there is no validation split). <b>Retrained model</b> "
+            "left empty is saved beside the annotation file as <i>&lt;annotations&gt;_retrained.pt</i> "
+            "(_2, _3 … when that exists; beside the raster for a layer without a file). Optional outputs: the "
+            "new class and confidence (−E(x)) maps of the raster, as <i>JEM land cover map</i> makes them. Runs "
+            "in the background; Cancel stops it and writes nothing.")
 
     def initAlgorithm(self, config=None) -> None:  # noqa: N802 (QGIS API name)
         self.addParameter(QgsProcessingParameterRasterLayer("INPUT", "Input raster"))
@@ -84,16 +92,16 @@ class RetrainAlgorithm(JemAlgorithm):
             "ANNOTATIONS", "Annotations (points or patch polygons)",
             [QgsProcessing.TypeVectorPoint, QgsProcessing.TypeVectorPolygon]))
         self.addParameter(QgsProcessingParameterField("CLASS_FIELD", "Class field", "class", "ANNOTATIONS"))
-        self.addParameter(QgsProcessingParameterFile("MODEL", "Starting model (optional)", optional=True,
-                                                     fileFilter="JEM model (*.pt)"))
+        self.add_model_parameter("Starting model")
         self.addParameter(QgsProcessingParameterNumber("EPOCHS", "Epochs (passes over the unlabelled patches)",
                                                        QgsProcessingParameterNumber.Integer, 5, minValue=1))
         self.addParameter(QgsProcessingParameterNumber("UNLABELLED", "Unlabelled patches sampled from the raster",
                                                        QgsProcessingParameterNumber.Integer, 512, minValue=1))
         self.add_device_parameter()
         self.add_advanced(
+                QgsProcessingParameterBoolean("NEW_MODEL", "Train a new model (ignore the starting model)", False),
                 QgsProcessingParameterNumber("PATCH_SIZE", "Patch size in px (new model only)",
-                                             QgsProcessingParameterNumber.Integer, 32, minValue=8),
+                                             QgsProcessingParameterNumber.Integer, DEFAULT_PATCH, minValue=8),
                 QgsProcessingParameterEnum("ARCH", "Architecture (new model only)", options=ARCHITECTURES,
                                            defaultValue="wrn-10-2", usesStaticStrings=True),
                 self.bands_parameter(),
@@ -102,7 +110,9 @@ class RetrainAlgorithm(JemAlgorithm):
                 QgsProcessingParameterNumber("LR", "Learning rate", QgsProcessingParameterNumber.Double, 1e-3,
                                              minValue=1e-7),
                 QgsProcessingParameterNumber("SEED", "Random seed", QgsProcessingParameterNumber.Integer, 0))
-        self.addParameter(QgsProcessingParameterFileDestination("OUTPUT_MODEL", "Retrained model", "JEM model (*.pt)"))
+        self.addParameter(QgsProcessingParameterFileDestination(
+            "OUTPUT_MODEL", "Retrained model (empty: <annotations>_retrained.pt beside the annotations)",
+            "JEM model (*.pt)", optional=True, createByDefault=False))
         self.addParameter(QgsProcessingParameterRasterDestination("OUTPUT_MAP", "New class map", optional=True,
                                                                   createByDefault=False))
         self.addParameter(QgsProcessingParameterRasterDestination("OUTPUT_CONFIDENCE", "New confidence map (−E(x))",
@@ -125,8 +135,12 @@ class RetrainAlgorithm(JemAlgorithm):
         source = self.parameterAsSource(parameters, "ANNOTATIONS", context)
         if source is None:
             raise QgsProcessingException("The annotation layer cannot be read. Pick a point or polygon layer.")
-        model_path = self.parameterAsFile(parameters, "MODEL", context)
-        start = load_model(model_path) if model_path else None
+        out_map = self.parameterAsOutputLayer(parameters, "OUTPUT_MAP", context) or None
+        out_confidence = self.parameterAsOutputLayer(parameters, "OUTPUT_CONFIDENCE", context) or None
+        if out_confidence and not out_map:  # refused before training, not after
+            raise QgsProcessingException("The confidence map comes with the class map: set 'New class map' too.")
+        new_model = self.parameterAsBool(parameters, "NEW_MODEL", context)
+        start = None if new_model else load_model(self.model_file(parameters, context))
         patch_size = start.meta.image_size if start else self.parameterAsInt(parameters, "PATCH_SIZE", context)
         class_field = self.parameterAsString(parameters, "CLASS_FIELD", context) or "class"
         annotations = annotations_from_source(source, class_field, raster, patch_size, context)
@@ -140,7 +154,8 @@ class RetrainAlgorithm(JemAlgorithm):
                              lr=self.parameterAsDouble(parameters, "LR", context),
                              seed=self.parameterAsInt(parameters, "SEED", context), device=self.device(parameters, context),
                              sgld=SGLDConfig(buffer_size=unlabelled))
-        out_model = self.parameterAsFileOutput(parameters, "OUTPUT_MODEL", context)
+        out_model = self.parameterAsFileOutput(parameters, "OUTPUT_MODEL", context) or \
+            default_model_path(self.parameterAsVectorLayer(parameters, "ANNOTATIONS", context), raster)
         bands = self.band_list(parameters, context)
         result = retrain([raster.source()], annotations, start_model=start,
                          extra_dataset=self.parameterAsFile(parameters, "EXTRA_DATASET", context) or None,
@@ -151,30 +166,37 @@ class RetrainAlgorithm(JemAlgorithm):
                           f"of the {result.labelled_count} annotated patches. Model written to {out_model}.")
         outputs: dict[str, Any] = {"OUTPUT_MODEL": out_model, "LABELLED": result.labelled_count,
                                    "FIT_ACCURACY": result.labelled_accuracy}
-        outputs.update(self.write_maps(parameters, context, feedback, result.loaded, raster, bands))
+        if out_map:
+            outputs.update(self.write_maps(context, feedback, result.loaded, raster, bands, out_map, out_confidence,
+                                           config.device))
         return outputs
 
-    def write_maps(self, parameters: dict[str, Any], context: QgsProcessingContext, feedback: QgsProcessingFeedback,
-                   loaded, raster: QgsRasterLayer, bands: list[str] | None) -> dict[str, Any]:
-        """The optional class and confidence maps of the new model (jem_core.mapping, as jem:landcovermap)."""
+    def write_maps(self, context: QgsProcessingContext, feedback: QgsProcessingFeedback, loaded,
+                   raster: QgsRasterLayer, bands: list[str] | None, out_map: str, out_confidence: str | None,
+                   device: str) -> dict[str, Any]:
+        """The class (and confidence) map of the new model, on DEVICE, as jem:landcovermap makes them."""
         from jem_core.mapping import map_raster
 
-        out_map = self.parameterAsOutputLayer(parameters, "OUTPUT_MAP", context) or None
-        out_confidence = self.parameterAsOutputLayer(parameters, "OUTPUT_CONFIDENCE", context) or None
-        if not out_map and not out_confidence:
-            return {}
-        if not out_map:
-            raise QgsProcessingException("The confidence map comes with the class map: set 'New class map' too.")
-        map_raster(loaded, raster.source(), out_map, out_confidence,
-                   bands=bands,
+        map_raster(loaded, raster.source(), out_map, out_confidence, bands=bands, device=device,
+                   stride=default_stride(loaded.meta.image_size), resolution=DEFAULT_RESOLUTION,
                    progress=progress_reporter(feedback, TRAIN_SHARE, 100.0), should_stop=feedback.isCanceled)
         outputs = {"OUTPUT_MAP": out_map}
-        styled = [(out_map, "class_map")]
+        styled = [StyledOutput(out_map, "class_map", "new class map")]
         if out_confidence:
             outputs["OUTPUT_CONFIDENCE"] = out_confidence
-            styled.append((out_confidence, "confidence"))
-        for path, kind in styled:
-            write_style_beside(path, kind)
-            if context.willLoadLayerOnCompletion(path):
-                context.layerToLoadOnCompletionDetails(path).setPostProcessor(post_processor(kind))
+            styled.append(StyledOutput(out_confidence, "confidence", "new confidence −E(x)"))
+        style_outputs(context, raster.name(), styled)
         return outputs
+
+
+def default_model_path(annotations, raster: QgsRasterLayer) -> str:
+    """<annotations>_retrained.pt beside the annotation file (beside the raster for a layer without one),
+    numbered so an earlier model is never overwritten."""
+    source = Path(file_of(annotations.source())) if annotations is not None else None
+    base = source if source is not None and source.is_file() else Path(file_of(raster.source()))
+    stem = annotations.name() if annotations is not None and base != source else base.stem
+    candidate, number = base.with_name(f"{stem}_retrained.pt"), 1
+    while candidate.exists():
+        number += 1
+        candidate = base.with_name(f"{stem}_retrained_{number}.pt")
+    return str(candidate)

@@ -81,6 +81,7 @@ class TrainAlgorithm(JemAlgorithm):
             feedback: QgsProcessingFeedback) -> dict[str, Any]:
         from jem_core.cli.common import write_json
         from jem_core.data import load_class_folder
+        from jem_core.model_file import check_output_folders
         from jem_core.plots import reliability_diagram
         from jem_core.sampler import SGLDConfig
         from jem_core.training import TrainConfig, train
@@ -102,6 +103,7 @@ class TrainAlgorithm(JemAlgorithm):
         model_path = self.parameterAsFileOutput(parameters, "OUTPUT_MODEL", context)
         metrics_path = self.parameterAsFileOutput(parameters, "METRICS", context)
         plot_path = self.parameterAsFileOutput(parameters, "RELIABILITY_PLOT", context)
+        check_output_folders(model_path, metrics_path or None, plot_path or None)  # before, not after, training
 
         feedback.pushInfo(f"Reading {dataset_dir} at {config.image_size} px …")
         load_progress = progress_reporter(feedback, 0, LOAD_SHARE)
