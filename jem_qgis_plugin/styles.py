@@ -108,17 +108,22 @@ def _distance(a: QColor, b: QColor) -> float:
 
 
 def distinct_colours(wanted: list[QColor]) -> list[QColor]:
-    """Each wanted colour, unless it is too close to one kept before it: then the first of DISTINCT far
-    enough from all kept (the farthest one when none is), so thematic colours stay where they work."""
-    kept: list[QColor] = []
+    """The wanted colours, except where one is too close to an earlier one: that class gets the first of
+    DISTINCT far enough from every colour kept (the farthest when none is).  Thematic colours that do not
+    collide (water blue, forest green) stay as they are."""
+    def far_from(colour: QColor, others: list[QColor]) -> bool:
+        return all(_distance(colour, other) >= MIN_COLOUR_DISTANCE for other in others)
+
+    result: list[QColor | None] = []
     for colour in wanted:
-        if all(_distance(colour, other) >= MIN_COLOUR_DISTANCE for other in kept):
-            kept.append(colour)
-            continue
-        candidates = [QColor(c) for c in DISTINCT]
-        far = [c for c in candidates if all(_distance(c, other) >= MIN_COLOUR_DISTANCE for other in kept)]
-        kept.append(far[0] if far else max(candidates, key=lambda c: min(_distance(c, o) for o in kept)))
-    return kept
+        result.append(colour if far_from(colour, [c for c in result if c is not None]) else None)
+    for i, colour in enumerate(result):
+        if colour is None:
+            kept = [c for c in result if c is not None]
+            candidates = [QColor(c) for c in DISTINCT]
+            result[i] = next((c for c in candidates if far_from(c, kept)),
+                             max(candidates, key=lambda c: min(_distance(c, other) for other in kept)))
+    return result
 
 
 def class_map_renderer(layer: QgsRasterLayer) -> QgsPalettedRasterRenderer:

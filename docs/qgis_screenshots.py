@@ -1,0 +1,124 @@
+# Run by `qgis --code shots.py` under Xvfb: each algorithm run twice in one desktop session, then
+# screenshots of the dialog, a class map with its legend, suggestions and the labelling dock.
+import json
+import os
+import traceback
+from pathlib import Path
+
+from qgis.core import QgsApplication, QgsPointXY, QgsProject, QgsRasterLayer
+from qgis.PyQt.QtCore import QTimer
+from qgis.utils import iface, plugins
+
+OUT = Path(os.environ["SHOT_OUT"])
+IMG = Path(os.environ["SHOT_IMG"])
+VRT = os.environ["SHOT_VRT"]
+log = {}
+
+
+def wait_render():
+    canvas = iface.mapCanvas()
+    canvas.refreshAllLayers()
+    for _ in range(50):
+        QgsApplication.processEvents()
+    canvas.waitWhileRendering()
+    for _ in range(50):
+        QgsApplication.processEvents()
+
+
+def grab(widget, name):
+    QgsApplication.processEvents()
+    widget.grab().save(str(IMG / name))
+    log.setdefault("shots", []).append(name)
+
+
+def only(*layers):
+    """Show these layers, with their legends expanded; hide and collapse the others."""
+    root = QgsProject.instance().layerTreeRoot()
+    for node in root.findLayers():
+        node.setItemVisibilityChecked(node.layer() in layers)
+        node.setExpanded(node.layer() in layers)
+    iface.setActiveLayer(layers[0])
+
+
+def step():
+    import processing
+    try:
+        iface.mainWindow().resize(1500, 950)
+        from qgis.PyQt.QtWidgets import QDockWidget
+        for dock_widget in iface.mainWindow().findChildren(QDockWidget):
+            if dock_widget.objectName() == "Browser":
+                dock_widget.hide()
+        scene = QgsRasterLayer(VRT, "beirut")
+        QgsProject.instance().addMapLayer(scene)
+        canvas = iface.mapCanvas()
+        canvas.setDestinationCrs(scene.crs())
+        canvas.setExtent(scene.extent())
+        runs = {}
+        runs["map1"] = processing.runAndLoadResults("jem:landcovermap", {
+            "INPUT": scene, "DEVICE": "cpu", "OUTPUT": str(OUT / "beirut_classes.tif"),
+            "CONFIDENCE": str(OUT / "beirut_confidence.tif")})
+        runs["map2"] = processing.runAndLoadResults("jem:landcovermap", {
+            "INPUT": scene, "DEVICE": "cpu", "STRIDE": 16, "OUTPUT": "TEMPORARY_OUTPUT",
+            "CONFIDENCE": "TEMPORARY_OUTPUT"})
+        runs["suggest1"] = processing.runAndLoadResults("jem:suggest", {
+            "INPUT": scene, "DEVICE": "cpu", "COUNT": 12, "OUTPUT": str(OUT / "beirut_suggestions.gpkg")})
+        runs["suggest2"] = processing.runAndLoadResults("jem:suggest", {
+            "INPUT": scene, "DEVICE": "cpu", "COUNT": 5, "OUTPUT": "TEMPORARY_OUTPUT"})
+        log["runs"] = {k: {kk: str(vv) for kk, vv in v.items()} for k, v in runs.items()}
+        layers = QgsProject.instance().mapLayers().values()
+        log["layers"] = [(l.name(), l.isValid(), l.renderer().type() if hasattr(l, "renderer") and l.renderer() else None)
+                         for l in layers]
+        by_name = {l.name(): l for l in layers}
+
+        # The map with its legend: the first class map over the image.
+        classes = by_name["beirut_classes"]
+        only(classes, scene)
+        wait_render()
+        grab(iface.mainWindow(), "qgis_map_legend.png")
+
+        # Suggestions over the image.
+        suggestions = by_name["beirut_suggestions"]
+        only(suggestions, scene)
+        wait_render()
+        grab(iface.mainWindow(), "qgis_suggestions.png")
+
+        # The dock with labelled patches.
+        from jem_qgis_plugin.annotation_layer import create_annotation_layer
+        ui = plugins["jem_qgis_plugin"].annotation_ui
+        ui.action.setChecked(True)
+        dock = ui.dock
+        annotations = create_annotation_layer(OUT / "beirut_annotations.gpkg", scene.crs())
+        QgsProject.instance().addMapLayer(annotations)
+        dock.raster_combo.setLayer(scene)
+        dock.layer_combo.setLayer(annotations)
+        dock.annotate_button.setChecked(True)
+        tool = canvas.mapTool()
+        extent = scene.extent()
+        for name, fx, fy in (("Water", 0.1, 0.9), ("Water", 0.2, 0.8), ("Dense-urban", 0.6, 0.5),
+                             ("Dense-urban", 0.7, 0.4), ("Forest", 0.8, 0.15)):
+            dock.class_combo.setCurrentText(name)
+            tool.annotate(QgsPointXY(extent.xMinimum() + fx * extent.width(), extent.yMinimum() + fy * extent.height()))
+        only(annotations, scene)
+        wait_render()
+        grab(iface.mainWindow(), "qgis_dock.png")
+        log["dock_status"] = dock.status.text()
+        log["annotations"] = annotations.featureCount()
+
+        # The dialog, as opened from the Processing Toolbox.
+        dialog = processing.createAlgorithmDialog("jem:landcovermap", {"INPUT": scene})
+        dialog.resize(900, 700)
+        dialog.show()
+        QgsApplication.processEvents()
+        grab(dialog, "qgis_dialog.png")
+        dialog.close()
+    except Exception:
+        log["error"] = traceback.format_exc()
+    (OUT / "log.json").write_text(json.dumps(log, indent=1))
+    for layer in QgsProject.instance().mapLayers().values():
+        if layer.isEditable():
+            layer.commitChanges()
+    QgsProject.instance().clear()
+    QgsApplication.exit(0)
+
+
+QTimer.singleShot(3000, step)
