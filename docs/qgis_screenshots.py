@@ -111,6 +111,7 @@ def step():
         QgsApplication.processEvents()
         grab(dialog, "qgis_dialog.png")
         dialog.close()
+        all_twice(scene, annotations)
     except Exception:
         log["error"] = traceback.format_exc()
     (OUT / "log.json").write_text(json.dumps(log, indent=1))
@@ -119,6 +120,40 @@ def step():
             layer.commitChanges()
     QgsProject.instance().clear()
     QgsApplication.exit(0)
+
+
+def all_twice(scene, annotations):
+    """Every algorithm run twice in this desktop session with its results loaded; what each run gave."""
+    import processing
+
+    annotations.commitChanges()
+    tiny = os.environ["SHOT_DATASET"]
+    runs = {
+        "jem:landcovermap": lambda i: {"INPUT": scene, "DEVICE": "cpu", "STRIDE": 32, "RESOLUTION": "patch",
+                                       "OUTPUT": "TEMPORARY_OUTPUT", "CONFIDENCE": "TEMPORARY_OUTPUT"},
+        "jem:suggest": lambda i: {"INPUT": scene, "DEVICE": "cpu", "COUNT": 4, "OUTPUT": "TEMPORARY_OUTPUT"},
+        "jem:retrain": lambda i: {"INPUT": scene, "ANNOTATIONS": annotations, "CLASS_FIELD": "class", "EPOCHS": 1,
+                                  "UNLABELLED": 32, "DEVICE": "cpu", "OUTPUT_MAP": "TEMPORARY_OUTPUT",
+                                  "OUTPUT_CONFIDENCE": "TEMPORARY_OUTPUT"},
+        "jem:train": lambda i: {"DATASET": tiny, "IMAGE_SIZE": 16, "EPOCHS": 1, "BASELINE": True, "ARCH": "wrn-10-1",
+                                "BATCH_SIZE": 8, "DEVICE": "cpu", "OUTPUT_MODEL": str(OUT / f"tiny_{i}.pt")},
+        "jem:ood": lambda i: {"REFERENCE": tiny, "COMPARE_RASTERS": [scene], "DEVICE": "cpu",
+                              "OUTPUT_HTML": str(OUT / f"ood_{i}.html")},
+        "jem:samples": lambda i: {"PER_CLASS": 1, "STEPS": 5, "DEVICE": "cpu", "OUTPUT": str(OUT / f"samples_{i}.png")},
+    }
+    report = {}
+    for algorithm, parameters in runs.items():
+        for i in (1, 2):
+            try:
+                result = processing.runAndLoadResults(algorithm, parameters(i))
+                layers = [QgsProject.instance().mapLayer(v) or QgsProject.instance().mapLayersByName(str(v))
+                          for v in result.values() if isinstance(v, str)]
+                report[f"{algorithm} #{i}"] = {k: str(v)[:80] for k, v in result.items()}
+            except Exception as error:
+                report[f"{algorithm} #{i}"] = f"FAILED: {error}"
+    report["styled layers"] = [(l.name(), l.isValid(), l.renderer().type() if l.renderer() else None)
+                               for l in QgsProject.instance().mapLayers().values()]
+    log["all_twice"] = report
 
 
 QTimer.singleShot(3000, step)
