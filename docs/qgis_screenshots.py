@@ -94,8 +94,8 @@ def step():
         dock.annotate_button.setChecked(True)
         tool = canvas.mapTool()
         extent = scene.extent()
-        for name, fx, fy in (("Water", 0.1, 0.9), ("Water", 0.2, 0.8), ("Dense-urban", 0.6, 0.5),
-                             ("Dense-urban", 0.7, 0.4), ("Forest", 0.8, 0.15)):
+        for name, fx, fy in (("Water", 0.04, 0.96), ("Water", 0.04, 0.6), ("Dense-urban", 0.5, 0.6),
+                             ("Dense-urban", 0.6, 0.75), ("Forest", 0.85, 0.2)):
             dock.class_combo.setCurrentText(name)
             tool.annotate(QgsPointXY(extent.xMinimum() + fx * extent.width(), extent.yMinimum() + fy * extent.height()))
         only(annotations, scene)

@@ -265,7 +265,8 @@ class StylePostProcessor(QgsProcessingLayerPostProcessorInterface):
 
 
 # QGIS owns a post-processor from setPostProcessor on and deletes it after its run, so every run needs
-# a new one; the Python object must stay alive meanwhile, or its postProcessLayer would be lost.
+# a new one; the Python object must stay alive meanwhile, or its postProcessLayer would be lost.  Keyed by
+# output path: a later run to the same file replaces the entry (one small object per output otherwise).
 _LIVE_POST_PROCESSORS: dict[str, StylePostProcessor] = {}
 
 

@@ -10,17 +10,31 @@ from osgeo import gdal, ogr
 from jem_core.process_state import gdal_exceptions, torch_threads
 
 
+def set_modes(on: bool) -> None:
+    """GDAL 3.6 keeps the two modes on a stack, gdal's below ogr's: switch them in that order."""
+    if on:
+        gdal.UseExceptions()
+        ogr.UseExceptions()
+    else:
+        ogr.DontUseExceptions()
+        gdal.DontUseExceptions()
+
+
+@pytest.fixture
+def modes_restored():
+    before = bool(gdal.GetUseExceptions()) and bool(ogr.GetUseExceptions())
+    yield
+    set_modes(before)
+
+
 @pytest.mark.parametrize("before", [False, True])
-def test_gdal_and_ogr_modes_come_back(before):
-    for module in (gdal, ogr):
-        module.UseExceptions() if before else module.DontUseExceptions()
+def test_gdal_and_ogr_modes_come_back(before, modes_restored):
+    set_modes(before)
     with pytest.raises(RuntimeError):
         with gdal_exceptions():
             assert gdal.GetUseExceptions() and ogr.GetUseExceptions()
             gdal.Open("/nonexistent/raster.tif")
     assert bool(gdal.GetUseExceptions()) == before and bool(ogr.GetUseExceptions()) == before
-    ogr.DontUseExceptions()  # GDAL 3.6 keeps the modes on a stack: undo in reverse order
-    gdal.DontUseExceptions()
 
 
 def test_overlapping_thread_blocks_restore_the_count_from_before_the_first():

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from osgeo import gdal
 from qgis.core import (QgsFeature, QgsGeometry, QgsPalettedRasterRenderer, QgsProcessingException,
                        QgsProcessingFeedback, QgsProject, QgsRasterLayer, QgsRectangle, QgsVectorLayer)
 from qgis.gui import QgsMapMouseEvent
@@ -17,11 +18,11 @@ from qgis.PyQt.QtCore import QEvent, QPoint, Qt
 from qgis.PyQt.QtGui import QColor
 
 from jem_core.bundled import base_model_path
-from jem_core.mapping import class_colours
+from jem_core.mapping import CLASS_NODATA, class_colours
 from jem_core.model_file import load_model
 from jem_qgis_plugin.annotation import AnnotationDock, AnnotationUi
 from jem_qgis_plugin.annotation_layer import create_annotation_layer
-from jem_qgis_plugin.styles import MIN_COLOUR_DISTANCE, distinct_colours
+from jem_qgis_plugin.styles import MIN_COLOUR_DISTANCE, class_map_renderer, distinct_colours
 from tests.test_active import PATCH, at, write_scene
 from tests.test_qgis_plugin import model_file, scenes  # noqa: F401 (fixtures)
 
@@ -227,16 +228,11 @@ def test_legend_colours_of_grey_classes_are_told_apart():
 
 
 def test_legend_lists_only_the_classes_present(provider, tmp_path):
-    from jem_core.mapping import CLASS_NODATA
-    from osgeo import gdal
-
     path = tmp_path / "c.tif"
     dataset = gdal.GetDriverByName("GTiff").Create(str(path), 4, 4, 1, gdal.GDT_Byte)
     dataset.SetMetadataItem("jem_class_names", json.dumps([f"c{i}" for i in range(30)]))
     dataset.GetRasterBand(1).WriteArray(np.array([[3, 3, 7, 7]] * 3 + [[CLASS_NODATA, 29, 3, 3]], dtype=np.uint8))
     dataset = None
-    from jem_qgis_plugin.styles import class_map_renderer
-
     renderer: QgsPalettedRasterRenderer = class_map_renderer(QgsRasterLayer(str(path), "c"))
     assert [(c.value, c.label) for c in renderer.classes()] == [(3, "c3"), (7, "c7"), (29, "c29")]
 
