@@ -247,7 +247,8 @@ def layer_name(output: str, input_name: str, what: str) -> str:
     """The output file's name when the user chose one ('milano_classes'); a temporary output is named
     after the input layer plus what it is ('milano class map'), so two runs can be told apart."""
     path = Path(file_of(output))
-    temporary = not path.is_absolute() or path.resolve().is_relative_to(Path(QgsProcessingUtils.tempFolder()).resolve())
+    memory = not path.suffix  # a memory layer's id, not a file
+    temporary = memory or path.resolve().is_relative_to(Path(QgsProcessingUtils.tempFolder()).resolve())
     return f"{input_name} {what}".strip() if temporary else path.stem
 
 

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from osgeo import gdal
 from qgis.core import (QgsFeature, QgsGeometry, QgsPalettedRasterRenderer, QgsProcessingException,
-                       QgsProcessingFeedback, QgsProject, QgsRasterLayer, QgsRectangle, QgsVectorLayer)
+                       QgsProcessingFeedback, QgsProcessingUtils, QgsProject, QgsRasterLayer, QgsRectangle,
+                       QgsVectorLayer)
 from qgis.gui import QgsMapMouseEvent
 from qgis.PyQt.QtCore import QEvent, QPoint, Qt
 from qgis.PyQt.QtGui import QColor
@@ -22,7 +23,7 @@ from jem_core.mapping import CLASS_NODATA, class_colours
 from jem_core.model_file import load_model
 from jem_qgis_plugin.annotation import AnnotationDock, AnnotationUi
 from jem_qgis_plugin.annotation_layer import create_annotation_layer
-from jem_qgis_plugin.styles import MIN_COLOUR_DISTANCE, class_map_renderer, distinct_colours
+from jem_qgis_plugin.styles import MIN_COLOUR_DISTANCE, class_map_renderer, distinct_colours, layer_name
 from tests.test_active import PATCH, at, write_scene
 from tests.test_qgis_plugin import model_file, scenes  # noqa: F401 (fixtures)
 
@@ -89,6 +90,18 @@ def test_landcovermap_twice_loaded_styled_and_named(provider, model_file, scene,
         assert Path(result["CONFIDENCE"]).with_suffix(".qml").is_file()
     names = [loaded(project, result[key]).name() for result in (first, second) for key in ("OUTPUT", "CONFIDENCE")]
     assert names == ["milano_classes", "milano_confidence", "scene class map", "scene confidence −E(x)"]
+
+
+@pytest.mark.parametrize("output, name", [("milano_classes.tif", "milano_classes"),
+                                          ("/data/maps/milano_classes.tif", "milano_classes"),
+                                          ("Suggested_patches_1f2e", "milano class map")])
+def test_layer_names_come_from_the_file_else_the_input(qgis_app, output, name):
+    assert layer_name(output, "milano", "class map") == name
+
+
+def test_temporary_outputs_are_named_after_the_input(qgis_app):
+    assert layer_name(QgsProcessingUtils.generateTempFilename("OUTPUT.tif"), "milano", "class map") == \
+        "milano class map"
 
 
 def test_default_map_is_on_the_input_grid_at_a_quarter_patch_stride_with_the_bundled_model(provider, scene, tmp_path):
