@@ -1,5 +1,7 @@
-# Run by `qgis --code shots.py` under Xvfb: each algorithm run twice in one desktop session, then
-# screenshots of the dialog, a class map with its legend, suggestions and the labelling dock.
+# Run by `qgis --code docs/qgis_screenshots.py` under Xvfb (docs/qgis.md, "As a new user sees it"):
+# screenshots of the dialog, a class map with its legend, suggestions and the labelling dock into
+# SHOT_IMG, then every algorithm run twice in the same desktop session; SHOT_OUT/log.json says how
+# each run went.  SHOT_VRT: the Beirut RGB VRT; SHOT_DATASET: a small class-folder dataset.
 import json
 import os
 import traceback
@@ -146,8 +148,6 @@ def all_twice(scene, annotations):
         for i in (1, 2):
             try:
                 result = processing.runAndLoadResults(algorithm, parameters(i))
-                layers = [QgsProject.instance().mapLayer(v) or QgsProject.instance().mapLayersByName(str(v))
-                          for v in result.values() if isinstance(v, str)]
                 report[f"{algorithm} #{i}"] = {k: str(v)[:80] for k, v in result.items()}
             except Exception as error:
                 report[f"{algorithm} #{i}"] = f"FAILED: {error}"
