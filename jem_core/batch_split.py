@@ -17,6 +17,8 @@ from typing import Callable, TypeVar
 
 import torch
 
+from .process_state import torch_threads
+
 T = TypeVar("T")
 
 # Images per slice below which per-call overhead outweighs what another thread gains.
@@ -35,18 +37,15 @@ def map_slices(fn: Callable[[int, slice], T], n: int, count: int) -> list[T]:
     sharing this process's intra-op threads; results in slice order."""
     if count <= 1:
         return [fn(0, slice(0, n))]
-    total = torch.get_num_threads()
-    threads_per_slice = max(1, total // count)
+    threads_per_slice = max(1, torch.get_num_threads() // count)
     edges = [round(i * n / count) for i in range(count + 1)]
 
     def run(i: int) -> T:
-        torch.set_num_threads(threads_per_slice)  # this worker's own OpenMP/MKL thread count
-        return fn(i, slice(edges[i], edges[i + 1]))
+        # The thread count is process-wide: torch_threads puts the caller's back once the last slice
+        # (of this batch or of another task's running at the same time) is done.
+        with torch_threads(threads_per_slice):
+            return fn(i, slice(edges[i], edges[i + 1]))
 
-    try:
-        with ThreadPoolExecutor(count, thread_name_prefix="jem-slice") as pool:
-            return list(pool.map(run, range(count)))
-    finally:
-        # set_num_threads also sets the count new threads start with; put the caller's back.
-        torch.set_num_threads(total)
+    with ThreadPoolExecutor(count, thread_name_prefix="jem-slice") as pool:
+        return list(pool.map(run, range(count)))
 

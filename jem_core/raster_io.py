@@ -28,6 +28,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from . import JEMError
+from .process_state import gdal_exceptions
 from .sensor_bands import band_hint, pick_bands
 
 STRETCH_MODES = ("auto", "none", "percentile", "linear")
@@ -266,10 +267,10 @@ def _stack_vrt(paths: list[Path], names: list[str], vrt_path: Path) -> str:
     """One band per file on the finest grid (nearest-neighbour for coarser bands), as a VRT file."""
     from osgeo import gdal
 
-    gdal.UseExceptions()
     options = gdal.BuildVRTOptions(separate=True, resolution="highest", resampleAlg="nearest")
     try:
-        vrt = gdal.BuildVRT(str(vrt_path), [str(p.resolve()) for p in paths], options=options)
+        with gdal_exceptions():
+            vrt = gdal.BuildVRT(str(vrt_path), [str(p.resolve()) for p in paths], options=options)
     except RuntimeError as error:
         raise JEMError(f"Cannot stack the input files: {str(error)[:200]}. They must overlap and share a CRS.") from None
     if vrt is None or vrt.RasterCount != len(paths):

@@ -1,10 +1,8 @@
-"""Label patches on the map: a map tool that stores the patch footprint under a click, and a dock.
+"""Label patches on the map: a map tool that stores the patch footprint under a left click, and a dock.
 
-The footprint is the model's patch (patch_size × patch_size pixels of the raster's grid) centred
-on the click and moved inwards at the raster's edges, exactly the patch jem_core.active reads for
-it.  Features go into the annotation layer's edit buffer inside one edit command each, so QGIS's
-usual Undo / Delete feature / Save edits apply.  The layer is a GeoPackage polygon layer with a
-`class` field (created here, or any polygon/point layer the user picks).
+Features go into the annotation layer's edit buffer inside one edit command each, so QGIS's usual
+Undo / Delete feature / Save edits apply.  The layer logic (footprints, fields, creating and
+opening the GeoPackage) lives in annotation_layer.py, free of widgets.
 
 Nothing here imports torch: the dock reads a model's class names with torch only when asked.
 """
@@ -13,82 +11,23 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from qgis.core import (QgsCoordinateReferenceSystem, QgsCoordinateTransform, QgsFeature, QgsField, QgsFields,
-                       QgsFillSymbol, QgsGeometry, QgsMapLayerProxyModel, QgsPalLayerSettings, QgsPointXY,
-                       QgsProject, QgsRasterLayer, QgsRectangle, QgsVectorFileWriter, QgsVectorLayer,
-                       QgsVectorLayerSimpleLabeling, QgsWkbTypes)
+from qgis.core import (QgsCoordinateTransform, QgsFeature, QgsGeometry, QgsMapLayerProxyModel, QgsPointXY,
+                       QgsProject, QgsRasterLayer, QgsVectorLayer)
 from qgis.gui import QgsDockWidget, QgsFileWidget, QgsMapCanvas, QgsMapLayerComboBox, QgsMapToolEmitPoint
-from qgis.PyQt.QtCore import QVariant, pyqtSignal
+from qgis.PyQt.QtCore import Qt, pyqtSignal
 from qgis.PyQt.QtWidgets import (QAction, QComboBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel, QPushButton,
-                                 QSpinBox, QVBoxLayout, QWidget)
+                                 QSizePolicy, QSpinBox, QVBoxLayout, QWidget)
 
-CLASS_FIELD = "class"
-PATCH_FIELD = "patch_px"
-DEFAULT_PATCH = 64
+from .annotation_layer import (CLASS_FIELD, DEFAULT_PATCH, PATCH_FIELD, create_annotation_layer,
+                               open_annotation_layer, patch_footprint)
 
-
-def patch_footprint(raster: QgsRasterLayer, point: QgsPointXY, patch_size: int) -> QgsRectangle | None:
-    """The patch centred on point (raster CRS), snapped to the pixel grid and moved inside; None outside."""
-    extent = raster.extent()
-    width, height = raster.width(), raster.height()
-    pixel_x, pixel_y = raster.rasterUnitsPerPixelX(), raster.rasterUnitsPerPixelY()
-    col = (point.x() - extent.xMinimum()) / pixel_x
-    row = (extent.yMaximum() - point.y()) / pixel_y
-    if not (0 <= col < width and 0 <= row < height) or width < patch_size or height < patch_size:
-        return None
-    # Same rounding as jem_core.active.PatchReader.locate, so the stored footprint is the patch trained on.
-    col0 = min(max(int(round(col - patch_size / 2)), 0), width - patch_size)
-    row0 = min(max(int(round(row - patch_size / 2)), 0), height - patch_size)
-    xmin = extent.xMinimum() + col0 * pixel_x
-    ymax = extent.yMaximum() - row0 * pixel_y
-    return QgsRectangle(xmin, ymax - patch_size * pixel_y, xmin + patch_size * pixel_x, ymax)
-
-
-def annotation_fields() -> QgsFields:
-    fields = QgsFields()
-    fields.append(QgsField(CLASS_FIELD, QVariant.String))
-    fields.append(QgsField(PATCH_FIELD, QVariant.Int))
-    return fields
-
-
-def style_annotation_layer(layer: QgsVectorLayer) -> None:
-    """Outline-only footprints labelled with their class, so the imagery stays visible."""
-    layer.renderer().setSymbol(QgsFillSymbol.createSimple(
-        {"style": "no", "outline_color": "255,0,255", "outline_width": "0.6"}))
-    settings = QgsPalLayerSettings()
-    settings.fieldName = CLASS_FIELD
-    settings.enabled = True
-    layer.setLabeling(QgsVectorLayerSimpleLabeling(settings))
-    layer.setLabelsEnabled(True)
-
-
-def create_annotation_layer(path: str | Path, crs: QgsCoordinateReferenceSystem,
-                            name: str = "annotations") -> QgsVectorLayer:
-    """A new GeoPackage polygon layer with the class and patch-size fields (the file is replaced)."""
-    memory = QgsVectorLayer(f"Polygon?crs={crs.authid() or crs.toWkt()}", name, "memory")
-    memory.dataProvider().addAttributes(annotation_fields().toList())
-    memory.updateFields()
-    options = QgsVectorFileWriter.SaveVectorOptions()
-    options.driverName = "GPKG"
-    options.layerName = name
-    error, message, *_ = QgsVectorFileWriter.writeAsVectorFormatV3(
-        memory, str(path), QgsProject.instance().transformContext(), options)
-    if error != QgsVectorFileWriter.NoError:
-        raise OSError(f"Cannot create the annotation layer '{path}': {message}")
-    return open_annotation_layer(path, name)
-
-
-def open_annotation_layer(path: str | Path, name: str = "annotations") -> QgsVectorLayer:
-    """Reuse an existing GeoPackage annotation layer (it must have the class field)."""
-    layer = QgsVectorLayer(f"{path}|layername={name}", name, "ogr")
-    if not layer.isValid() or layer.fields().indexFromName(CLASS_FIELD) < 0:
-        raise OSError(f"'{path}' has no layer '{name}' with a '{CLASS_FIELD}' field.")
-    style_annotation_layer(layer)
-    return layer
+# Characters of a layer name the annotation-layer combo always has room for.
+LAYER_NAME_CHARS = 24
 
 
 class PatchAnnotationTool(QgsMapToolEmitPoint):
-    """Each left click adds the patch footprint under it, with the current class, to the annotation layer."""
+    """Each left click adds the patch footprint under it, with the current class, to the annotation layer;
+    other buttons are left to the canvas."""
 
     annotated = pyqtSignal(QgsFeature)
     message = pyqtSignal(str)
@@ -99,7 +38,8 @@ class PatchAnnotationTool(QgsMapToolEmitPoint):
         self.raster, self.layer, self.patch_size, self.class_name = raster, layer, patch_size, class_name
 
     def canvasReleaseEvent(self, event) -> None:  # noqa: N802 (QGIS API name)
-        self.annotate(self.toMapCoordinates(event.pos()))
+        if event.button() == Qt.LeftButton:
+            self.annotate(self.toMapCoordinates(event.pos()))
 
     def annotate(self, map_point: QgsPointXY) -> QgsFeature | None:
         """Add the footprint at map_point (canvas CRS); returns the feature, or None with a message why not."""
@@ -152,6 +92,8 @@ class AnnotationDock(QgsDockWidget):
         super().__init__("JEM labelling")
         self.iface = iface
         self.tool: PatchAnnotationTool | None = None
+        self.watched_layer: QgsVectorLayer | None = None
+        self.default_model_read = False
         self.setObjectName("JemAnnotationDock")
         body = QWidget()
         form = QFormLayout()
@@ -159,6 +101,7 @@ class AnnotationDock(QgsDockWidget):
         self.raster_combo.setFilters(QgsMapLayerProxyModel.RasterLayer)
         self.model_widget = QgsFileWidget()
         self.model_widget.setFilter("JEM model (*.pt)")
+        self.model_widget.lineEdit().setPlaceholderText("empty: the bundled base model")
         self.model_widget.fileChanged.connect(self.load_model_classes)
         self.class_combo = QComboBox()
         self.class_combo.setEditable(True)
@@ -168,13 +111,17 @@ class AnnotationDock(QgsDockWidget):
         self.patch_spin.setValue(DEFAULT_PATCH)
         self.layer_combo = QgsMapLayerComboBox()
         self.layer_combo.setFilters(QgsMapLayerProxyModel.PolygonLayer)
+        self.layer_combo.setMinimumContentsLength(LAYER_NAME_CHARS)
+        self.layer_combo.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
+        self.layer_combo.setSizePolicy(QSizePolicy.Expanding, QSizePolicy.Fixed)
+        self.layer_combo.layerChanged.connect(self.watch_layer)
         new_layer = QPushButton("New…")
         new_layer.clicked.connect(self.new_layer)
         layer_row = QHBoxLayout()
         layer_row.addWidget(self.layer_combo, 1)
         layer_row.addWidget(new_layer)
         form.addRow("Raster", self.raster_combo)
-        form.addRow("Model (optional)", self.model_widget)
+        form.addRow("Model", self.model_widget)
         form.addRow("Class", self.class_combo)
         form.addRow("Patch size (px)", self.patch_spin)
         form.addRow("Annotation layer", layer_row)
@@ -195,10 +142,23 @@ class AnnotationDock(QgsDockWidget):
         body.setLayout(layout)
         self.setWidget(body)
 
+    def showEvent(self, event) -> None:  # noqa: N802 (Qt API name)
+        """The bundled model's classes and patch size, read (with torch) the first time the dock shows."""
+        super().showEvent(event)
+        if not self.default_model_read and not self.model_widget.filePath():
+            self.default_model_read = True
+            self.load_model_classes("")
+
+    def model_path(self) -> str:
+        """The chosen model file, else the bundled base model's."""
+        from jem_core.bundled import base_model_path
+
+        return self.model_widget.filePath() or str(base_model_path())
+
     def load_model_classes(self, path: str) -> None:
-        if not path:
-            return
+        """Classes and patch size of the model at path (empty: the bundled one) into the class and size pickers."""
         try:
+            path = path or self.model_path()
             names, size = model_class_names(path)
         except Exception as error:  # JEMError, or torch missing: say it, keep the dock usable
             self.status.setText(str(error))
@@ -209,7 +169,7 @@ class AnnotationDock(QgsDockWidget):
         if current:
             self.class_combo.setCurrentText(current)
         self.patch_spin.setValue(size)
-        self.status.setText(f"Model classes loaded; patch size {size} px.")
+        self.status.setText(f"Model '{Path(path).name}': {len(names)} classes; patch size {size} px.")
 
     def new_layer(self) -> None:
         raster = self.raster_combo.currentLayer()
@@ -238,22 +198,48 @@ class AnnotationDock(QgsDockWidget):
             self.status.setText("Pick a raster and an annotation layer (or make one with New…) first.")
             self.annotate_button.setChecked(False)
             return
+        if layer is not self.watched_layer:
+            self.watch_layer(layer)
         self.tool = PatchAnnotationTool(canvas, raster, layer, self.patch_spin.value(), self.class_combo.currentText)
         self.tool.message.connect(self.status.setText)
         self.tool.deactivated.connect(lambda: self.annotate_button.setChecked(False))
         canvas.setMapTool(self.tool)
 
+    def watch_layer(self, layer) -> None:
+        """Keep the status in step with the layer, Undo and Delete included."""
+        if self.watched_layer is not None:
+            try:
+                self.watched_layer.featureAdded.disconnect(self.show_count)
+                self.watched_layer.featureDeleted.disconnect(self.show_count)
+            except (RuntimeError, TypeError):  # the old layer was removed from the project meanwhile
+                pass
+        self.watched_layer = layer if isinstance(layer, QgsVectorLayer) else None
+        if self.watched_layer is not None:
+            self.watched_layer.featureAdded.connect(self.show_count)
+            self.watched_layer.featureDeleted.connect(self.show_count)
+
+    def show_count(self, *_) -> None:
+        layer = self.watched_layer
+        unsaved = " (unsaved: 'Save layer edits' keeps them)" if layer.isModified() else ""
+        self.status.setText(f"{layer.featureCount()} labelled patches in '{layer.name()}'{unsaved}.")
+
     def open_algorithm(self, algorithm_id: str) -> None:
-        """The Processing dialog, filled in from the dock; it runs in the background with progress and cancel."""
+        """The Processing dialog, filled in from the dock; it runs in the background with progress and cancel.
+        A model that Retrain writes becomes the dock's model, so Suggest and the next Retrain start from it."""
         import processing
 
         layer = self.layer_combo.currentLayer()
-        if layer is not None and layer.isEditable() and layer.isModified():
-            layer.commitChanges(False)  # the algorithm reads the saved layer
+        if layer is not None and layer.isEditable() and layer.isModified() and not layer.commitChanges(False):
+            self.status.setText(f"Could not save the edits of '{layer.name()}' (the algorithm reads the saved "
+                                f"layer): {'; '.join(layer.commitErrors())}")
+            return
         parameters = {"INPUT": self.raster_combo.currentLayer(), "MODEL": self.model_widget.filePath() or None}
         if algorithm_id == "jem:retrain":
-            parameters.update(ANNOTATIONS=layer, CLASS_FIELD=CLASS_FIELD)
-        processing.execAlgorithmDialog(algorithm_id, {k: v for k, v in parameters.items() if v is not None})
+            parameters.update(ANNOTATIONS=layer, CLASS_FIELD=CLASS_FIELD, PATCH_SIZE=self.patch_spin.value())
+        results = processing.execAlgorithmDialog(algorithm_id, {k: v for k, v in parameters.items() if v is not None})
+        new_model = (results or {}).get("OUTPUT_MODEL")
+        if new_model and Path(new_model).is_file():
+            self.model_widget.setFilePath(new_model)
 
 
 class AnnotationUi:

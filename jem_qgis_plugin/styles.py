@@ -1,21 +1,27 @@
-"""Styles for the outputs: class map (paletted, named classes), confidence map (continuous ramp).
+"""Styles and names for the outputs: class map, confidence map, suggested patches, annotations.
 
-The QML templates in resources/styles set the look (default class palette, colour ramp, opacity);
-the functions here fit them to one raster (its classes, its value range).  The style is also
-written as <output>.qml beside the file, which QGIS loads with the layer next time.
+The raster QML templates in resources/styles set the look (default class palette, colour ramp,
+opacity); the functions here fit them to one raster (the classes it holds, its value range).  The
+style is also written as <output>.qml beside a file output, which QGIS loads with the layer next
+time.  style_outputs() is the one place an algorithm hands its outputs over for styling and naming.
 """
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 from xml.etree import ElementTree
 
-from qgis.core import (QgsColorRampLegendNodeSettings, QgsColorRampShader, QgsPalettedRasterRenderer,
-                       QgsProcessingLayerPostProcessorInterface, QgsRasterLayer, QgsRasterShader,
-                       QgsSingleBandPseudoColorRenderer)
+import numpy as np
+from qgis.core import (QgsColorRampLegendNodeSettings, QgsColorRampShader, QgsFillSymbol, QgsMapLayer,
+                       QgsPalettedRasterRenderer, QgsPalLayerSettings, QgsProcessingContext,
+                       QgsProcessingLayerPostProcessorInterface, QgsProcessingUtils, QgsRasterLayer,
+                       QgsRasterShader, QgsSingleBandPseudoColorRenderer, QgsTextBufferSettings, QgsTextFormat,
+                       QgsVectorLayer, QgsVectorLayerSimpleLabeling)
 from qgis.PyQt.QtGui import QColor
+
+from jem_core.process_state import gdal_exceptions
 
 from .paths import resource_path
 
@@ -23,6 +29,18 @@ CLASS_MAP_TEMPLATE = "class_map.qml"
 CONFIDENCE_TEMPLATE = "confidence.qml"
 # Share of pixels clipped at each end of the confidence ramp, so a few outliers do not flatten it.
 CONFIDENCE_CUT = 0.02
+# Longest side of the decimated read the confidence range is estimated from.
+CONFIDENCE_READ_SIDE = 1024
+# jem_core.mapping.CLASS_NODATA: the class map's value for pixels no patch covered.
+CLASS_NODATA = 255
+# Colours closer than this (Euclidean distance of 0-255 RGB) read as one colour in a legend.
+MIN_COLOUR_DISTANCE = 80.0
+# Colours that are told apart easily (Trubetskoy's 20 distinct colours), for classes whose own collide.
+DISTINCT = ["#e6194b", "#3cb44b", "#ffe119", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6", "#bcf60c",
+            "#fabebe", "#008080", "#e6beff", "#9a6324", "#fffac8", "#800000", "#aaffc3", "#808000", "#ffd8b1",
+            "#000075", "#808080"]
+ANNOTATION_COLOUR = "255,0,255"
+SUGGESTION_COLOUR = "255,200,0"
 
 
 @dataclass
@@ -50,8 +68,10 @@ def class_names_of(path: str) -> dict[int, str]:
     """Class value → name as jem_core.mapping writes them: `jem_class_names` (JSON list), else band CLASS_<i>."""
     from osgeo import gdal
 
-    dataset = gdal.Open(path)
-    if dataset is None:
+    try:
+        with gdal_exceptions():
+            dataset = gdal.Open(path)
+    except RuntimeError:
         return {}
     listed = dataset.GetMetadataItem("jem_class_names")
     if listed:
@@ -63,27 +83,89 @@ def class_names_of(path: str) -> dict[int, str]:
     return {int(key[6:]): name for key, name in band_items.items() if key.startswith("CLASS_") and key[6:].isdigit()}
 
 
+def _row_blocks(path: str, rows: int = 1024) -> Iterator[np.ndarray]:
+    """Band 1 of the raster, a block of rows at a time."""
+    from osgeo import gdal
+
+    with gdal_exceptions():
+        dataset = gdal.Open(path)  # kept referenced: a band outliving its dataset crashes GDAL
+        band = dataset.GetRasterBand(1)
+        for row in range(0, band.YSize, rows):
+            yield band.ReadAsArray(0, row, band.XSize, min(rows, band.YSize - row))
+
+
+def classes_present(path: str) -> list[int]:
+    """Class values that occur in the class map (nodata left out), read in full: a small class counts too."""
+    counts = np.zeros(256, dtype=np.int64)
+    for block in _row_blocks(path):
+        counts += np.bincount(block.ravel().astype(np.uint8), minlength=256)
+    counts[CLASS_NODATA] = 0
+    return [int(value) for value in np.flatnonzero(counts)]
+
+
+def _distance(a: QColor, b: QColor) -> float:
+    return float(np.linalg.norm([a.red() - b.red(), a.green() - b.green(), a.blue() - b.blue()]))
+
+
+def distinct_colours(wanted: list[QColor]) -> list[QColor]:
+    """The wanted colours, except where one is too close to an earlier one: that class gets the first of
+    DISTINCT far enough from every colour kept (the farthest when none is).  Thematic colours that do not
+    collide (water blue, forest green) stay as they are."""
+    def far_from(colour: QColor, others: list[QColor]) -> bool:
+        return all(_distance(colour, other) >= MIN_COLOUR_DISTANCE for other in others)
+
+    result: list[QColor | None] = []
+    for colour in wanted:
+        result.append(colour if far_from(colour, [c for c in result if c is not None]) else None)
+    for i, colour in enumerate(result):
+        if colour is None:
+            kept = [c for c in result if c is not None]
+            candidates = [QColor(c) for c in DISTINCT]
+            result[i] = next((c for c in candidates if far_from(c, kept)),
+                             max(candidates, key=lambda c: min(_distance(c, other) for other in kept)))
+    return result
+
+
 def class_map_renderer(layer: QgsRasterLayer) -> QgsPalettedRasterRenderer:
-    """Paletted renderer: one entry per class, colour from the raster's colour table (else the template's)."""
+    """Paletted renderer listing the classes the map holds, in the raster's colour table (else the
+    template's) colours, changed only where two would be hard to tell apart."""
     names = class_names_of(layer.source())
     table = {int(item.value): item.color for item in layer.dataProvider().colorTable(1)}
     fallback = template(CLASS_MAP_TEMPLATE)
     palette = [color for _, color in fallback.stops]
-    values = sorted(names) or sorted(table)
-    classes = [QgsPalettedRasterRenderer.Class(value, QColor(table.get(value, palette[value % len(palette)])),
-                                               names.get(value, f"class {value}"))
-               for value in values]
+    values = classes_present(layer.source())
+    colours = distinct_colours([QColor(table.get(value, palette[value % len(palette)])) for value in values])
+    classes = [QgsPalettedRasterRenderer.Class(value, colour, names.get(value, f"class {value}"))
+               for value, colour in zip(values, colours)]
     renderer = QgsPalettedRasterRenderer(layer.dataProvider(), 1, classes)
     renderer.setOpacity(fallback.opacity)
     return renderer
 
 
+def confidence_range(path: str) -> tuple[float, float]:
+    """The 2-98 % range of the raster's values, from a decimated read with numpy: QGIS's own
+    cumulativeCut would store a histogram of megabytes in <raster>.aux.xml."""
+    from osgeo import gdal
+
+    with gdal_exceptions():
+        dataset = gdal.Open(path)
+        band = dataset.GetRasterBand(1)
+        scale = max(band.XSize, band.YSize) / CONFIDENCE_READ_SIDE
+        width, height = (max(1, int(band.XSize / scale)), max(1, int(band.YSize / scale))) if scale > 1 \
+            else (band.XSize, band.YSize)
+        values = band.ReadAsArray(buf_xsize=width, buf_ysize=height).astype(np.float64).ravel()
+        nodata = band.GetNoDataValue()
+    values = values[np.isfinite(values) & ((values != nodata) if nodata is not None else True)]
+    if values.size == 0:
+        return 0.0, 1.0
+    low, high = np.quantile(values, [CONFIDENCE_CUT, 1 - CONFIDENCE_CUT])
+    return float(low), float(high if high > low else low + 1.0)
+
+
 def confidence_renderer(layer: QgsRasterLayer) -> QgsSingleBandPseudoColorRenderer:
     """The template's colour ramp (stops at 0..1) stretched over the 2–98 % range of the raster's values."""
     fallback = template(CONFIDENCE_TEMPLATE)
-    low, high = layer.dataProvider().cumulativeCut(1, CONFIDENCE_CUT, 1 - CONFIDENCE_CUT)
-    if not high > low:
-        high = low + 1.0
+    low, high = confidence_range(layer.source())
     ramp = QgsColorRampShader(low, high)
     ramp.setColorRampType(QgsColorRampShader.Interpolated)
     values = [low + position * (high - low) for position, _ in fallback.stops]
@@ -102,47 +184,109 @@ def confidence_renderer(layer: QgsRasterLayer) -> QgsSingleBandPseudoColorRender
     return renderer
 
 
-STYLES: dict[str, Callable[[QgsRasterLayer], object]] = {
-    "class_map": class_map_renderer,
-    "confidence": confidence_renderer,
+def style_footprints(layer: QgsVectorLayer, colour: str, label_field: str) -> None:
+    """Outline-only patch footprints (the imagery stays visible), labelled with a field in white-haloed text."""
+    layer.renderer().setSymbol(QgsFillSymbol.createSimple(
+        {"style": "no", "outline_color": colour, "outline_width": "0.6"}))
+    text = QgsTextFormat()
+    text.setSize(9)
+    text.setColor(QColor("black"))
+    halo = QgsTextBufferSettings()
+    halo.setEnabled(True)
+    halo.setSize(1.0)
+    halo.setColor(QColor("white"))
+    text.setBuffer(halo)
+    settings = QgsPalLayerSettings()
+    settings.fieldName = label_field
+    settings.enabled = True
+    settings.setFormat(text)
+    layer.setLabeling(QgsVectorLayerSimpleLabeling(settings))
+    layer.setLabelsEnabled(True)
+
+
+# Output kind → what styles a layer of it.
+STYLES: dict[str, Callable[[QgsMapLayer], None]] = {
+    "class_map": lambda layer: layer.setRenderer(class_map_renderer(layer)),
+    "confidence": lambda layer: layer.setRenderer(confidence_renderer(layer)),
+    "suggestions": lambda layer: style_footprints(layer, SUGGESTION_COLOUR, "rank"),
+    "annotations": lambda layer: style_footprints(layer, ANNOTATION_COLOUR, "class"),
 }
+RASTER_KINDS = {"class_map", "confidence"}
 
 
-def apply_style(layer: QgsRasterLayer, kind: str) -> None:
-    layer.setRenderer(STYLES[kind](layer))
+def apply_style(layer: QgsMapLayer, kind: str) -> None:
+    STYLES[kind](layer)
     layer.triggerRepaint()
 
 
+def file_of(source: str) -> str:
+    """The file behind a layer source: 'out.gpkg|layername=x' → 'out.gpkg'."""
+    return source.split("|", 1)[0]
+
+
+def open_layer(path: str, kind: str) -> QgsMapLayer:
+    if kind in RASTER_KINDS:
+        return QgsRasterLayer(path, Path(file_of(path)).stem, "gdal")
+    return QgsVectorLayer(path, Path(file_of(path)).stem, "ogr")
+
+
 def write_style_beside(path: str, kind: str) -> Path:
-    """Style the raster at `path` and save <path without suffix>.qml, QGIS's default style for it."""
-    layer = QgsRasterLayer(path, Path(path).stem, "gdal")
+    """Style the layer at `path` and save <file without suffix>.qml, QGIS's default style for it."""
+    layer = open_layer(path, kind)
     if not layer.isValid():
         raise ValueError(f"cannot open {path} to style it")
     apply_style(layer, kind)
-    qml = Path(path).with_suffix(".qml")
+    qml = Path(file_of(path)).with_suffix(".qml")
     message, ok = layer.saveNamedStyle(str(qml))
     if not ok:
         raise OSError(f"could not write {qml}: {message}")
     return qml
 
 
-class StylePostProcessor(QgsProcessingLayerPostProcessorInterface):
-    """Styles an output layer once Processing has loaded it into the project (main thread)."""
+def layer_name(output: str, input_name: str, what: str) -> str:
+    """The output file's name when the user chose one ('milano_classes'); a temporary output is named
+    after the input layer plus what it is ('milano class map'), so two runs can be told apart."""
+    path = Path(file_of(output))
+    memory = not path.suffix  # a memory layer's id, not a file
+    temporary = memory or path.resolve().is_relative_to(Path(QgsProcessingUtils.tempFolder()).resolve())
+    return f"{input_name} {what}".strip() if temporary else path.stem
 
-    def __init__(self, kind: str) -> None:
+
+class StylePostProcessor(QgsProcessingLayerPostProcessorInterface):
+    """Styles and names an output layer once Processing has loaded it into the project (main thread)."""
+
+    def __init__(self, kind: str, name: str) -> None:
         super().__init__()
-        self.kind = kind
+        self.kind, self.name = kind, name
 
     def postProcessLayer(self, layer, context, feedback) -> None:  # noqa: N802 (QGIS API name)
-        if isinstance(layer, QgsRasterLayer) and layer.isValid():
+        if layer is not None and layer.isValid():
             apply_style(layer, self.kind)
+            layer.setName(self.name)
 
 
-# QGIS keeps only a C++ pointer to a post-processor: these Python objects must outlive every run.
-_POST_PROCESSORS: dict[str, StylePostProcessor] = {}
+# QGIS owns a post-processor from setPostProcessor on and deletes it after its run, so every run needs
+# a new one; the Python object must stay alive meanwhile, or its postProcessLayer would be lost.  Keyed by
+# output path: a later run to the same file replaces the entry (one small object per output otherwise).
+_LIVE_POST_PROCESSORS: dict[str, StylePostProcessor] = {}
 
 
-def post_processor(kind: str) -> StylePostProcessor:
-    if kind not in _POST_PROCESSORS:
-        _POST_PROCESSORS[kind] = StylePostProcessor(kind)
-    return _POST_PROCESSORS[kind]
+@dataclass
+class StyledOutput:
+    path: str  # file, or a sink's destination id
+    kind: str  # a key of STYLES
+    what: str  # what it is, for the layer name: "class map"
+
+
+def style_outputs(context: QgsProcessingContext, input_name: str, outputs: list[StyledOutput]) -> None:
+    """Write each file output's .qml and give each output loaded on completion its style and name."""
+    for output in outputs:
+        if Path(file_of(output.path)).is_file():
+            write_style_beside(output.path, output.kind)
+        if context.willLoadLayerOnCompletion(output.path):
+            name = layer_name(output.path, input_name, output.what)
+            details = context.layerToLoadOnCompletionDetails(output.path)
+            details.name = name
+            processor = StylePostProcessor(output.kind, name)
+            _LIVE_POST_PROCESSORS[output.path] = processor
+            details.setPostProcessor(processor)

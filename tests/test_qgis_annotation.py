@@ -13,12 +13,12 @@ from qgis.PyQt.QtCore import QEvent, QPoint, Qt
 
 from jem_core.active import Annotation, patches_from_annotations
 from jem_core.model_file import load_model
-from jem_qgis_plugin.annotation import (AnnotationDock, AnnotationUi, PatchAnnotationTool, create_annotation_layer,
-                                        open_annotation_layer, patch_footprint)
+from jem_qgis_plugin.annotation import AnnotationDock, AnnotationUi, PatchAnnotationTool
+from jem_qgis_plugin.annotation_layer import create_annotation_layer, open_annotation_layer, patch_footprint
 from tests.conftest import CancelAfter
 from tests.test_active import ORIGIN_X, ORIGIN_Y, PATCH, PIXEL, at, write_scene
 
-FAST = {"EPOCHS": 1, "UNLABELLED": 16, "PATCH_SIZE": PATCH, "ARCH": "wrn-10-1", "DEVICE": "cpu"}
+FAST = {"ITERATIONS": 1, "UNLABELLED": 16, "NEW_MODEL": True, "PATCH_SIZE": PATCH, "ARCH": "wrn-10-1", "DEVICE": "cpu"}
 
 
 def run(algorithm: str, parameters: dict) -> dict:
@@ -133,7 +133,7 @@ def test_retrain_and_suggest_through_processing(provider, canvas, raster, tmp_pa
         features.append(feature)
     points.dataProvider().addFeatures(features)
     second = run("jem:retrain", {"INPUT": raster, "ANNOTATIONS": points, "CLASS_FIELD": "landcover",
-                                 "MODEL": first["OUTPUT_MODEL"], **FAST, "OUTPUT_MODEL": str(tmp_path / "m2.pt")})
+                                 "MODEL": first["OUTPUT_MODEL"], **FAST, "NEW_MODEL": False, "OUTPUT_MODEL": str(tmp_path / "m2.pt")})
     assert load_model(second["OUTPUT_MODEL"]).meta.class_names == ["field", "town", "water"]
 
     result = run("jem:suggest", {"INPUT": raster, "MODEL": second["OUTPUT_MODEL"], "COUNT": 3, "DEVICE": "cpu",
@@ -237,5 +237,5 @@ def test_cancelled_retrain_writes_nothing(provider, raster, tmp_path):
     layer = memory_layer("Polygon", [("field", square(5, 5)), ("town", square(60, 5))])
     with pytest.raises(QgsProcessingException, match="Cancelled"):
         processing.run("jem:retrain", {"INPUT": raster, "ANNOTATIONS": layer, "CLASS_FIELD": "class", **FAST,
-                                       "EPOCHS": 50, "OUTPUT_MODEL": str(tmp_path / "m.pt")}, feedback=CancelAfter(5))
+                                       "ITERATIONS": 50, "OUTPUT_MODEL": str(tmp_path / "m.pt")}, feedback=CancelAfter(5))
     assert [p.name for p in tmp_path.iterdir()] == ["scene.tif"], "no model and no temporary file may be left"

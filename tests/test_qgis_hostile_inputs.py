@@ -54,7 +54,7 @@ def samples_params(model: str = "good model", out_name: str = "samples.png") -> 
 def retrain_params(raster: str = "good raster", model: str = "good model", annotations: str = "good annotations",
                    out_name: str = "retrained.pt") -> Params:
     return lambda inputs, out: {"INPUT": str(inputs[raster]), "ANNOTATIONS": str(inputs[annotations]),
-                                "CLASS_FIELD": "class", "MODEL": str(inputs[model]), "EPOCHS": 1, "UNLABELLED": 8,
+                                "CLASS_FIELD": "class", "MODEL": str(inputs[model]), "ITERATIONS": 1, "UNLABELLED": 8,
                                 "DEVICE": "cpu", "OUTPUT_MODEL": str(out / out_name)}
 
 

@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import textwrap
 import zipfile
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 import jem_core
+from jem_core.model_file import load_model
 from jem_qgis_plugin.lazy_torch import TORCH_VERSION, core_constant, install_command
 
 REPO = Path(__file__).resolve().parent.parent
@@ -49,6 +51,11 @@ def test_zip_holds_plugin_metadata_resources_and_engine(plugin_zip):
             "jem_qgis_plugin/resources/icons/icon.png", "jem_qgis_plugin/resources/styles/class_map.qml",
             "jem_qgis_plugin/resources/styles/confidence.qml"} <= names
     assert not [n for n in names if "__pycache__" in n or n.endswith((".pyc", "packaging.py"))]
+
+
+def test_zip_ships_the_bundled_base_model(plugin_zip):
+    shipped = zipfile.ZipFile(plugin_zip).read("jem_qgis_plugin/vendor/jem_core/bundled/landcover_base.pt")
+    assert shipped == (REPO / "jem_core" / "bundled" / "landcover_base.pt").read_bytes()
 
 
 def test_metadata_has_every_required_field(plugin_zip):
@@ -169,3 +176,50 @@ def test_qgis_process_lists_the_algorithms_of_the_installed_zip(plugin_zip, tmp_
     section = done.stdout.split("JEM-EO", 1)[-1].strip().split("\n\n")[0]
     listed = dict(line.strip().split("\t") for line in section.splitlines())
     assert OUR_ALGORITHMS.items() <= listed.items()
+
+
+# The same clean profile, run by a Python that has torch: jem:landcovermap with no MODEL maps with the
+# bundled model that came in the zip.
+MAP_SCRIPT = textwrap.dedent("""
+    import json, os, sys
+    profile, raster, out = sys.argv[1:4]
+    sys.path.insert(0, "/usr/share/qgis/python/plugins")
+    from qgis.core import QgsApplication, QgsRasterLayer
+    app = QgsApplication([], False, profile)
+    app.initQgis()
+    from processing.core.Processing import Processing
+    Processing.initialize()
+    import qgis.utils
+    plugins = os.path.join(QgsApplication.qgisSettingsDirPath(), "python", "plugins")
+    qgis.utils.plugin_paths = [plugins]
+    sys.path.insert(0, plugins)
+    qgis.utils.updateAvailablePlugins()
+    qgis.utils.loadPlugin("jem_qgis_plugin") and qgis.utils.startPlugin("jem_qgis_plugin")
+    import processing
+    result = processing.run("jem:landcovermap", {"INPUT": raster, "DEVICE": "cpu", "OUTPUT": out})
+    from jem_core.bundled import base_model_path
+    layer = QgsRasterLayer(result["OUTPUT"], "classes")
+    print("REPORT " + json.dumps({"model": str(base_model_path()), "valid": layer.isValid(),
+                                  "labels": [c.label for c in layer.renderer().classes()]}))
+""")
+
+
+def test_zip_maps_with_the_bundled_model_when_no_model_is_given(plugin_zip, tmp_path):
+    from tests.test_active import write_scene
+
+    profile = tmp_path / "profiles" / "default"
+    plugins = profile / "python" / "plugins"
+    plugins.mkdir(parents=True)
+    zipfile.ZipFile(plugin_zip).extractall(plugins)
+    (tmp_path / "map.py").write_text(MAP_SCRIPT)
+    raster = write_scene(tmp_path / "scene.tif")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(QT_QPA_PLATFORM="offscreen", HOME=str(tmp_path))
+    done = subprocess.run([sys.executable, "map.py", str(profile), str(raster), str(tmp_path / "classes.tif")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("REPORT ")]
+    assert lines, done.stdout + done.stderr
+    report = json.loads(lines[-1][len("REPORT "):])
+    assert Path(report["model"]).is_relative_to(plugins / "jem_qgis_plugin" / "vendor")
+    assert report["valid"] and report["labels"]
+    assert set(report["labels"]) <= set(load_model(REPO / "jem_core" / "bundled" / "landcover_base.pt").meta.class_names)

@@ -15,6 +15,7 @@ from ..active import (RETRAIN_DEFAULTS, Annotation, cell_centres, default_start_
                       suggest)
 from ..sampler import SGLDConfig
 from ..model_file import check_output_folders, load_model, written_together
+from ..process_state import gdal_exceptions
 from ..raster_io import raster_error
 from .common import ProgressBar, add_device_option, log, write_json
 
@@ -81,12 +82,12 @@ def raster_grid(path: str) -> tuple[str, float, float]:
         raise raster_error(error) from None
 
 
+@gdal_exceptions()
 def read_annotations(path: Path, class_field: str, raster_wkt: str, cell_width: float,
                      cell_height: float) -> list[Annotation]:
     """Points and polygons of a vector file as Annotations in the raster's CRS (reprojected if needed)."""
     from osgeo import ogr, osr
 
-    ogr.UseExceptions()
     try:
         source = ogr.Open(str(path))
     except RuntimeError as error:
@@ -195,11 +196,11 @@ def write_vector_atomically(path: Path, write) -> None:
         tmp.unlink(missing_ok=True)
 
 
+@gdal_exceptions()
 def write_suggestions(path: str, suggestions, wkt: str, suffix: str) -> None:
     """Patch footprint polygons with the score fields and an empty class field, in the raster's CRS."""
     from osgeo import ogr, osr
 
-    ogr.UseExceptions()
     driver = {".geojson": "GeoJSON", ".json": "GeoJSON", ".shp": "ESRI Shapefile"}.get(suffix.lower(), "GPKG")
     dataset = ogr.GetDriverByName(driver).CreateDataSource(path)
     srs = osr.SpatialReference(wkt=wkt) if wkt else None

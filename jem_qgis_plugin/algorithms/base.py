@@ -13,6 +13,11 @@ from ..lazy_torch import core_constant, require_torch
 from ..paths import icon
 
 DEVICES: list[str] = list(core_constant("device", "DEVICE_CHOICES"))
+MODEL_HELP = ("<br><b>Model</b>: empty uses the bundled base model, a JEM trained on AID scenes grouped into 8 "
+              "land-cover classes (Bare, Cropland-Meadow, Dense-urban, Forest, Industrial-Transport, "
+              "Parks-Sports, Residential, Water), RGB, 32 px patches.")
+# The dialog's log gets a line for every progress text: at most one per this many percent of the run.
+PROGRESS_TEXT_EVERY = 10.0
 
 
 class JemAlgorithm(QgsProcessingAlgorithm):
@@ -30,7 +35,7 @@ class JemAlgorithm(QgsProcessingAlgorithm):
         return self.DISPLAY_NAME
 
     def shortHelpString(self) -> str:  # noqa: N802 (QGIS API name)
-        return self.HELP
+        return self.HELP + (MODEL_HELP if self.parameterDefinition("MODEL") is not None else "")
 
     def icon(self):
         return icon(self.ICON)
@@ -51,8 +56,16 @@ class JemAlgorithm(QgsProcessingAlgorithm):
             feedback: QgsProcessingFeedback) -> dict[str, Any]:
         raise NotImplementedError
 
-    def add_model_parameter(self) -> None:
-        self.addParameter(QgsProcessingParameterFile("MODEL", "JEM model file", fileFilter="JEM model (*.pt)"))
+    def add_model_parameter(self, description: str = "JEM model file") -> None:
+        """Optional: empty means the bundled base model (model_file() resolves it)."""
+        self.addParameter(QgsProcessingParameterFile("MODEL", f"{description} (empty: the bundled base model)",
+                                                     optional=True, fileFilter="JEM model (*.pt)"))
+
+    def model_file(self, parameters: dict[str, Any], context: QgsProcessingContext) -> str:
+        """The MODEL parameter's file, else the bundled base model's."""
+        from jem_core.bundled import base_model_path
+
+        return self.parameterAsFile(parameters, "MODEL", context) or str(base_model_path())
 
     def add_advanced(self, *parameters: QgsProcessingParameterDefinition) -> None:
         """Parameters shown under the dialog's "Advanced parameters"."""
@@ -91,10 +104,18 @@ class JemAlgorithm(QgsProcessingAlgorithm):
 
 def progress_reporter(feedback: QgsProcessingFeedback, start: float = 0.0,
                       end: float = 100.0) -> Callable[[float, str], None]:
-    """jem_core's progress(fraction, message) mapped onto start..end % of the Processing progress bar."""
+    """jem_core's progress(fraction, message) mapped onto start..end % of the Processing progress bar.
+
+    The bar follows every call; the text (one log line each in the dialog) at most every
+    PROGRESS_TEXT_EVERY percent, so a run logs about ten progress lines, not one per batch.
+    """
+    last_text_at: list[float] = []
+
     def report(fraction: float, message: str = "") -> None:
-        feedback.setProgress(start + (end - start) * min(max(fraction, 0.0), 1.0))
-        if message:
+        percent = start + (end - start) * min(max(fraction, 0.0), 1.0)
+        feedback.setProgress(percent)
+        if message and (not last_text_at or percent - last_text_at[0] >= PROGRESS_TEXT_EVERY):
+            last_text_at[:] = [percent]
             feedback.setProgressText(message)
 
     return report

@@ -8,11 +8,19 @@ from qgis.core import (QgsProcessingContext, QgsProcessingFeedback, QgsProcessin
                        QgsProcessingParameterRasterLayer, QgsProcessingParameterString)
 
 from ..lazy_torch import core_constant
-from ..styles import post_processor, write_style_beside
+from ..styles import StyledOutput, style_outputs
 from .base import JemAlgorithm, progress_reporter
 
-# jem_core.mapping.RESOLUTIONS, read without importing torch; the first is the default.
+# jem_core.mapping.RESOLUTIONS, read without importing torch.
 RESOLUTIONS: list[str] = list(core_constant("mapping", "RESOLUTIONS"))
+# The map an analyst expects by default: the input's own grid, patches overlapping by three quarters.
+DEFAULT_RESOLUTION = "input"
+STRIDE_SHARE = 4
+
+
+def default_stride(patch_size: int) -> int:
+    """The largest stride that divides the patch size and is at most a quarter of it."""
+    return max(d for d in range(1, max(1, patch_size // STRIDE_SHARE) + 1) if patch_size % d == 0)
 
 
 class LandCoverMapAlgorithm(JemAlgorithm):
@@ -27,17 +35,20 @@ class LandCoverMapAlgorithm(JemAlgorithm):
             "indexes separated by commas (e.g. <i>3,2,1</i> or <i>B04,B03,B02</i>); empty picks them by the "
             "model's band names, else (a red/green/blue model on Sentinel-2 or Landsat bands) by what the sensor's "
             "bands measure, else all bands when the counts match. <b>Stride</b>: pixels between patch "
-            "origins; it must divide the model's patch size (0 = the patch size, no overlap). Smaller strides give a "
-            "finer map and cost more: overlapping patches are averaged.<br>"
-            "Advanced: <b>Output grid</b> <i>patch</i> writes one pixel per stride × stride cell, <i>input</i> the "
-            "input's own grid; <b>Value stretch</b> maps raster values to the model's range (auto: percentile "
+            "origins; it must divide the model's patch size (0, the default: a quarter of the patch size, e.g. 8 px "
+            "for 32 px patches). Smaller strides give a finer map and cost more: overlapping patches are "
+            "averaged.<br>"
+            "Advanced: <b>Output grid</b> <i>input</i> (default) writes the input's own grid, <i>patch</i> one "
+            "pixel per stride × stride cell. These defaults cost time: on the OSCD Beirut crop (1070 × 1180 px, "
+            "B04/B03/B02) the bundled model took 8.6 s on one CPU thread, against 0.8 s with stride = patch size "
+            "on the patch grid. <b>Value stretch</b> maps raster values to the model's range (auto: percentile "
             "2–98 when an 8-bit model meets a 16-bit raster).")
 
     def initAlgorithm(self, config=None) -> None:  # noqa: N802 (QGIS API name)
         self.addParameter(QgsProcessingParameterRasterLayer("INPUT", "Input raster"))
         self.add_model_parameter()
         self.addParameter(self.bands_parameter())
-        self.addParameter(QgsProcessingParameterNumber("STRIDE", "Stride in pixels (0 = the patch size)",
+        self.addParameter(QgsProcessingParameterNumber("STRIDE", "Stride in pixels (0 = a quarter of the patch size)",
                                                        QgsProcessingParameterNumber.Integer, 0, minValue=0))
         self.add_device_parameter()
         self.add_advanced(
@@ -45,7 +56,7 @@ class LandCoverMapAlgorithm(JemAlgorithm):
                                              QgsProcessingParameterNumber.Integer, 64, minValue=1),
                 QgsProcessingParameterEnum("RESOLUTION", "Output grid (patch: one pixel per stride × stride "
                                            "cell; input: the input's pixels)", options=list(RESOLUTIONS),
-                                           defaultValue=RESOLUTIONS[0], usesStaticStrings=True),
+                                           defaultValue=DEFAULT_RESOLUTION, usesStaticStrings=True),
                 QgsProcessingParameterString("STRETCH", "Value stretch (auto, none, percentile:2,98, "
                                              "linear:MIN,MAX)", defaultValue="auto"))
         self.addParameter(QgsProcessingParameterRasterDestination("OUTPUT", "Class map"))
@@ -54,31 +65,31 @@ class LandCoverMapAlgorithm(JemAlgorithm):
 
     def execute(self, parameters: dict[str, Any], context: QgsProcessingContext,
             feedback: QgsProcessingFeedback) -> dict[str, Any]:
+        from jem_core.device import resolve_device
         from jem_core.mapping import map_raster
+        from jem_core.model_file import load_model
 
         layer = self.raster_file_layer(parameters, context)
         bands = self.band_list(parameters, context)
         out_classes = self.parameterAsOutputLayer(parameters, "OUTPUT", context)
         out_confidence = self.parameterAsOutputLayer(parameters, "CONFIDENCE", context) or None
+        device = self.device(parameters, context)
+        loaded = load_model(self.model_file(parameters, context), resolve_device(device))
+        stride = self.parameterAsInt(parameters, "STRIDE", context) or default_stride(loaded.meta.image_size)
         result = map_raster(
-            self.parameterAsFile(parameters, "MODEL", context), layer.source(), out_classes, out_confidence,
-            bands=bands, stride=self.parameterAsInt(parameters, "STRIDE", context) or None,
-            batch_size=self.parameterAsInt(parameters, "BATCH_SIZE", context),
-            device=self.device(parameters, context),
+            loaded, layer.source(), out_classes, out_confidence, bands=bands, stride=stride,
+            batch_size=self.parameterAsInt(parameters, "BATCH_SIZE", context), device=device,
             resolution=self.parameterAsEnumString(parameters, "RESOLUTION", context),
             stretch=self.parameterAsString(parameters, "STRETCH", context).strip() or "auto",
             progress=progress_reporter(feedback), should_stop=feedback.isCanceled)
         for note in result.notes:
             feedback.pushInfo(note)
-        feedback.pushInfo(f"Bands {', '.join(result.bands)}; stretch {result.stretch}.")
+        feedback.pushInfo(f"Bands {', '.join(result.bands)}; stretch {result.stretch}; stride {stride} px.")
         feedback.pushInfo(result.summary())
         outputs = {"OUTPUT": out_classes}
-        styled = [("OUTPUT", out_classes, "class_map")]
+        styled = [StyledOutput(out_classes, "class_map", "class map")]
         if out_confidence:
             outputs["CONFIDENCE"] = out_confidence
-            styled.append(("CONFIDENCE", out_confidence, "confidence"))
-        for name, path, kind in styled:
-            write_style_beside(path, kind)
-            if context.willLoadLayerOnCompletion(path):
-                context.layerToLoadOnCompletionDetails(path).setPostProcessor(post_processor(kind))
+            styled.append(StyledOutput(out_confidence, "confidence", "confidence −E(x)"))
+        style_outputs(context, layer.name(), styled)
         return outputs

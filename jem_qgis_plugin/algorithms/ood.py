@@ -73,7 +73,7 @@ class OodAlgorithm(JemAlgorithm):
         if html_path and not plot_path:  # the report embeds the plot
             plot_path = str(Path(html_path).with_suffix(".png"))
         result = ood_analysis(
-            self.parameterAsFile(parameters, "MODEL", context), self.parameterAsFile(parameters, "REFERENCE", context),
+            self.model_file(parameters, context), self.parameterAsFile(parameters, "REFERENCE", context),
             compare, json_path=json_path or None, plot_path=plot_path or None,
             batch_size=self.parameterAsInt(parameters, "BATCH_SIZE", context), device=self.device(parameters, context),
             reference_split=self.parameterAsEnumString(parameters, "REFERENCE_SPLIT", context),

@@ -1,21 +1,28 @@
 """`jem:retrain`: annotated patches + the raster's unlabelled patches → a semi-supervised JEM model."""
 from __future__ import annotations
 
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from qgis.core import (QgsCoordinateTransform, QgsFeatureRequest, QgsGeometry, QgsPointXY, QgsProcessing,
                        QgsProcessingContext, QgsProcessingException, QgsProcessingFeedback,
-                       QgsProcessingFeatureSource, QgsProcessingOutputNumber, QgsProcessingParameterEnum,
+                       QgsProcessingFeatureSource, QgsProcessingOutputNumber, QgsProcessingParameterBoolean,
+                       QgsProcessingParameterEnum,
                        QgsProcessingParameterFeatureSource, QgsProcessingParameterField, QgsProcessingParameterFile,
                        QgsProcessingParameterFileDestination, QgsProcessingParameterNumber,
                        QgsProcessingParameterRasterDestination, QgsProcessingParameterRasterLayer, QgsRasterLayer,
                        QgsWkbTypes)
 
 from ..lazy_torch import core_constant
-from ..styles import post_processor, write_style_beside
+from ..styles import StyledOutput, file_of, style_outputs
 from .base import JemAlgorithm, progress_reporter
+from .landcover_map import DEFAULT_RESOLUTION, default_stride
 
 ARCHITECTURES: list[str] = list(core_constant("models", "ARCHITECTURES"))
+# The retrain defaults shared with `jem retrain` (jem_core/active/retrain.py), read without importing torch.
+RETRAIN = SimpleNamespace(**{name: core_constant("active/retrain", f"RetrainDefaults.{name}")
+                             for name in ("minutes", "unlabelled", "image_size", "arch", "lr")})
 # Retraining takes this share of the progress bar; the optional maps the rest.
 TRAIN_SHARE = 85.0
 
@@ -71,12 +78,18 @@ class RetrainAlgorithm(JemAlgorithm):
             "<b>Annotations</b>: points (the patch centred on each) or polygons (every patch-sized cell inside; "
             "the footprints the JEM labelling tool draws are one patch each), with the class name in "
             "<b>Class field</b>. Annotations in another CRS are reprojected to the raster's. "
-            "<b>Starting model</b> (optional): fine-tunes it; classes it does not know are added to its head "
-            "(its patch size and bands are kept). Without one, a new model is trained at <b>Patch size</b>.<br>"
-            "Patches sampled at random from the raster (and, optionally, images of a class-folder dataset) are "
-            "the unlabelled set of semi-supervised JEM training. Every annotation is used for training, so the "
-            "log reports only how well the model fits them. Optional outputs: the new class and confidence "
-            "(−E(x)) maps of the raster. Runs in the background; Cancel stops it and writes nothing.")
+            "<b>Starting model</b>: fine-tunes it (empty: the bundled base model when the raster's bands fit it, "
+            "else a new model). The new model has the classes labelled this round; <b>Keep the starting model's "
+            "other classes</b> keeps the rest too. With <b>Train a new model</b> (advanced), a new model is "
+            "trained at <b>Patch size</b> instead.<br>"
+            "<b>Training time</b> (default 3 minutes, measured on two CPU cores: docs/labelling.md) bounds the run; "
+            "<b>Unlabelled patches</b> (default 2048) spread over the whole raster are the unlabelled set of "
+            "semi-supervised JEM training. Every annotation is used for training, so the "
+            "log reports only how well the model fits them (there is no validation split). <b>Retrained model</b> "
+            "left empty is saved beside the annotation file as <i>&lt;annotations&gt;_retrained.pt</i> "
+            "(_2, _3 … when that exists; beside the raster for a layer without a file). Optional outputs: the "
+            "new class and confidence (−E(x)) maps of the raster, as <i>JEM land cover map</i> makes them. Runs "
+            "in the background; Cancel stops it and writes nothing.")
 
     def initAlgorithm(self, config=None) -> None:  # noqa: N802 (QGIS API name)
         self.addParameter(QgsProcessingParameterRasterLayer("INPUT", "Input raster"))
@@ -84,25 +97,33 @@ class RetrainAlgorithm(JemAlgorithm):
             "ANNOTATIONS", "Annotations (points or patch polygons)",
             [QgsProcessing.TypeVectorPoint, QgsProcessing.TypeVectorPolygon]))
         self.addParameter(QgsProcessingParameterField("CLASS_FIELD", "Class field", "class", "ANNOTATIONS"))
-        self.addParameter(QgsProcessingParameterFile("MODEL", "Starting model (optional)", optional=True,
-                                                     fileFilter="JEM model (*.pt)"))
-        self.addParameter(QgsProcessingParameterNumber("EPOCHS", "Epochs (passes over the unlabelled patches)",
-                                                       QgsProcessingParameterNumber.Integer, 5, minValue=1))
-        self.addParameter(QgsProcessingParameterNumber("UNLABELLED", "Unlabelled patches sampled from the raster",
-                                                       QgsProcessingParameterNumber.Integer, 512, minValue=1))
+        self.add_model_parameter("Starting model")
+        self.addParameter(QgsProcessingParameterNumber("MINUTES", "Training time (minutes)",
+                                                       QgsProcessingParameterNumber.Double, RETRAIN.minutes,
+                                                       minValue=0.05))
+        self.addParameter(QgsProcessingParameterBoolean(
+            "KEEP_MODEL_CLASSES", "Keep the starting model's other classes (off: only the classes labelled)", False))
+        self.addParameter(QgsProcessingParameterNumber("UNLABELLED", "Unlabelled patches spread over the raster",
+                                                       QgsProcessingParameterNumber.Integer, RETRAIN.unlabelled,
+                                                       minValue=1))
         self.add_device_parameter()
         self.add_advanced(
+                QgsProcessingParameterBoolean("NEW_MODEL", "Train a new model (ignore the starting model)", False),
+                QgsProcessingParameterNumber("ITERATIONS", "Iterations (0: as many as the training time allows)",
+                                             QgsProcessingParameterNumber.Integer, 0, minValue=0),
                 QgsProcessingParameterNumber("PATCH_SIZE", "Patch size in px (new model only)",
-                                             QgsProcessingParameterNumber.Integer, 32, minValue=8),
+                                             QgsProcessingParameterNumber.Integer, RETRAIN.image_size, minValue=8),
                 QgsProcessingParameterEnum("ARCH", "Architecture (new model only)", options=ARCHITECTURES,
-                                           defaultValue="wrn-10-2", usesStaticStrings=True),
+                                           defaultValue=RETRAIN.arch, usesStaticStrings=True),
                 self.bands_parameter(),
                 QgsProcessingParameterFile("EXTRA_DATASET", "Extra unlabelled images: class-folder dataset",
                                            behavior=QgsProcessingParameterFile.Folder, optional=True),
-                QgsProcessingParameterNumber("LR", "Learning rate", QgsProcessingParameterNumber.Double, 1e-3,
+                QgsProcessingParameterNumber("LR", "Learning rate", QgsProcessingParameterNumber.Double, RETRAIN.lr,
                                              minValue=1e-7),
                 QgsProcessingParameterNumber("SEED", "Random seed", QgsProcessingParameterNumber.Integer, 0))
-        self.addParameter(QgsProcessingParameterFileDestination("OUTPUT_MODEL", "Retrained model", "JEM model (*.pt)"))
+        self.addParameter(QgsProcessingParameterFileDestination(
+            "OUTPUT_MODEL", "Retrained model (empty: <annotations>_retrained.pt beside the annotations)",
+            "JEM model (*.pt)", optional=True, createByDefault=False))
         self.addParameter(QgsProcessingParameterRasterDestination("OUTPUT_MAP", "New class map", optional=True,
                                                                   createByDefault=False))
         self.addParameter(QgsProcessingParameterRasterDestination("OUTPUT_CONFIDENCE", "New confidence map (−E(x))",
@@ -112,10 +133,9 @@ class RetrainAlgorithm(JemAlgorithm):
 
     def execute(self, parameters: dict[str, Any], context: QgsProcessingContext,
                 feedback: QgsProcessingFeedback) -> dict[str, Any]:
-        from jem_core.active import retrain
+        from jem_core.active import default_start_model, retrain, retrain_config
         from jem_core.model_file import load_model
         from jem_core.sampler import SGLDConfig
-        from jem_core.training import TrainConfig
 
         raster = self.raster_file_layer(parameters, context)
         if not raster.crs().isValid():
@@ -125,8 +145,15 @@ class RetrainAlgorithm(JemAlgorithm):
         source = self.parameterAsSource(parameters, "ANNOTATIONS", context)
         if source is None:
             raise QgsProcessingException("The annotation layer cannot be read. Pick a point or polygon layer.")
-        model_path = self.parameterAsFile(parameters, "MODEL", context)
-        start = load_model(model_path) if model_path else None
+        out_map = self.parameterAsOutputLayer(parameters, "OUTPUT_MAP", context) or None
+        out_confidence = self.parameterAsOutputLayer(parameters, "OUTPUT_CONFIDENCE", context) or None
+        if out_confidence and not out_map:  # refused before training, not after
+            raise QgsProcessingException("The confidence map comes with the class map: set 'New class map' too.")
+        new_model = self.parameterAsBool(parameters, "NEW_MODEL", context)
+        bands = self.band_list(parameters, context)
+        chosen = self.parameterAsFile(parameters, "MODEL", context)
+        start = None if new_model else load_model(chosen) if chosen else \
+            default_start_model([raster.source()], bands, feedback.pushInfo)
         patch_size = start.meta.image_size if start else self.parameterAsInt(parameters, "PATCH_SIZE", context)
         class_field = self.parameterAsString(parameters, "CLASS_FIELD", context) or "class"
         annotations = annotations_from_source(source, class_field, raster, patch_size, context)
@@ -134,47 +161,58 @@ class RetrainAlgorithm(JemAlgorithm):
                           "features.")
         unlabelled = self.parameterAsInt(parameters, "UNLABELLED", context)
         # A replay buffer the size of the unlabelled pool: the default 10,000 chains are far more than a
-        # few hundred patches need and slow to initialise.
-        config = TrainConfig(arch=self.parameterAsEnumString(parameters, "ARCH", context), image_size=patch_size,
-                             epochs=self.parameterAsInt(parameters, "EPOCHS", context),
-                             lr=self.parameterAsDouble(parameters, "LR", context),
-                             seed=self.parameterAsInt(parameters, "SEED", context), device=self.device(parameters, context),
-                             sgld=SGLDConfig(buffer_size=unlabelled))
-        out_model = self.parameterAsFileOutput(parameters, "OUTPUT_MODEL", context)
-        bands = self.band_list(parameters, context)
+        # few thousand patches need and slow to initialise.
+        config = retrain_config(self.parameterAsDouble(parameters, "MINUTES", context),
+                                self.parameterAsInt(parameters, "ITERATIONS", context) or None,
+                                arch=self.parameterAsEnumString(parameters, "ARCH", context), image_size=patch_size,
+                                lr=self.parameterAsDouble(parameters, "LR", context),
+                                seed=self.parameterAsInt(parameters, "SEED", context),
+                                device=self.device(parameters, context), sgld=SGLDConfig(buffer_size=unlabelled))
+        out_model = self.parameterAsFileOutput(parameters, "OUTPUT_MODEL", context) or \
+            default_model_path(self.parameterAsVectorLayer(parameters, "ANNOTATIONS", context), raster)
         result = retrain([raster.source()], annotations, start_model=start,
+                         keep_model_classes=self.parameterAsBool(parameters, "KEEP_MODEL_CLASSES", context),
                          extra_dataset=self.parameterAsFile(parameters, "EXTRA_DATASET", context) or None,
                          out_model=out_model, config=config, bands=bands, unlabelled_count=unlabelled,
                          progress=progress_reporter(feedback, 0, TRAIN_SHARE), should_stop=feedback.isCanceled,
                          log=feedback.pushInfo)
+        for warning in result.warnings:
+            feedback.reportError(f"Warning: {warning}", fatalError=False)
         feedback.pushInfo(f"Classes: {', '.join(result.class_names)}; the model fits {result.labelled_accuracy:.0%} "
                           f"of the {result.labelled_count} annotated patches. Model written to {out_model}.")
         outputs: dict[str, Any] = {"OUTPUT_MODEL": out_model, "LABELLED": result.labelled_count,
                                    "FIT_ACCURACY": result.labelled_accuracy}
-        outputs.update(self.write_maps(parameters, context, feedback, result.loaded, raster, bands))
+        if out_map:
+            outputs.update(self.write_maps(context, feedback, result.loaded, raster, bands, out_map, out_confidence,
+                                           config.device))
         return outputs
 
-    def write_maps(self, parameters: dict[str, Any], context: QgsProcessingContext, feedback: QgsProcessingFeedback,
-                   loaded, raster: QgsRasterLayer, bands: list[str] | None) -> dict[str, Any]:
-        """The optional class and confidence maps of the new model (jem_core.mapping, as jem:landcovermap)."""
+    def write_maps(self, context: QgsProcessingContext, feedback: QgsProcessingFeedback, loaded,
+                   raster: QgsRasterLayer, bands: list[str] | None, out_map: str, out_confidence: str | None,
+                   device: str) -> dict[str, Any]:
+        """The class (and confidence) map of the new model, on DEVICE, as jem:landcovermap makes them."""
         from jem_core.mapping import map_raster
 
-        out_map = self.parameterAsOutputLayer(parameters, "OUTPUT_MAP", context) or None
-        out_confidence = self.parameterAsOutputLayer(parameters, "OUTPUT_CONFIDENCE", context) or None
-        if not out_map and not out_confidence:
-            return {}
-        if not out_map:
-            raise QgsProcessingException("The confidence map comes with the class map: set 'New class map' too.")
-        map_raster(loaded, raster.source(), out_map, out_confidence,
-                   bands=bands,
+        map_raster(loaded, raster.source(), out_map, out_confidence, bands=bands, device=device,
+                   stride=default_stride(loaded.meta.image_size), resolution=DEFAULT_RESOLUTION,
                    progress=progress_reporter(feedback, TRAIN_SHARE, 100.0), should_stop=feedback.isCanceled)
         outputs = {"OUTPUT_MAP": out_map}
-        styled = [(out_map, "class_map")]
+        styled = [StyledOutput(out_map, "class_map", "new class map")]
         if out_confidence:
             outputs["OUTPUT_CONFIDENCE"] = out_confidence
-            styled.append((out_confidence, "confidence"))
-        for path, kind in styled:
-            write_style_beside(path, kind)
-            if context.willLoadLayerOnCompletion(path):
-                context.layerToLoadOnCompletionDetails(path).setPostProcessor(post_processor(kind))
+            styled.append(StyledOutput(out_confidence, "confidence", "new confidence −E(x)"))
+        style_outputs(context, raster.name(), styled)
         return outputs
+
+
+def default_model_path(annotations, raster: QgsRasterLayer) -> str:
+    """<annotations>_retrained.pt beside the annotation file (beside the raster for a layer without one),
+    numbered so an earlier model is never overwritten."""
+    source = Path(file_of(annotations.source())) if annotations is not None else None
+    base = source if source is not None and source.is_file() else Path(file_of(raster.source()))
+    stem = annotations.name() if annotations is not None and base != source else base.stem
+    candidate, number = base.with_name(f"{stem}_retrained.pt"), 1
+    while candidate.exists():
+        number += 1
+        candidate = base.with_name(f"{stem}_retrained_{number}.pt")
+    return str(candidate)

@@ -55,7 +55,7 @@ class SamplesAlgorithm(JemAlgorithm):
         out_png = self.parameterAsFileOutput(parameters, "OUTPUT", context)
         json_path = self.parameterAsFileOutput(parameters, "OUTPUT_JSON", context)
         result = sample_grid(
-            self.parameterAsFile(parameters, "MODEL", context), out_png,
+            self.model_file(parameters, context), out_png,
             per_class=self.parameterAsInt(parameters, "PER_CLASS", context),
             steps=self.parameterAsInt(parameters, "STEPS", context),
             conditional=self.parameterAsBool(parameters, "CONDITIONAL", context),

@@ -8,7 +8,8 @@ from qgis.core import (QgsFeature, QgsFeatureSink, QgsField, QgsFields, QgsGeome
                        QgsProcessingParameterNumber, QgsProcessingParameterRasterLayer, QgsRectangle, QgsWkbTypes)
 from qgis.PyQt.QtCore import QVariant
 
-from ..annotation import CLASS_FIELD
+from ..annotation_layer import CLASS_FIELD
+from ..styles import StyledOutput, style_outputs
 from .base import JemAlgorithm, progress_reporter
 
 # Suggestion attribute → field type; `class` stays empty for the analyst to fill in.
@@ -36,7 +37,8 @@ class SuggestAlgorithm(JemAlgorithm):
             "the others, so they spread over the scene (0 = automatic: half the side of the square each "
             "suggestion would get if the scene were split evenly).<br>"
             "The output polygons are the patch footprints with their scores and an empty <i>class</i> field: "
-            "fill it in (delete the ones you skip) and use the layer as annotations for <i>Retrain</i>.")
+            "fill it in (delete the ones you skip) and use the layer as annotations for <i>Retrain</i>. They are "
+            "drawn as outlines labelled with their rank (1 = best), so the image stays visible.")
 
     def initAlgorithm(self, config=None) -> None:  # noqa: N802 (QGIS API name)
         self.addParameter(QgsProcessingParameterRasterLayer("INPUT", "Input raster"))
@@ -57,7 +59,7 @@ class SuggestAlgorithm(JemAlgorithm):
         from jem_core.device import resolve_device
 
         raster = self.raster_file_layer(parameters, context)
-        loaded = load_model(self.parameterAsFile(parameters, "MODEL", context),
+        loaded = load_model(self.model_file(parameters, context),
                             resolve_device(self.device(parameters, context)))
         suggestions = suggest(loaded, raster.source(), self.parameterAsInt(parameters, "COUNT", context),
                               min_distance=self.parameterAsDouble(parameters, "MIN_DISTANCE", context) or None,
@@ -72,6 +74,8 @@ class SuggestAlgorithm(JemAlgorithm):
             feature.setGeometry(QgsGeometry.fromRect(QgsRectangle(*item.bounds)))
             feature.setAttributes([getattr(item, name) for name, _ in SCORE_FIELDS] + [None])
             sink.addFeature(feature, QgsFeatureSink.FastInsert)
+        del sink  # closes the file, so its style can be written beside it
+        style_outputs(context, raster.name(), [StyledOutput(sink_id, "suggestions", "suggested patches")])
         feedback.pushInfo(f"{len(suggestions)} suggestions; best score {suggestions[0].score:.2f} "
                           f"(unfamiliarity {suggestions[0].unfamiliarity:.2f}, uncertainty "
                           f"{suggestions[0].uncertainty:.2f}).")

@@ -34,8 +34,9 @@ class TrainAlgorithm(JemAlgorithm):
             "JPEG/PNG/GeoTIFF scenes, the EuroSAT/AID layout). The network is a classifier and an energy model "
             "at once: its −E(x) tells how typical an image is of the training data.<br><br>"
             "<b>Labels per class</b>: 0 uses every label; K keeps K labels per class and uses the other images "
-            "unlabelled (semi-supervised). <b>Time budget</b> stops training after that many minutes "
-            "(0 = no limit). <b>Baseline</b> trains the same network with cross-entropy only, for comparison.<br>"
+            "unlabelled (semi-supervised). The run lasts <b>Iterations</b> optimiser steps (default 1000, whatever "
+            "the dataset size), or less when <b>Epochs</b> (passes over the images) or the <b>Time budget</b> "
+            "(minutes) come first; the learning rate warms up over the first tenth of the run. <b>Baseline</b> trains the same network with cross-entropy only, for comparison.<br>"
             "Outputs: the model file (.pt), test metrics (JSON) and a reliability diagram (PNG). "
             "Training runs in the background; Cancel stops it within one iteration and writes nothing.")
 
@@ -50,8 +51,11 @@ class TrainAlgorithm(JemAlgorithm):
         self.addParameter(QgsProcessingParameterNumber("IMAGE_SIZE", "Image size (px)",
                                                        QgsProcessingParameterNumber.Integer, default("image_size"),
                                                        minValue=8))
-        self.addParameter(QgsProcessingParameterNumber("EPOCHS", "Epochs", QgsProcessingParameterNumber.Integer,
-                                                       default("epochs"), minValue=1))
+        self.addParameter(QgsProcessingParameterNumber(
+            "ITERATIONS", f"Iterations (0: {core_constant('training', 'DEFAULT_ITERATIONS')}, unless epochs or the "
+                          "time budget bound the run)", QgsProcessingParameterNumber.Integer, 0, minValue=0))
+        self.addParameter(QgsProcessingParameterNumber("EPOCHS", "Epochs: at most this many passes (0 = no bound)",
+                                                       QgsProcessingParameterNumber.Integer, 0, minValue=0))
         self.addParameter(QgsProcessingParameterNumber("TIME_BUDGET_MIN", "Time budget (minutes, 0 = none)",
                                                        QgsProcessingParameterNumber.Double, 0.0, minValue=0.0))
         self.add_device_parameter()
@@ -81,6 +85,7 @@ class TrainAlgorithm(JemAlgorithm):
             feedback: QgsProcessingFeedback) -> dict[str, Any]:
         from jem_core.cli.common import write_json
         from jem_core.data import load_class_folder
+        from jem_core.model_file import check_output_folders
         from jem_core.plots import reliability_diagram
         from jem_core.sampler import SGLDConfig
         from jem_core.training import TrainConfig, train
@@ -88,7 +93,8 @@ class TrainAlgorithm(JemAlgorithm):
         config = TrainConfig(
             arch=self.parameterAsEnumString(parameters, "ARCH", context),
             image_size=self.parameterAsInt(parameters, "IMAGE_SIZE", context),
-            epochs=self.parameterAsInt(parameters, "EPOCHS", context),
+            iterations=self.parameterAsInt(parameters, "ITERATIONS", context) or None,
+            epochs=self.parameterAsInt(parameters, "EPOCHS", context) or None,
             time_budget_min=self.parameterAsDouble(parameters, "TIME_BUDGET_MIN", context) or None,
             labels_per_class=self.parameterAsInt(parameters, "LABELS_PER_CLASS", context) or None,
             baseline=self.parameterAsBool(parameters, "BASELINE", context),
@@ -102,6 +108,7 @@ class TrainAlgorithm(JemAlgorithm):
         model_path = self.parameterAsFileOutput(parameters, "OUTPUT_MODEL", context)
         metrics_path = self.parameterAsFileOutput(parameters, "METRICS", context)
         plot_path = self.parameterAsFileOutput(parameters, "RELIABILITY_PLOT", context)
+        check_output_folders(model_path, metrics_path or None, plot_path or None)  # before, not after, training
 
         feedback.pushInfo(f"Reading {dataset_dir} at {config.image_size} px …")
         load_progress = progress_reporter(feedback, 0, LOAD_SHARE)
