@@ -36,7 +36,8 @@ from .metrics import predict_logits
 from .model_file import LoadedModel, ModelMeta, as_loaded
 from .models import ModelSpec, build_model
 from .raster_io import RasterSource, Stretch, choose_stretch, open_raster, require_crs
-from .training import Cancelled, TrainConfig, train
+from . import Cancelled
+from .training import TrainConfig, train
 
 StopFn = Callable[[], bool]
 # One raster: a path GDAL opens, or single-band files stacked on the finest grid (raster_io.open_raster).

@@ -38,7 +38,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from . import JEMError, ProgressFn, no_progress
+from . import JEMError, ProgressFn, check_stop, no_progress
 from .data import SceneDataset
 from .distances import frechet_distance, kernel_distance
 from .model_file import LoadedModel, as_loaded, atomic_write, check_output_folders, written_together
@@ -74,16 +74,13 @@ def training_data(loaded: LoadedModel, data: str | os.PathLike | SceneDataset) -
 def run_chains(loaded: LoadedModel, starts: torch.Tensor, labels: torch.Tensor | None, config: SGLDConfig,
                batch_size: int, report: Callable[[int], None], should_stop: Callable[[], bool] | None) -> torch.Tensor:
     """SGLD from `starts` (normalised), in batches and chunks of steps so progress and cancel stay live."""
-    from .training import Cancelled
-
     out = []
     for begin in range(0, len(starts), batch_size):
         x = starts[begin:begin + batch_size]
         y = None if labels is None else labels[begin:begin + batch_size]
         done = 0
         while done < config.steps:
-            if should_stop is not None and should_stop():
-                raise Cancelled()
+            check_stop(should_stop)
             chunk = min(STEP_CHUNK, config.steps - done)
             x = run_chain(loaded.model, x, config, y=y, steps=chunk)
             done += chunk

@@ -36,7 +36,7 @@ map_raster(model, inputs, out_classes, out_confidence=None, *, bands=None, strid
               What was applied is reported in MapResult.stretch and in the outputs' metadata.
   read_ahead  strips a reader thread keeps ready (0 = read in the calling thread).
   progress    progress(fraction, message), called after every batch.
-  should_stop polled before every batch; True raises training.Cancelled and no output file is left.
+  should_stop polled before every batch; True raises jem_core.Cancelled and no output file is left.
 
   Nodata: a patch with any invalid input pixel (nodata value, mask, NaN) is not classified; a cell
   no valid patch covers is nodata in every output (class 255, Float32 NaN).  The right/bottom
@@ -69,7 +69,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from . import JEMError, ProgressFn
+from . import JEMError, ProgressFn, check_stop
 from .device import resolve_device
 from .model_file import LoadedModel, as_loaded, publish
 from .raster_io import (GdalFailures, RasterSource, Stretch, choose_stretch, open_raster, raster_error, read_strips,
@@ -203,10 +203,10 @@ def iter_patches(raster: RasterSource | str | os.PathLike | Sequence[str | os.Pa
         for row, patches, valid in patch_rows:
             pending.add(row, np.flatnonzero(valid), patches)
             while len(pending) >= batch_size:
-                _check_stop(should_stop)
+                check_stop(should_stop)
                 yield PatchBatch(*pending.take(batch_size), grid=grid, transform=raster.transform)
     if len(pending):
-        _check_stop(should_stop)
+        check_stop(should_stop)
         yield PatchBatch(*pending.take(len(pending)), grid=grid, transform=raster.transform)
 
 
@@ -238,13 +238,6 @@ class _Pending:
 
     def first_row(self) -> int | None:
         return int(self.rows[0][0]) if self.count else None
-
-
-def _check_stop(should_stop: Callable[[], bool] | None) -> None:
-    if should_stop is not None and should_stop():
-        from .training import Cancelled
-
-        raise Cancelled()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -593,7 +586,7 @@ def _run(loaded: LoadedModel, source: RasterSource, grid: PatchGrid, stretch: St
                     hits[cell_row][row_cols + dc] += 1
 
     def run_batch(n: int) -> None:
-        _check_stop(should_stop)
+        check_stop(should_stop)
         rows, cols, pixels = pending.take(n)
         x = loaded.normalise(torch.from_numpy(pixels).to(device))
         accumulate(rows, cols, loaded.model(x).float().cpu().numpy().astype(np.float64))

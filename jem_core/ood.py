@@ -45,7 +45,7 @@ from typing import Any, Callable, Sequence, Union
 import numpy as np
 import torch
 
-from . import JEMError, ProgressFn, no_progress
+from . import JEMError, ProgressFn, check_stop, no_progress
 from .data import (IMAGE_SUFFIXES, SceneDataset, check_band_count, list_class_folders, load_class_folder, read_image,
                    split_dataset)
 from .distances import KL_EPSILON, auroc, histogram_kl
@@ -115,9 +115,7 @@ def read_image_folder(path: Path, size: int, should_stop: Callable[[], bool] | N
     files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     images = []
     for file in files:
-        if should_stop is not None and should_stop():
-            from .training import Cancelled
-            raise Cancelled()
+        check_stop(should_stop)
         pixels, _, _ = read_image(file, size)
         if images and pixels.shape[0] != images[0].shape[0]:
             raise JEMError(f"Image '{file}' has {pixels.shape[0]} bands but '{files[0]}' has {images[0].shape[0]}. "

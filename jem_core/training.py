@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from . import JEMError, ProgressFn, distributed, no_progress
+from . import Cancelled, JEMError, ProgressFn, distributed, no_progress
 from .checkpoint import (LoopState, Snapshot, check_resumable, cpu_state, load_checkpoint, restore_snapshot,
                          remove_stale_temporaries, rng_state, save_checkpoint, set_rng_state,
                          take_snapshot)
@@ -32,11 +32,6 @@ from .metrics import classification_metrics, predict_logits
 from .model_file import LoadedModel, ModelMeta, save_model
 from .models import ModelSpec, SpeedOptions, apply_speed_options, build_model
 from .sampler import ReplayBuffer, SGLDConfig, SGLDSampler, make_initialiser
-
-
-class Cancelled(JEMError):
-    def __init__(self) -> None:
-        super().__init__("Cancelled by the user; nothing was written.")
 
 
 class Diverged(JEMError):

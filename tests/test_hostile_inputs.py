@@ -75,7 +75,7 @@ def test_nan_and_inf_pixels_are_nodata_not_an_error(inputs, tmp_path):
 
 def huge_vrt_map(vrt: str, model: str, out: str) -> None:
     """Child process: map the 10^6 × 10^6 px VRT, cancelling after 3 batches; print peak RSS and the outcome."""
-    from jem_core.training import Cancelled
+    from jem_core import Cancelled
 
     polls = iter(range(1_000_000))
     try:

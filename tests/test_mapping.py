@@ -12,12 +12,11 @@ import rasterio
 import torch
 from rasterio.transform import from_origin
 
-from jem_core import JEMError
+from jem_core import Cancelled, JEMError
 from jem_core.cli import main as cli_main
 from jem_core.mapping import iter_patches, map_raster, patch_grid
 from jem_core.model_file import ModelMeta, load_model, save_model
 from jem_core.models import ModelSpec, build_model
-from jem_core.training import Cancelled
 
 PATCH = 16
 TRANSFORM = from_origin(500000.0, 4000000.0, 10.0, 10.0)

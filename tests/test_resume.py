@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from jem_core import JEMError
+from jem_core import Cancelled, JEMError
 from jem_core.checkpoint import load_checkpoint
 from jem_core.model_file import load_model
-from jem_core.training import Cancelled, SceneDataset, train
+from jem_core.training import SceneDataset, train
 
 from conftest import make_class_folder
 from test_recovery import tiny_config, tiny_dataset

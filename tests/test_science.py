@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from jem_core import JEMError
+from jem_core import Cancelled, JEMError
 from jem_core.cli import main as cli_main
 from jem_core.data import load_class_folder
 from jem_core.generation import sample_grid
 from jem_core.model_file import load_model
 from jem_core.ood import ood_analysis, source_kind
 from jem_core.sampler import SGLDConfig
-from jem_core.training import Cancelled, TrainConfig, consistency_loss, strong_augment, train
+from jem_core.training import TrainConfig, consistency_loss, strong_augment, train
 from tests.conftest import make_class_folder, write_image
 
 SIZE = 16
