@@ -41,7 +41,8 @@ import torch
 from . import JEMError, ProgressFn, check_stop, no_progress
 from .data import SceneDataset
 from .distances import frechet_distance, kernel_distance
-from .model_file import LoadedModel, as_loaded, atomic_write, check_output_folders, written_together
+from .files import atomic_write, check_output_folders, written_together
+from .model_file import LoadedModel, as_loaded
 from .ood import load_reference, reference_indices
 from .sampler import ClassGaussianInit, SGLDConfig, UniformInit, make_initialiser, run_chain
 
@@ -116,9 +117,9 @@ def mosaic(images: np.ndarray, columns: int) -> np.ndarray:
 def save_grid(loaded: LoadedModel, panels: list[tuple[str, torch.Tensor, list[str]]], columns: int,
               path: str | os.PathLike) -> None:
     """panels: (title, pixels (N, bands, H, W), one label per row)."""
-    from .plots import _pyplot, save_figure
+    from .plots import pyplot, save_figure
 
-    plt = _pyplot()
+    plt = pyplot()
     low, high = loaded.meta.value_range
     bands = display_bands(loaded.meta.band_names)
     row_counts = [len(labels) for _, _, labels in panels]

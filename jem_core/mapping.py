@@ -71,7 +71,8 @@ import torch
 
 from . import JEMError, ProgressFn, check_stop
 from .device import resolve_device
-from .model_file import LoadedModel, as_loaded, publish
+from .files import publish
+from .model_file import LoadedModel, as_loaded
 from .raster_io import (GdalFailures, RasterSource, Stretch, choose_stretch, open_raster, raster_error, read_strips,
                         require_crs)
 

@@ -50,7 +50,8 @@ from .data import (IMAGE_SUFFIXES, SceneDataset, check_band_count, list_class_fo
                    split_dataset)
 from .distances import KL_EPSILON, auroc, histogram_kl
 from .metrics import predict_logits
-from .model_file import LoadedModel, as_loaded, atomic_write, check_output_folders, written_together
+from .files import atomic_write, check_output_folders, written_together
+from .model_file import LoadedModel, as_loaded
 
 CompareItem = Union[str, os.PathLike, tuple]
 REFERENCE_SPLITS = ("test", "train", "all")
@@ -203,9 +204,9 @@ def summarise(reference: ScoreSet, split: str, others: Sequence[ScoreSet], bins:
 
 
 def plot_histograms(result: dict[str, Any], path: str | os.PathLike, title: str) -> None:
-    from .plots import _pyplot, save_figure
+    from .plots import pyplot, save_figure
 
-    plt = _pyplot()
+    plt = pyplot()
     edges = np.asarray(result["bins"])
     fig, ax = plt.subplots(figsize=(7, 4))
     for i, (name, counts) in enumerate(result["histograms"].items()):

@@ -30,7 +30,8 @@ from typing import Any, Callable, Sequence
 
 from . import JEMError, ProgressFn, no_progress
 from .metrics import classification_metrics, predict_logits
-from .model_file import LoadedModel, as_loaded, atomic_write
+from .files import atomic_write
+from .model_file import LoadedModel, as_loaded
 from .ood import load_reference, ood_analysis, reference_indices
 
 
@@ -92,9 +93,9 @@ def describe_model(name: str, loaded: LoadedModel) -> list[tuple[str, Any]]:
 
 
 def history_plot(history: list[dict[str, float]], path: Path) -> None:
-    from .plots import _pyplot, save_figure
+    from .plots import pyplot, save_figure
 
-    plt = _pyplot()
+    plt = pyplot()
     epochs = [h["epoch"] for h in history]
     fig, ax = plt.subplots(figsize=(6, 3))
     ax.plot(epochs, [h["val_accuracy"] for h in history], "o-", label="val accuracy")

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..device import DEVICE_CHOICES
-from ..model_file import atomic_write
+from ..files import atomic_write
 
 
 class ProgressBar:

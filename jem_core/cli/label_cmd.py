@@ -14,7 +14,7 @@ from .. import JEMError
 from ..active import Annotation, cell_centres, retrain, suggest
 from ..sampler import SGLDConfig
 from ..training import TrainConfig
-from ..model_file import check_output_folders, written_together
+from ..files import check_output_folders, written_together
 from ..raster_io import raster_error
 from .common import ProgressBar, add_device_option, log, write_json
 

@@ -9,7 +9,8 @@ import torch
 from ..data import check_band_count, load_class_folder, split_dataset
 from ..device import resolve_device
 from ..metrics import classification_metrics, predict_logits
-from ..model_file import check_output_folders, load_model, written_together
+from ..files import check_output_folders, written_together
+from ..model_file import load_model
 from .. import distributed
 from ..models import AMP_CHOICES, ARCHITECTURES, NORMS, SpeedOptions
 from ..plots import reliability_diagram
