@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from jem_core import training  # noqa: E402
-from jem_core.cli.common import write_json  # noqa: E402
+from jem_core.files import write_json  # noqa: E402
 from jem_core.data import load_class_folder  # noqa: E402
 from jem_core.sampler import SGLDConfig  # noqa: E402
 from jem_core.training import TrainConfig  # noqa: E402

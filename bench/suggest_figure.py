@@ -16,7 +16,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jem_core.active import open_patch_reader, priority, suggest, uncertainty_scores  # noqa: E402
-from jem_core.mapping import iter_patches  # noqa: E402
+from jem_core.windowing import iter_patches  # noqa: E402
 from jem_core.metrics import predict_logits  # noqa: E402
 from jem_core.model_file import load_model  # noqa: E402
 

@@ -4,9 +4,11 @@
 - `publish(tmp, path)`: that rename, with ordinary file permissions.
 - `written_together(*paths)`: the outputs of one run are kept all or none.
 - `check_output_folders(*paths)`: refuse missing output folders before any work.
+- `write_json(path, data)`: an indented JSON file, atomically.
 """
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from contextlib import contextmanager
@@ -72,3 +74,8 @@ def atomic_write(path: str | os.PathLike, write: Any, suffix: str = "") -> None:
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    text = json.dumps(data, indent=2)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text), suffix=".json")

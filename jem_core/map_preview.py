@@ -8,7 +8,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .mapping import CLASS_NODATA
+from .map_writer import CLASS_NODATA
 from .plots import pyplot, save_figure
 from .raster_io import band_percentiles, open_raster
 

@@ -128,7 +128,7 @@ def read_image_folder(path: Path, size: int, should_stop: Callable[[], bool] | N
 def raster_scores(path: Path, loaded: LoadedModel, batch_size: int, stretch: str,
                   progress: ProgressFn, should_stop: Callable[[], bool] | None) -> torch.Tensor:
     """−E(x) of every valid non-overlapping model-size patch of a raster (the mapping patch iterator)."""
-    from .mapping import iter_patches
+    from .windowing import iter_patches
     from .raster_io import choose_stretch, open_raster
 
     scores = []

@@ -108,16 +108,16 @@ def test_gdal_write_failure_during_map_leaves_no_file(inputs, tmp_path, monkeypa
     import ctypes
     import ctypes.util
 
-    from jem_core import mapping
+    from jem_core import map_writer
 
     libgdal = ctypes.CDLL(ctypes.util.find_library("gdal"))  # the GDAL rasterio and osgeo use
-    original = mapping._Outputs.write
+    original = map_writer.MapOutputs.write
 
     def write_then_fail(self, row_off, arrays):
         original(self, row_off, arrays)
         libgdal.CPLError(3, 3, b"%s", b"_tiffWriteProc:No space left on device")  # CE_Failure, CPLE_FileIO
 
-    monkeypatch.setattr(mapping._Outputs, "write", write_then_fail)
+    monkeypatch.setattr(map_writer.MapOutputs, "write", write_then_fail)
     with pytest.raises(JEMError, match="No space left on device.*free space"):
         map_raster(inputs["good model"], inputs["good raster"], tmp_path / "classes.tif", read_ahead=0)
     assert files_in(tmp_path) == []

@@ -14,9 +14,9 @@ from .. import JEMError
 from ..active import Annotation, cell_centres, retrain, suggest
 from ..sampler import SGLDConfig
 from ..training import TrainConfig
-from ..files import check_output_folders, written_together
+from ..files import check_output_folders, write_json, written_together
 from ..raster_io import raster_error
-from .common import ProgressBar, add_device_option, log, write_json
+from .common import ProgressBar, add_device_option, log
 
 SUGGESTION_FIELDS = ["rank", "score", "unfamiliarity", "uncertainty", "neg_energy", "entropy", "margin",
                      "predicted_class", "confidence"]

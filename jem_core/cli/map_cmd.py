@@ -7,7 +7,8 @@ from pathlib import Path
 
 from ..map_preview import render_map_preview
 from ..mapping import RESOLUTIONS, map_raster
-from .common import ProgressBar, add_device_option, log, write_json
+from ..files import write_json
+from .common import ProgressBar, add_device_option, log
 
 
 def register(subparsers) -> None:

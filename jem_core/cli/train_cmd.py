@@ -9,14 +9,14 @@ import torch
 from ..data import check_band_count, load_class_folder, split_dataset
 from ..device import resolve_device
 from ..metrics import classification_metrics, predict_logits
-from ..files import check_output_folders, written_together
+from ..files import check_output_folders, write_json, written_together
 from ..model_file import load_model
 from .. import distributed
 from ..models import AMP_CHOICES, ARCHITECTURES, NORMS, SpeedOptions
 from ..plots import reliability_diagram
 from ..sampler import INIT_CHOICES, SGLDConfig
 from ..training import TrainConfig, train
-from .common import ProgressBar, add_device_option, log, write_json
+from .common import ProgressBar, add_device_option, log
 
 
 def register(subparsers) -> None:
