@@ -31,7 +31,7 @@ test: setup
 
 # Class map, confidence −E(x) and a PNG preview of the bundled Sentinel-2 crop of Beirut (demo/README.md).
 demo: setup
-	$(PY) -m jem_core.demo --out demo_out
+	$(PY) -m jem_core demo --out demo_out
 
 # The installable QGIS plugin zip (plugin, metadata.txt, icons, QML styles, jem_core inside); stdlib only.
 PLUGIN_ZIP ?= dist/jem_qgis_plugin.zip

@@ -8,10 +8,10 @@ import argparse
 import sys
 
 from .. import JEMError, __version__
-from . import label_cmd, map_cmd, science_cmd, train_cmd
+from . import demo_cmd, label_cmd, map_cmd, science_cmd, train_cmd
 from .common import silence_gdal_printing
 
-COMMAND_MODULES = [train_cmd, map_cmd, science_cmd, label_cmd]
+COMMAND_MODULES = [train_cmd, map_cmd, science_cmd, label_cmd, demo_cmd]
 
 
 def build_parser() -> argparse.ArgumentParser:
