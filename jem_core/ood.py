@@ -47,7 +47,7 @@ import torch
 
 from . import JEMError, ProgressFn, check_stop, no_progress
 from .data import (IMAGE_SUFFIXES, SceneDataset, check_band_count, list_class_folders, load_class_folder, read_image,
-                   split_dataset)
+                   training_split)
 from .distances import KL_EPSILON, auroc, histogram_kl
 from .metrics import predict_logits
 from .files import atomic_write, check_output_folders, written_together
@@ -82,10 +82,7 @@ def reference_indices(dataset: SceneDataset, loaded: LoadedModel, split: str) ->
         return everything, "all"
     if list(dataset.class_names) != list(loaded.meta.class_names):
         return everything, "all (its classes are not the model's, so the training split is unknown)"
-    cfg = loaded.meta.train_config
-    parts = split_dataset(dataset.labels, cfg.get("seed", 0), cfg.get("val_fraction", 0.1),
-                          cfg.get("test_fraction", 0.2))
-    return getattr(parts, split), split
+    return getattr(training_split(dataset.labels, loaded.meta.train_config), split), split
 
 
 def load_reference(reference: str | os.PathLike | SceneDataset, loaded: LoadedModel) -> SceneDataset:

@@ -283,3 +283,11 @@ def test_target_gsd_resamples_before_cutting_patches(tmp_path, model_path):
     averaged = pixels[:, :32, :32].astype(np.float64).reshape(3, 16, 2, 16, 2).mean(axis=(2, 4))
     expected = patch_logits(model_path, averaged.astype(np.float32), [(0, 0)])[0]
     assert read(result.confidence)[0][0, 0, 0] == pytest.approx(torch.logsumexp(expected, 0).item(), abs=1e-3)
+
+
+def test_band_list_parser_is_shared_by_cli_and_plugin():
+    from jem_core.raster_io import parse_band_list
+
+    assert parse_band_list(" B04, B03,,B02 ") == ["B04", "B03", "B02"]
+    assert parse_band_list("3,2,1") == ["3", "2", "1"]
+    assert parse_band_list("") is None and parse_band_list(None) is None and parse_band_list(" , ") is None

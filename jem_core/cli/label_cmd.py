@@ -15,7 +15,7 @@ from ..active import Annotation, cell_centres, retrain, suggest
 from ..sampler import SGLDConfig
 from ..training import TrainConfig
 from ..files import check_output_folders, write_json, written_together
-from ..raster_io import raster_error
+from ..raster_io import no_crs_message, parse_band_list, raster_error
 from .common import ProgressBar, add_device_option, log
 
 SUGGESTION_FIELDS = ["rank", "score", "unfamiliarity", "uncertainty", "neg_energy", "entropy", "margin",
@@ -53,10 +53,6 @@ def register(subparsers) -> None:
     s.add_argument("--out", type=Path, required=True, help="vector file of the patch footprints (.gpkg, .geojson)")
     s.add_argument("--json", type=Path, help="also write the suggestions as JSON")
     s.set_defaults(run=run_suggest)
-
-
-def split_bands(text: str | None) -> list[str] | None:
-    return [t.strip() for t in text.split(",") if t.strip()] or None if text else None
 
 
 def raster_grid(path: str) -> tuple[str, float, float]:
@@ -131,14 +127,12 @@ def run_retrain(args: argparse.Namespace) -> int:
     patch_size = start.meta.image_size if start else args.image_size
     wkt, pixel_x, pixel_y = raster_grid(args.rasters[0])
     if not wkt:
-        raise JEMError(f"Raster '{args.rasters[0]}' has no coordinate reference system (CRS), so the annotations "
-                       "cannot be placed on it. Assign one (QGIS: Raster ▸ Projections ▸ Assign Projection; GDAL: "
-                       "gdal_edit.py -a_srs EPSG:CODE FILE) and run again.")
+        raise JEMError(no_crs_message(f"Raster '{args.rasters[0]}'", "the annotations cannot be placed on it"))
     annotations = read_annotations(args.annotations, args.class_field, wkt, pixel_x * patch_size, pixel_y * patch_size)
     config = TrainConfig(arch=args.arch, image_size=patch_size, epochs=args.epochs, lr=args.lr, seed=args.seed,
                          device=args.device, sgld=SGLDConfig(buffer_size=args.unlabelled))
     result = retrain(args.rasters, annotations, start_model=start, extra_dataset=args.extra_data, out_model=args.out,
-                     config=config, bands=split_bands(args.bands), unlabelled_count=args.unlabelled,
+                     config=config, bands=parse_band_list(args.bands), unlabelled_count=args.unlabelled,
                      progress=ProgressBar("retrain"), log=log)
     log(f"classes {', '.join(result.class_names)}; fits {result.labelled_accuracy:.0%} of the "
         f"{result.labelled_count} annotated patches; model written to {args.out}")
@@ -149,7 +143,7 @@ def run_suggest(args: argparse.Namespace) -> int:
     check_output_folders(args.out, args.json)
     raster = args.raster[0] if len(args.raster) == 1 else args.raster
     suggestions = suggest(args.model, raster, args.count, min_distance=args.min_distance,
-                          bands=split_bands(args.bands), progress=ProgressBar("score"))
+                          bands=parse_band_list(args.bands), progress=ProgressBar("score"))
     wkt = raster_grid(args.raster[0])[0]
     with written_together(args.out, args.json):
         write_vector_atomically(args.out, lambda tmp: write_suggestions(tmp, suggestions, wkt, args.out.suffix))

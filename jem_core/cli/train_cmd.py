@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from ..data import check_band_count, load_class_folder, split_dataset
+from ..data import check_band_count, load_class_folder, training_split
 from ..device import resolve_device
 from ..metrics import classification_metrics, predict_logits
 from ..files import check_output_folders, write_json, written_together
@@ -124,9 +124,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     check_band_count(dataset.images, meta.band_names, args.data_dir)
     indices = torch.arange(len(dataset))
     if args.split == "test":
-        cfg = meta.train_config
-        indices = split_dataset(dataset.labels, cfg.get("seed", 0), cfg.get("val_fraction", 0.1),
-                                cfg.get("test_fraction", 0.2)).test
+        indices = training_split(dataset.labels, meta.train_config).test
     logits = predict_logits(loaded, dataset.images[indices], batch_size=args.batch_size)
     metrics = classification_metrics(logits, dataset.labels[indices], meta.class_names)
     metrics["split"] = args.split
