@@ -48,7 +48,7 @@ def register(subparsers) -> None:
     p.add_argument("--weight-gen", type=float, default=defaults.weight_gen)
     p.add_argument("--consistency", type=float, nargs="?", const=1.0, default=defaults.consistency_weight,
                    metavar="WEIGHT", help="JEM + consistency: FixMatch pseudo-labels on unlabelled images "
-                                          "(weight of the term; the bare flag means 1.0; default: off)")
+                                          "(weight of the term; the bare flag means 1.0; default: %(default)s, off)")
     p.add_argument("--consistency-threshold", type=float, default=defaults.consistency_threshold,
                    help="confidence a weak view needs to become a pseudo-label (default: %(default)s)")
     p.add_argument("--patience", type=int, default=defaults.patience, help="early-stopping patience in epochs")
