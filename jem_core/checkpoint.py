@@ -141,7 +141,8 @@ def check_resumable(payload: dict[str, Any], config: dict[str, Any], images: int
                        f"{', '.join(dataset['class_names'])}). Resume on the same data or start without --resume.")
     if payload["world_size"] != world_size:
         raise JEMError(f"Checkpoint '{path}' was written by {payload['world_size']} training process(es) but "
-                       f"this run has {world_size}. Resume with the same number of processes (torchrun --nproc-per-node).")
+                       f"this run has {world_size}. Resume with the same number of processes "
+                       "(torchrun --nproc-per-node).")
 
 
 def lookup(config: dict[str, Any], dotted: str) -> Any:

@@ -70,7 +70,8 @@ def atomic_write(path: str | os.PathLike, write: Any, suffix: str = "") -> None:
         publish(tmp_name, path)
     except OSError as error:
         Path(tmp_name).unlink(missing_ok=True)
-        raise JEMError(f"Could not write '{path}': {error.strerror or error}. Check free space and permissions.") from error
+        raise JEMError(f"Could not write '{path}': {error.strerror or error}. "
+                       "Check free space and permissions.") from error
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise

@@ -206,7 +206,8 @@ def sample_grid(model: str | os.PathLike | LoadedModel, out_png: str | os.PathLi
         initialiser = make_initialiser(config, loaded.normalise(dataset.images[train_idx]), dataset.labels[train_idx],
                                        num_classes)
     n_uncond = (unconditional_count or per_class * min(num_classes, 10)) if unconditional else 0
-    cond_labels = torch.arange(num_classes).repeat_interleave(per_class) if conditional else torch.empty(0, dtype=torch.long)
+    cond_labels = (torch.arange(num_classes).repeat_interleave(per_class) if conditional
+                   else torch.empty(0, dtype=torch.long))
     total_work = (len(cond_labels) + n_uncond) * config.steps
     done = 0
 
@@ -245,7 +246,8 @@ def sample_grid(model: str | os.PathLike | LoadedModel, out_png: str | os.PathLi
             scorer, scorer_name = loaded, "the sampled model itself"
         else:
             scorer = as_loaded(feature_model, device)
-            scorer_name = f"a separate classifier ({Path(feature_model).name if not isinstance(feature_model, LoadedModel) else 'given model'})"
+            name = "given model" if isinstance(feature_model, LoadedModel) else Path(feature_model).name
+            scorer_name = f"a separate classifier ({name})"
             if (len(scorer.meta.band_names), scorer.meta.image_size) != (shape[0], shape[1]):
                 raise JEMError("The feature model must take the same bands and image size as the sampled model.")
         result["quality"] = quality_scores(scorer, scorer_name, to_pixels(loaded, torch.cat(all_samples)),

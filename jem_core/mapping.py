@@ -137,7 +137,8 @@ def map_raster(model: str | os.PathLike | LoadedModel, inputs: str | os.PathLike
     with open_raster(inputs, bands, meta.band_names, target_gsd) as source:
         require_crs(source, "the maps could not be placed on the ground")
         if len(source.band_indexes) != loaded.spec.in_channels:
-            raise JEMError(f"The model takes {loaded.spec.in_channels} bands but {len(source.band_indexes)} were chosen.")
+            raise JEMError(f"The model takes {loaded.spec.in_channels} bands but {len(source.band_indexes)} "
+                           "were chosen.")
         grid = patch_grid(source.width, source.height, meta.image_size, stride)
         applied = choose_stretch(source, meta.value_range, stretch)
         return _map(loaded, source, grid, applied, targets, resolution, batch_size, torch_device, read_ahead,

@@ -46,11 +46,18 @@ import numpy as np
 import torch
 
 from . import JEMError, ProgressFn, check_stop, no_progress
-from .data import (IMAGE_SUFFIXES, SceneDataset, check_band_count, list_class_folders, load_class_folder, read_image,
-                   training_split)
+from .data import (
+    IMAGE_SUFFIXES,
+    SceneDataset,
+    check_band_count,
+    list_class_folders,
+    load_class_folder,
+    read_image,
+    training_split,
+)
 from .distances import KL_EPSILON, auroc, histogram_kl
-from .metrics import predict_logits
 from .files import atomic_write, check_output_folders, written_together
+from .metrics import predict_logits
 from .model_file import LoadedModel, as_loaded
 
 CompareItem = Union[str, os.PathLike, tuple]
@@ -125,8 +132,8 @@ def read_image_folder(path: Path, size: int, should_stop: Callable[[], bool] | N
 def raster_scores(path: Path, loaded: LoadedModel, batch_size: int, stretch: str,
                   progress: ProgressFn, should_stop: Callable[[], bool] | None) -> torch.Tensor:
     """−E(x) of every valid non-overlapping model-size patch of a raster (the mapping patch iterator)."""
-    from .windowing import iter_patches
     from .raster_io import choose_stretch, open_raster
+    from .windowing import iter_patches
 
     scores = []
     with open_raster(path, expected_bands=loaded.meta.band_names) as source:
@@ -134,7 +141,8 @@ def raster_scores(path: Path, loaded: LoadedModel, batch_size: int, stretch: str
         for batch in iter_patches(source, loaded.meta.image_size, batch_size=batch_size, stretch=chosen,
                                   should_stop=should_stop):
             scores.append(neg_energy(loaded, torch.from_numpy(np.ascontiguousarray(batch.pixels)), batch_size))
-            progress((int(batch.rows.max()) + 1) / batch.grid.patch_rows, f"{path.name}: {sum(map(len, scores))} patches")
+            progress((int(batch.rows.max()) + 1) / batch.grid.patch_rows,
+                     f"{path.name}: {sum(map(len, scores))} patches")
     if not scores:
         raise JEMError(f"Raster '{path}' has no {loaded.meta.image_size} px patch without nodata; nothing to compare.")
     return torch.cat(scores)
@@ -187,7 +195,8 @@ def summarise(reference: ScoreSet, split: str, others: Sequence[ScoreSet], bins:
         "bins": edges.tolist(),
         "histograms": {reference.name: reference_hist},
         "score": "−E(x) = logsumexp_y f(x)[y]",
-        "kl_definition": f"KL(compare ‖ reference) of histograms on shared bins, empty bins smoothed with {KL_EPSILON:g}",
+        "kl_definition": "KL(compare ‖ reference) of histograms on shared bins, empty bins smoothed with "
+                         f"{KL_EPSILON:g}",
         "auroc_definition": "AUROC of −E(x), reference images positive, compare images negative",
     }
     for s in others:

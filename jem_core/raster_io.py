@@ -280,7 +280,8 @@ def _stack_vrt(paths: list[Path], names: list[str], vrt_path: Path) -> str:
     try:
         vrt = gdal.BuildVRT(str(vrt_path), [str(p.resolve()) for p in paths], options=options)
     except RuntimeError as error:
-        raise JEMError(f"Cannot stack the input files: {str(error)[:200]}. They must overlap and share a CRS.") from None
+        raise JEMError(f"Cannot stack the input files: {str(error)[:200]}. "
+                       "They must overlap and share a CRS.") from None
     if vrt is None or vrt.RasterCount != len(paths):
         raise JEMError("Cannot stack the input files into one raster. They must overlap and share a CRS.")
     for i, name in enumerate(names):
@@ -373,7 +374,8 @@ def choose_stretch(source: RasterSource, value_range: Sequence[float], stretch: 
     bands = len(source.band_indexes)
     if mode == "auto":
         eight_bit_model = (out_low, out_high) == (0.0, 255.0)
-        mode, (low, high) = ("percentile", (2.0, 98.0)) if eight_bit_model and source.dtype != "uint8" else ("none", (0, 0))
+        stretch_needed = eight_bit_model and source.dtype != "uint8"
+        mode, (low, high) = ("percentile", (2.0, 98.0)) if stretch_needed else ("none", (0, 0))
     if mode == "none":
         return Stretch("none", [0.0] * bands, [1.0] * bands, out_low, out_high)
     if mode == "linear":

@@ -55,7 +55,7 @@ class CancelAfter(QgsProcessingFeedback):
         super().__init__()
         self.polls_left = polls
 
-    def isCanceled(self) -> bool:  # noqa: N802 (QGIS API name)
+    def isCanceled(self) -> bool:  # QGIS API name
         self.polls_left -= 1
         if self.polls_left < 0 and not super().isCanceled():
             self.cancel()

@@ -7,13 +7,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from test_recovery import tiny_config, tiny_dataset
 
 from jem_core import distributed, training
 from jem_core.checkpoint import load_checkpoint
 from jem_core.model_file import load_model
 from jem_core.training import train
-
-from test_recovery import tiny_config, tiny_dataset
 
 CONFIG = dict(epochs=2, val_fraction=0.0, test_fraction=0.0)
 

@@ -12,13 +12,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from jem_core import JEMError
 from jem_core.mapping import map_raster
-from tests.hostile_cases import (CLI_CASES, HUGE_SIDE, CliCase, build_inputs, error_lines, run_case,
-                                 run_cli_subprocess)
+from tests.hostile_cases import CLI_CASES, HUGE_SIDE, CliCase, build_inputs, error_lines, run_case, run_cli_subprocess
 
 
 @pytest.fixture(scope="module")

@@ -15,9 +15,9 @@ from rasterio.transform import from_origin
 from jem_core import Cancelled, JEMError
 from jem_core.cli import main as cli_main
 from jem_core.mapping import map_raster
-from jem_core.windowing import iter_patches, patch_grid
 from jem_core.model_file import ModelMeta, load_model, save_model
 from jem_core.models import ModelSpec, build_model
+from jem_core.windowing import iter_patches, patch_grid
 
 PATCH = 16
 TRANSFORM = from_origin(500000.0, 4000000.0, 10.0, 10.0)

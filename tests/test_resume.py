@@ -11,14 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_class_folder
+from test_recovery import tiny_config, tiny_dataset
 
 from jem_core import Cancelled, JEMError
 from jem_core.checkpoint import load_checkpoint
 from jem_core.model_file import load_model
 from jem_core.training import SceneDataset, train
-
-from conftest import make_class_folder
-from test_recovery import tiny_config, tiny_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 

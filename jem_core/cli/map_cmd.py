@@ -5,10 +5,10 @@ import argparse
 from dataclasses import asdict
 from pathlib import Path
 
+from ..files import write_json
 from ..map_preview import render_map_preview
 from ..mapping import RESOLUTIONS, map_raster
 from ..raster_io import parse_band_list
-from ..files import write_json
 from .common import ProgressBar, add_device_option, log
 
 

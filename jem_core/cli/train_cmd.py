@@ -6,12 +6,12 @@ from pathlib import Path
 
 import torch
 
+from .. import distributed
 from ..data import check_band_count, load_class_folder, training_split
 from ..device import resolve_device
-from ..metrics import classification_metrics, predict_logits
 from ..files import check_output_folders, write_json, written_together
+from ..metrics import classification_metrics, predict_logits
 from ..model_file import load_model
-from .. import distributed
 from ..models import AMP_CHOICES, ARCHITECTURES, NORMS, SpeedOptions
 from ..plots import reliability_diagram
 from ..sampler import INIT_CHOICES, SGLDConfig
@@ -66,7 +66,8 @@ def register(subparsers) -> None:
                    help="bf16 autocast; auto = on for CUDA, off on CPU (default: %(default)s)")
     p.add_argument("--no-batch-split", action="store_true",
                    help="CPU: run each SGLD chain with intra-op threads instead of one batch slice per core")
-    p.add_argument("--compile", action="store_true", help="torch.compile the network (GPU; needs a C++ compiler on CPU)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the network (GPU; needs a C++ compiler on CPU)")
     add_device_option(p)
     p.set_defaults(run=run_train)
 
