@@ -1,4 +1,9 @@
-"""Shared fixtures: small synthetic datasets and models the tests make themselves."""
+"""Shared fixtures: small synthetic datasets and models the tests make themselves.
+
+The QGIS profile is made by the test run too: pytest-qgis creates `.qgis-settings/profiles/default`
+in the checkout before QGIS starts (and before this file is imported); it is git-ignored, never
+committed (a profile holds an authentication database).
+"""
 from __future__ import annotations
 
 import warnings
