@@ -85,6 +85,7 @@ def huge_vrt_map(vrt: str, model: str, out: str) -> None:
     print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
 
 
+@pytest.mark.slow
 def test_huge_declared_raster_streams_with_bounded_memory_and_cancels_cleanly(inputs, tmp_path):
     """10^12 px declared in a 1 KB VRT: map starts at once, memory stays bounded, Cancel leaves no file."""
     code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parents[1])!r}); "
