@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -175,9 +176,17 @@ def test_strong_augment_changes_images_but_keeps_shape():
 def test_consistency_training_runs_for_jem_and_baseline(trained):
     dataset = load_class_folder(trained["data"], SIZE)
     for baseline in (False, True):
-        result = train(dataset, tiny_config(epochs=1, labels_per_class=2, baseline=baseline, consistency_weight=1.0,
-                                            consistency_threshold=0.3))
+        config = tiny_config(epochs=1, labels_per_class=2, baseline=baseline, consistency_weight=1.0,
+                             consistency_threshold=0.3)
+        result = train(dataset, config)
         assert result.metrics["iterations"] >= 1 and result.loaded.meta.train_config["consistency_weight"] == 1.0
+        # The term is not zero: the same seeded run with a vanishing weight (same code path, same random
+        # streams) ends with other weights.  A term that never fires (no pseudo-label above the threshold)
+        # would leave the two runs identical.
+        vanishing = train(dataset, replace(config, consistency_weight=1e-12))
+        moved = max((a - b).abs().max().item() for a, b in zip(result.loaded.model.state_dict().values(),
+                                                                vanishing.loaded.model.state_dict().values()))
+        assert moved > 1e-4, f"consistency term had no effect (baseline={baseline})"
     with pytest.raises(JEMError, match="consistency"):
         train(dataset, tiny_config(consistency_threshold=0.0))
 
