@@ -27,7 +27,8 @@ map_raster(model, inputs, out_classes, out_confidence=None, *, bands=None, strid
   resolution  "patch": one output pixel per stride × stride cell, geotransform = input's × stride;
               "input": the input grid itself (each cell's value repeated over its pixels).
   target_gsd  resample the raster on read (averaging) to this pixel size, in the raster CRS's units,
-              before cutting patches; "input" resolution then means that resampled grid.
+              before cutting patches; "input" resolution then means that resampled grid.  Refused
+              (JEMError) for a rotated raster, which has no single pixel size.
   stretch     how raster values reach the model's value range (meta.value_range):
               "auto" (default): percentile 2–98 per band when the model is 8-bit ([0, 255]) and the
                 raster is not uint8 (e.g. Sentinel-2 reflectance on an AID model), otherwise none;
@@ -42,6 +43,10 @@ map_raster(model, inputs, out_classes, out_confidence=None, *, bands=None, strid
   patch row/column is shifted inwards to end at the raster's edge (windowing.PatchGrid); at "patch"
   resolution the last output row/column then reaches past the raster's edge (its cell is partly
   outside), at "input" resolution the output is exactly the input grid.
+
+  Rotated rasters (a geotransform that is not north-up) are mapped in their own pixel grid; the
+  outputs carry the input's rotated geotransform (× stride at "patch" resolution), so they lie
+  exactly on the input.
 
   Nodata: a patch with any invalid input pixel (nodata value, mask, NaN) is not classified; a cell
   no valid patch covers is nodata in every output (class 255, Float32 NaN).  A raster smaller than

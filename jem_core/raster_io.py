@@ -303,6 +303,10 @@ def _describe(path: str, band_indexes: list[int], names: list[str], description:
                               height=src.height, transform=src.transform, crs=src.crs, dtype=src.dtypes[0],
                               has_mask=has_mask, description=description)
     if target_gsd is not None:
+        if not source.transform.is_rectilinear:
+            raise JEMError(f"'{description}' is rotated (its geotransform is not north-up), so it has no single "
+                           "pixel size for --target-gsd. Map it without --target-gsd, or warp it north-up first "
+                           "(gdalwarp, or QGIS: Raster ▸ Projections ▸ Warp).")
         current = abs(source.transform.a)
         if target_gsd <= 0 or current == 0:
             raise JEMError(f"--target-gsd must be a positive pixel size in the raster's CRS units (got {target_gsd}).")

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import rasterio
 import torch
+from affine import Affine
 from rasterio.transform import from_origin
 
 from jem_core import Cancelled, JEMError
@@ -291,3 +292,24 @@ def test_band_list_parser_is_shared_by_cli_and_plugin():
     assert parse_band_list(" B04, B03,,B02 ") == ["B04", "B03", "B02"]
     assert parse_band_list("3,2,1") == ["3", "2", "1"]
     assert parse_band_list("") is None and parse_band_list(None) is None and parse_band_list(" , ") is None
+
+
+def test_rotated_raster_is_mapped_in_its_pixel_grid_with_its_rotated_geotransform(tmp_path, model_path):
+    """A rotated (not north-up) raster: the same pixels give the same map, placed by the rotated transform."""
+    pixels = scene(seed=5)
+    rotated = TRANSFORM * Affine.rotation(30)
+    north_up = write_raster(tmp_path / "north_up.tif", pixels)
+    tilted = write_raster(tmp_path / "rotated.tif", pixels, transform=rotated)
+    for resolution in ("patch", "input"):
+        plain = map_raster(model_path, north_up, tmp_path / f"n_{resolution}.tif", stride=8, resolution=resolution)
+        turned = map_raster(model_path, tilted, tmp_path / f"r_{resolution}.tif", stride=8, resolution=resolution)
+        classes, info = read(turned.classes)
+        assert np.array_equal(classes, read(plain.classes)[0])
+        expected = rotated * rotated.scale(8) if resolution == "patch" else rotated
+        assert info["transform"].almost_equals(expected, precision=1e-6)
+        # Output pixel (0, 1)'s corner is the input pixel corner (0, 8) or (0, 1) on the ground.
+        step = 8 if resolution == "patch" else 1
+        assert np.allclose(info["transform"] * (1, 0), rotated * (step, 0))
+    with pytest.raises(JEMError, match="rotated.*--target-gsd"):
+        map_raster(model_path, tilted, tmp_path / "gsd.tif", target_gsd=20.0)
+    assert not (tmp_path / "gsd.tif").exists()
