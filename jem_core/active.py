@@ -29,14 +29,13 @@ from typing import Any, Callable, Sequence, Union
 import numpy as np
 import torch
 
-from . import JEMError, ProgressFn, no_progress
+from . import Cancelled, JEMError, ProgressFn, no_progress
 from .data import SceneDataset, load_class_folder
 from .mapping import iter_patches
 from .metrics import predict_logits
 from .model_file import LoadedModel, ModelMeta, as_loaded
 from .models import ModelSpec, build_model
 from .raster_io import RasterSource, Stretch, choose_stretch, open_raster, require_crs
-from . import Cancelled
 from .training import TrainConfig, train
 
 StopFn = Callable[[], bool]
