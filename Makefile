@@ -1,14 +1,15 @@
-# JEM-EO: `make demo` runs the main job on bundled data, `make test` runs the whole suite.
+# JEM-EO: `make demo` runs the main job on bundled data, `make test` runs the whole suite,
+# `make test-quick` all but the long tests, `make lint` runs ruff (configured in pyproject.toml).
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 SYSTEM_PY := /usr/bin/python3
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_PACKAGES := qgis python3-qgis python3-gdal python3-rasterio python3-matplotlib xvfb
-PIP_PACKAGES := torch==2.13.0 pytest pytest-qgis matplotlib hypothesis
+PIP_PACKAGES := torch==2.13.0 pytest pytest-qgis matplotlib hypothesis ruff
 export QT_QPA_PLATFORM ?= offscreen
 
-.PHONY: setup system-packages test demo package clean
+.PHONY: setup system-packages test test-quick lint demo package clean
 
 setup: system-packages $(VENV)/.installed
 
@@ -29,9 +30,16 @@ $(VENV)/.installed: pyproject.toml Makefile
 test: setup
 	$(PY) -m pytest -q tests
 
+# Everything but the tests marked slow (SIGKILL/resume, DDP, benchmarks, huge rasters).
+test-quick: setup
+	$(PY) -m pytest -q -m "not slow" tests
+
+lint: setup
+	$(PY) -m ruff check jem_core jem_qgis_plugin tests bench
+
 # Class map, confidence −E(x) and a PNG preview of the bundled Sentinel-2 crop of Beirut (demo/README.md).
 demo: setup
-	$(PY) -m jem_core.demo --out demo_out
+	$(PY) -m jem_core demo --out demo_out
 
 # The installable QGIS plugin zip (plugin, metadata.txt, icons, QML styles, jem_core inside); stdlib only.
 PLUGIN_ZIP ?= dist/jem_qgis_plugin.zip

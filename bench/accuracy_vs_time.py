@@ -59,7 +59,7 @@ def main() -> None:
     for name in args.configs:
         config = replace(CONFIGS[name], epochs=1000, patience=None, time_budget_min=args.minutes,
                          epoch_iters=EPOCH_ITERS[name], val_fraction=0.05, test_fraction=0.1, device="cpu")
-        result = train(dataset, config, log=lambda message: print(f"[{name}] {message}", flush=True))
+        result = train(dataset, config, log=lambda message, name=name: print(f"[{name}] {message}", flush=True))
         results["runs"][name] = {
             "config": {k: v for k, v in config.to_dict().items() if k in ("arch", "stem_stride", "lr", "epoch_iters")}
             | {"sgld_steps": config.sgld.steps, "sgld_init": config.sgld.init},

@@ -27,11 +27,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jem_core.active import priority, retrain_on_patches, uncertainty_scores  # noqa: E402
-from jem_core.data import SceneDataset, choose_labelled, load_class_folder, split_dataset  # noqa: E402
-from jem_core.metrics import classification_metrics, predict_logits  # noqa: E402
-from jem_core.sampler import SGLDConfig  # noqa: E402
-from jem_core.training import TrainConfig  # noqa: E402
+from jem_core.active import priority, retrain_on_patches, uncertainty_scores
+from jem_core.data import SceneDataset, choose_labelled, load_class_folder, split_dataset
+from jem_core.metrics import classification_metrics, predict_logits
+from jem_core.sampler import SGLDConfig
+from jem_core.training import TrainConfig
 
 
 def parse_args() -> argparse.Namespace:
@@ -136,7 +136,8 @@ def main() -> None:
     for r in rows:
         wrong = r.get("added_misclassified_by_round0")
         print(f"{r['arm']:12s} {r['labels']:6d} {r['accuracy']:9.1%} {r['nll']:6.3f} {r['ece']:6.3f} "
-              f"{r.get('added_classes', '-')!s:>13s} {'-' if wrong is None else f'{wrong:.0%}':>14s} {r['minutes']:5.1f}")
+              f"{r.get('added_classes', '-')!s:>13s} {'-' if wrong is None else f'{wrong:.0%}':>14s} "
+              f"{r['minutes']:5.1f}")
     print(f"total {(time.monotonic() - start) / 60:.1f} min")
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},

@@ -34,11 +34,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from jem_core import training  # noqa: E402
-from jem_core.cli.common import write_json  # noqa: E402
-from jem_core.data import load_class_folder  # noqa: E402
-from jem_core.sampler import SGLDConfig  # noqa: E402
-from jem_core.training import TrainConfig  # noqa: E402
+from jem_core import training
+from jem_core.data import load_class_folder
+from jem_core.files import write_json
+from jem_core.sampler import SGLDConfig
+from jem_core.training import TrainConfig
 
 DATA = Path("../shared/data")
 RESULTS = ROOT / "docs" / "results" / "aid_table"
@@ -223,8 +223,9 @@ def write_tables(runs: dict, ood: dict, samples: dict) -> None:
                 continue
             mask = fmt(r["mean_mask_rate"], ".2f") if method == "jem+cons" else "–"
             paper = PAPER.get((setting, method))
-            lines.append(f"| {setting} | {METHOD_NAMES[method]} | {r['accuracy']:.1%} | {r['ece']:.3f} | {r['nll']:.2f} "
-                         f"| {r['iterations']} | {r['train_seconds']:.0f} | {mask} | {fmt(paper, '.1f')}{'' if paper is None else ' %'} |")
+            lines.append(f"| {setting} | {METHOD_NAMES[method]} | {r['accuracy']:.1%} | {r['ece']:.3f} "
+                         f"| {r['nll']:.2f} | {r['iterations']} | {r['train_seconds']:.0f} | {mask} "
+                         f"| {fmt(paper, '.1f')}{'' if paper is None else ' %'} |")
     table = "\n".join(lines)
     if ood:
         names = list(next(iter(ood.values()))["compare"].keys())
@@ -233,12 +234,14 @@ def write_tables(runs: dict, ood: dict, samples: dict) -> None:
         for method, result in ood.items():
             cells = [f"{c['kl_to_reference']:.2f} / {c['auroc']:.3f}" for c in result["compare"].values()]
             ood_lines.append(f"| {METHOD_NAMES[method]} | " + " | ".join(cells) + " |")
-        table += "\n\nOOD: KL(compare ‖ AID train) of the −E(x) histograms and AUROC of −E(x) (AID train = positive).\n\n"
+        table += ("\n\nOOD: KL(compare ‖ AID train) of the −E(x) histograms and AUROC of −E(x) "
+                  "(AID train = positive).\n\n")
         table += "\n".join(ood_lines)
     if samples:
-        table += ("\n\nSample quality in the CE baseline's features (not Inception), against 1,000 AID training images; "
-                  "Fréchet / kernel distance.\n\n")
-        table += "| sampler | SGLD samples | their chain starts (informative init, no SGLD) | as many held-out real images |\n"
+        table += ("\n\nSample quality in the CE baseline's features (not Inception), against 1,000 AID training "
+                  "images; Fréchet / kernel distance.\n\n")
+        table += ("| sampler | SGLD samples | their chain starts (informative init, no SGLD) "
+                  "| as many held-out real images |\n")
         table += "|---|---|---|---|\n"
         for method, s in samples.items():
             q = s["quality"]
@@ -283,7 +286,8 @@ def main() -> None:
     a.set_defaults(run=run_analyse)
     o = sub.add_parser("ood", help="the OOD table alone, for any AID model")
     o.add_argument("--model", type=Path, required=True)
-    o.add_argument("--tag", required=True, help="names the outputs: docs/results/aid_ood_TAG.json, docs/img/aid_ood_TAG.png")
+    o.add_argument("--tag", required=True,
+                   help="names the outputs: docs/results/aid_ood_TAG.json, docs/img/aid_ood_TAG.png")
     o.set_defaults(run=run_ood)
     args = parser.parse_args()
     args.run(args)

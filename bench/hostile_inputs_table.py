@@ -43,7 +43,8 @@ def cli_rows(inputs: dict[str, Path], root: Path) -> list[tuple[str, str, str, s
         errors = error_lines(stderr)
         ok = code == 2 and len(errors) == 1 and re.search(case.message, errors[0]) and not left_behind(out)
         message = errors[0].split(": error: ", 1)[-1] if errors else stderr.strip()[-200:]
-        rows.append((f"`jem {case.command}`", case.bad_input, f"{code}" + ("" if ok else " FAIL"), clean(message, root)))
+        rows.append((f"`jem {case.command}`", case.bad_input, f"{code}" + ("" if ok else " FAIL"),
+                     clean(message, root)))
     return rows
 
 

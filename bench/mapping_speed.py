@@ -193,7 +193,8 @@ def main() -> None:
         print(f"model wrn-10-2 stem 2, {PATCH} px patches, stride {PATCH}, batch {args.batch_size}, CPU "
               f"({os.cpu_count()} cores, shared: timings are noisy)")
         header = ("raster", "torch threads", "reader thread", "layout", "patches", "wall s", "CPU s", "patches/s",
-                  "Mpx/s", "patches per CPU-s", "network alone, patches per CPU-s", "FLOP-bound patches per CPU-s", "% of bound (CPU)",
+                  "Mpx/s", "patches per CPU-s", "network alone, patches per CPU-s", "FLOP-bound patches per CPU-s",
+                  "% of bound (CPU)",
                   "RSS MB: before / at 10, 50, 90 % / peak")
         print("| " + " | ".join(header) + " |")
         print("|" + "---|" * len(header))
@@ -204,7 +205,8 @@ def main() -> None:
             rss = " / ".join(f"{r['rss_at'].get(m, float('nan')):.0f}" for m in ("10%", "50%", "90%"))
             print(f"| {name} {size}×{size} | {threads} | {'yes' if read_ahead else 'no'} | "
                   f"{'channels_last' if channels_last else 'NCHW'} | {r['patches']} | "
-                  f"{r['seconds']:.1f} | {r['cpu_seconds']:.1f} | {r['pps']:.0f} | {r['mpxs']:.2f} | {per_cpu:.0f} | {r['network']:.0f} | "
+                  f"{r['seconds']:.1f} | {r['cpu_seconds']:.1f} | {r['pps']:.0f} | {r['mpxs']:.2f} | {per_cpu:.0f} | "
+                  f"{r['network']:.0f} | "
                   f"{bound:.0f} ({r['conv_cpu'] / 1e9:.1f} GFLOP per CPU-s ÷ {r['flops'] / 1e6:.1f} MFLOP) | "
                   f"{100 * per_cpu / bound:.0f} | {r['rss_before_mb']:.0f} / {rss} / {r['peak_mb']:.0f} |", flush=True)
 

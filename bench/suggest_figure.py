@@ -15,10 +15,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jem_core.active import open_patch_reader, priority, suggest, uncertainty_scores  # noqa: E402
-from jem_core.mapping import iter_patches  # noqa: E402
-from jem_core.metrics import predict_logits  # noqa: E402
-from jem_core.model_file import load_model  # noqa: E402
+from jem_core.active import open_patch_reader, priority, suggest, uncertainty_scores
+from jem_core.metrics import predict_logits
+from jem_core.model_file import load_model
+from jem_core.windowing import iter_patches
 
 
 def score_grid(loaded, reader) -> np.ndarray:
@@ -47,8 +47,9 @@ def main() -> None:
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from contextlib import ExitStack
+
+    import matplotlib.pyplot as plt
 
     loaded = load_model(args.model)
     bands = args.bands.split(",") if args.bands else None

@@ -178,7 +178,8 @@ def main() -> None:
                         help="timed iterations per row (after one warm-up), taken in turns across the rows")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--ablation", action="store_true", help="also time ours with the switches off one by one")
-    parser.add_argument("--amp-row", action="store_true", help="also time bf16 autocast (slow on CPUs without AVX512-BF16)")
+    parser.add_argument("--amp-row", action="store_true",
+                        help="also time bf16 autocast (slow on CPUs without AVX512-BF16)")
     parser.add_argument("--compile-row", action="store_true", help="also time torch.compile")
     args = parser.parse_args()
     device = torch.device(args.device)

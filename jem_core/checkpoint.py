@@ -15,7 +15,7 @@ A checkpoint is one `.pt` file holding a plain dict, loadable with
     ranks           one dict per rank: torch/CUDA RNG states, batch-order generator state and pending
                     batch orders, and that rank's replay-buffer shard (None for the CE baseline)
 
-It is written with model_file.atomic_write (temporary name, then rename), so a kill during
+It is written with files.atomic_write (temporary name, then rename), so a kill during
 the write leaves the previous checkpoint intact.
 """
 from __future__ import annotations
@@ -29,7 +29,8 @@ from typing import Any, Optional
 import torch
 
 from . import JEMError
-from .model_file import atomic_write, load_versioned
+from .files import atomic_write
+from .model_file import load_versioned
 
 CHECKPOINT_FORMAT = "jem-eo-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -140,7 +141,8 @@ def check_resumable(payload: dict[str, Any], config: dict[str, Any], images: int
                        f"{', '.join(dataset['class_names'])}). Resume on the same data or start without --resume.")
     if payload["world_size"] != world_size:
         raise JEMError(f"Checkpoint '{path}' was written by {payload['world_size']} training process(es) but "
-                       f"this run has {world_size}. Resume with the same number of processes (torchrun --nproc-per-node).")
+                       f"this run has {world_size}. Resume with the same number of processes "
+                       "(torchrun --nproc-per-node).")
 
 
 def lookup(config: dict[str, Any], dotted: str) -> Any:

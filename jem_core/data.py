@@ -9,7 +9,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -136,7 +136,13 @@ def load_class_folder(root: str | Path, image_size: int, class_names: Sequence[s
                         band_names, value_range, [path for path, _ in items])
 
 
-def split_dataset(labels: torch.Tensor, seed: int, val_fraction: float = 0.1, test_fraction: float = 0.2) -> Split:
+# The validation and test fractions of every split (TrainConfig's defaults; a model file records its own).
+VAL_FRACTION = 0.1
+TEST_FRACTION = 0.2
+
+
+def split_dataset(labels: torch.Tensor, seed: int, val_fraction: float = VAL_FRACTION,
+                  test_fraction: float = TEST_FRACTION) -> Split:
     """Stratified, deterministic train/val/test split: the same seed gives the same split."""
     generator = torch.Generator().manual_seed(seed)
     parts: dict[str, list[torch.Tensor]] = {"train": [], "val": [], "test": []}
@@ -149,6 +155,12 @@ def split_dataset(labels: torch.Tensor, seed: int, val_fraction: float = 0.1, te
         parts["val"].append(members[n_test:n_test + n_val])
         parts["train"].append(members[n_test + n_val:])
     return Split(*(torch.cat(parts[name]).sort().values for name in ("train", "val", "test")))
+
+
+def training_split(labels: torch.Tensor, train_config: dict[str, Any]) -> Split:
+    """The split a model was trained with, from the train_config its file records (seed, fractions)."""
+    return split_dataset(labels, train_config.get("seed", 0), train_config.get("val_fraction", VAL_FRACTION),
+                         train_config.get("test_fraction", TEST_FRACTION))
 
 
 def choose_labelled(train_indices: torch.Tensor, labels: torch.Tensor, per_class: int, seed: int) -> torch.Tensor:

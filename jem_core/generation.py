@@ -38,10 +38,11 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from . import JEMError, ProgressFn, no_progress
+from . import JEMError, ProgressFn, check_stop, no_progress
 from .data import SceneDataset
 from .distances import frechet_distance, kernel_distance
-from .model_file import LoadedModel, as_loaded, atomic_write, check_output_folders, written_together
+from .files import atomic_write, check_output_folders, written_together
+from .model_file import LoadedModel, as_loaded
 from .ood import load_reference, reference_indices
 from .sampler import ClassGaussianInit, SGLDConfig, UniformInit, make_initialiser, run_chain
 
@@ -74,16 +75,13 @@ def training_data(loaded: LoadedModel, data: str | os.PathLike | SceneDataset) -
 def run_chains(loaded: LoadedModel, starts: torch.Tensor, labels: torch.Tensor | None, config: SGLDConfig,
                batch_size: int, report: Callable[[int], None], should_stop: Callable[[], bool] | None) -> torch.Tensor:
     """SGLD from `starts` (normalised), in batches and chunks of steps so progress and cancel stay live."""
-    from .training import Cancelled
-
     out = []
     for begin in range(0, len(starts), batch_size):
         x = starts[begin:begin + batch_size]
         y = None if labels is None else labels[begin:begin + batch_size]
         done = 0
         while done < config.steps:
-            if should_stop is not None and should_stop():
-                raise Cancelled()
+            check_stop(should_stop)
             chunk = min(STEP_CHUNK, config.steps - done)
             x = run_chain(loaded.model, x, config, y=y, steps=chunk)
             done += chunk
@@ -119,9 +117,9 @@ def mosaic(images: np.ndarray, columns: int) -> np.ndarray:
 def save_grid(loaded: LoadedModel, panels: list[tuple[str, torch.Tensor, list[str]]], columns: int,
               path: str | os.PathLike) -> None:
     """panels: (title, pixels (N, bands, H, W), one label per row)."""
-    from .plots import _pyplot, save_figure
+    from .plots import pyplot, save_figure
 
-    plt = _pyplot()
+    plt = pyplot()
     low, high = loaded.meta.value_range
     bands = display_bands(loaded.meta.band_names)
     row_counts = [len(labels) for _, _, labels in panels]
@@ -208,7 +206,8 @@ def sample_grid(model: str | os.PathLike | LoadedModel, out_png: str | os.PathLi
         initialiser = make_initialiser(config, loaded.normalise(dataset.images[train_idx]), dataset.labels[train_idx],
                                        num_classes)
     n_uncond = (unconditional_count or per_class * min(num_classes, 10)) if unconditional else 0
-    cond_labels = torch.arange(num_classes).repeat_interleave(per_class) if conditional else torch.empty(0, dtype=torch.long)
+    cond_labels = (torch.arange(num_classes).repeat_interleave(per_class) if conditional
+                   else torch.empty(0, dtype=torch.long))
     total_work = (len(cond_labels) + n_uncond) * config.steps
     done = 0
 
@@ -247,7 +246,8 @@ def sample_grid(model: str | os.PathLike | LoadedModel, out_png: str | os.PathLi
             scorer, scorer_name = loaded, "the sampled model itself"
         else:
             scorer = as_loaded(feature_model, device)
-            scorer_name = f"a separate classifier ({Path(feature_model).name if not isinstance(feature_model, LoadedModel) else 'given model'})"
+            name = "given model" if isinstance(feature_model, LoadedModel) else Path(feature_model).name
+            scorer_name = f"a separate classifier ({name})"
             if (len(scorer.meta.band_names), scorer.meta.image_size) != (shape[0], shape[1]):
                 raise JEMError("The feature model must take the same bands and image size as the sampled model.")
         result["quality"] = quality_scores(scorer, scorer_name, to_pixels(loaded, torch.cat(all_samples)),

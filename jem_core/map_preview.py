@@ -8,8 +8,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .mapping import CLASS_NODATA
-from .plots import _pyplot, save_figure
+from .map_writer import CLASS_NODATA
+from .plots import pyplot, save_figure
 from .raster_io import band_percentiles, open_raster
 
 PREVIEW_SIDE = 900  # longest side read for display; big rasters are decimated
@@ -55,7 +55,7 @@ def render_map_preview(classes_path: str | os.PathLike, confidence_path: str | o
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
 
-    plt = _pyplot()
+    plt = pyplot()
     classes, info = _read_decimated(classes_path, band=1)
     names = json.loads(info["tags"].get("jem_class_names", "[]")) or [str(i) for i in range(int(classes.max()) + 1)]
     colormap = info["colormap"] or {}

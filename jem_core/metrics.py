@@ -6,6 +6,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from . import check_stop
 from .model_file import LoadedModel
 
 
@@ -17,9 +18,7 @@ def predict_logits(loaded: LoadedModel, pixels: torch.Tensor, batch_size: int = 
     loaded.model.eval()
     out = []
     for start in range(0, len(pixels), batch_size):
-        if should_stop is not None and should_stop():
-            from .training import Cancelled
-            raise Cancelled()
+        check_stop(should_stop)
         batch = loaded.normalise(pixels[start:start + batch_size].to(device))
         out.append(loaded.model(batch).float().cpu())
     return torch.cat(out) if out else torch.empty(0, loaded.spec.num_classes)

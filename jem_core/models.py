@@ -200,7 +200,8 @@ def flops_per_image(model: JEM, image_size: int) -> float:
     hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     try:
         with torch.no_grad():
-            model(torch.zeros(1, model.spec.in_channels, image_size, image_size, device=next(model.parameters()).device))
+            device = next(model.parameters()).device
+            model(torch.zeros(1, model.spec.in_channels, image_size, image_size, device=device))
     finally:
         for hook in hooks:
             hook.remove()

@@ -45,12 +45,20 @@ from typing import Any, Callable, Sequence, Union
 import numpy as np
 import torch
 
-from . import JEMError, ProgressFn, no_progress
-from .data import (IMAGE_SUFFIXES, SceneDataset, check_band_count, list_class_folders, load_class_folder, read_image,
-                   split_dataset)
+from . import JEMError, ProgressFn, check_stop, no_progress
+from .data import (
+    IMAGE_SUFFIXES,
+    SceneDataset,
+    check_band_count,
+    list_class_folders,
+    load_class_folder,
+    read_image,
+    training_split,
+)
 from .distances import KL_EPSILON, auroc, histogram_kl
+from .files import atomic_write, check_output_folders, written_together
 from .metrics import predict_logits
-from .model_file import LoadedModel, as_loaded, atomic_write, check_output_folders, written_together
+from .model_file import LoadedModel, as_loaded
 
 CompareItem = Union[str, os.PathLike, tuple]
 REFERENCE_SPLITS = ("test", "train", "all")
@@ -81,10 +89,7 @@ def reference_indices(dataset: SceneDataset, loaded: LoadedModel, split: str) ->
         return everything, "all"
     if list(dataset.class_names) != list(loaded.meta.class_names):
         return everything, "all (its classes are not the model's, so the training split is unknown)"
-    cfg = loaded.meta.train_config
-    parts = split_dataset(dataset.labels, cfg.get("seed", 0), cfg.get("val_fraction", 0.1),
-                          cfg.get("test_fraction", 0.2))
-    return getattr(parts, split), split
+    return getattr(training_split(dataset.labels, loaded.meta.train_config), split), split
 
 
 def load_reference(reference: str | os.PathLike | SceneDataset, loaded: LoadedModel) -> SceneDataset:
@@ -115,9 +120,7 @@ def read_image_folder(path: Path, size: int, should_stop: Callable[[], bool] | N
     files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     images = []
     for file in files:
-        if should_stop is not None and should_stop():
-            from .training import Cancelled
-            raise Cancelled()
+        check_stop(should_stop)
         pixels, _, _ = read_image(file, size)
         if images and pixels.shape[0] != images[0].shape[0]:
             raise JEMError(f"Image '{file}' has {pixels.shape[0]} bands but '{files[0]}' has {images[0].shape[0]}. "
@@ -129,8 +132,8 @@ def read_image_folder(path: Path, size: int, should_stop: Callable[[], bool] | N
 def raster_scores(path: Path, loaded: LoadedModel, batch_size: int, stretch: str,
                   progress: ProgressFn, should_stop: Callable[[], bool] | None) -> torch.Tensor:
     """−E(x) of every valid non-overlapping model-size patch of a raster (the mapping patch iterator)."""
-    from .mapping import iter_patches
     from .raster_io import choose_stretch, open_raster
+    from .windowing import iter_patches
 
     scores = []
     with open_raster(path, expected_bands=loaded.meta.band_names) as source:
@@ -138,7 +141,8 @@ def raster_scores(path: Path, loaded: LoadedModel, batch_size: int, stretch: str
         for batch in iter_patches(source, loaded.meta.image_size, batch_size=batch_size, stretch=chosen,
                                   should_stop=should_stop):
             scores.append(neg_energy(loaded, torch.from_numpy(np.ascontiguousarray(batch.pixels)), batch_size))
-            progress((int(batch.rows.max()) + 1) / batch.grid.patch_rows, f"{path.name}: {sum(map(len, scores))} patches")
+            progress((int(batch.rows.max()) + 1) / batch.grid.patch_rows,
+                     f"{path.name}: {sum(map(len, scores))} patches")
     if not scores:
         raise JEMError(f"Raster '{path}' has no {loaded.meta.image_size} px patch without nodata; nothing to compare.")
     return torch.cat(scores)
@@ -191,7 +195,8 @@ def summarise(reference: ScoreSet, split: str, others: Sequence[ScoreSet], bins:
         "bins": edges.tolist(),
         "histograms": {reference.name: reference_hist},
         "score": "−E(x) = logsumexp_y f(x)[y]",
-        "kl_definition": f"KL(compare ‖ reference) of histograms on shared bins, empty bins smoothed with {KL_EPSILON:g}",
+        "kl_definition": "KL(compare ‖ reference) of histograms on shared bins, empty bins smoothed with "
+                         f"{KL_EPSILON:g}",
         "auroc_definition": "AUROC of −E(x), reference images positive, compare images negative",
     }
     for s in others:
@@ -205,9 +210,9 @@ def summarise(reference: ScoreSet, split: str, others: Sequence[ScoreSet], bins:
 
 
 def plot_histograms(result: dict[str, Any], path: str | os.PathLike, title: str) -> None:
-    from .plots import _pyplot, save_figure
+    from .plots import pyplot, save_figure
 
-    plt = _pyplot()
+    plt = pyplot()
     edges = np.asarray(result["bins"])
     fig, ax = plt.subplots(figsize=(7, 4))
     for i, (name, counts) in enumerate(result["histograms"].items()):

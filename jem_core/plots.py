@@ -4,10 +4,11 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from .model_file import atomic_write
+from .files import atomic_write
 
 
-def _pyplot():
+def pyplot() -> Any:
+    """matplotlib.pyplot on the headless Agg backend: imported only when a figure is drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -17,7 +18,7 @@ def _pyplot():
 
 
 def save_figure(fig: Any, path: str | os.PathLike) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     try:
         atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"), suffix=".png")
     finally:
@@ -29,7 +30,7 @@ def reliability_diagram(curves: dict[str, dict[str, Any]], path: str | os.PathLi
 
     curves: label → metrics dict from classification_metrics (needs 'reliability' and 'ece').
     """
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(curves), figsize=(4 * len(curves), 4), squeeze=False)
     for ax, (label, metrics) in zip(axes[0], curves.items()):
         bins = metrics["reliability"]

@@ -86,11 +86,22 @@ class RasterSource:
 
         window = Window(0, row_off, width, rows)
         pixels = dataset.read(self.band_indexes, window=window, out_dtype="float32")
-        valid = np.isfinite(pixels).all(axis=0)
-        if self.has_mask:
-            masks = dataset.read_masks(self.band_indexes, window=window)
-            valid &= (masks > 0).all(axis=0)
-        return pixels, valid
+        return pixels, valid_pixels(self, dataset, pixels, window=window)
+
+
+def valid_pixels(source: RasterSource, dataset: Any, pixels: np.ndarray, **read_args: Any) -> np.ndarray:
+    """(rows, cols) bool: the pixel is finite in every chosen band and, when the raster has a mask
+    (nodata value, mask band, alpha), unmasked in every one.  read_args: the window or
+    out_shape/resampling that `pixels` were read from `dataset` with."""
+    valid = np.isfinite(pixels).all(axis=0)
+    if source.has_mask:
+        valid &= (dataset.read_masks(source.band_indexes, **read_args) > 0).all(axis=0)
+    return valid
+
+
+def parse_band_list(text: str | None) -> list[str] | None:
+    """'B04, B03,B02' → ['B04', 'B03', 'B02'] (names or 1-based indexes); empty or None → None (the model's bands)."""
+    return [token.strip() for token in (text or "").split(",") if token.strip()] or None
 
 
 def _single_raster_names(src: Any) -> list[list[str]]:
@@ -228,12 +239,17 @@ def raster_error(error: Exception) -> JEMError:
     return JEMError(f"Cannot read the raster: {detail}. {fix}.")
 
 
+def no_crs_message(raster: str, outcome: str) -> str:
+    """The one message for a raster without a CRS: raster names it (e.g. "Raster 'a.tif'"), outcome says
+    what cannot be done (e.g. "the maps could not be placed on the ground")."""
+    return (f"{raster} has no coordinate reference system (CRS), so {outcome}. Assign one (QGIS: Raster ▸ "
+            "Projections ▸ Assign Projection; GDAL: gdal_edit.py -a_srs EPSG:CODE FILE) and run again.")
+
+
 def require_crs(source: RasterSource, outcome: str) -> None:
     """JEMError naming the fix when a raster whose outputs go on the ground has no CRS."""
     if source.crs is None:
-        raise JEMError(f"'{source.description}' has no coordinate reference system (CRS), so {outcome}. Assign one "
-                       "(QGIS: Raster ▸ Projections ▸ Assign Projection; GDAL: gdal_edit.py -a_srs EPSG:CODE FILE) "
-                       "and run again.")
+        raise JEMError(no_crs_message(f"'{source.description}'", outcome))
 
 
 class GdalFailures:
@@ -272,7 +288,8 @@ def _stack_vrt(paths: list[Path], names: list[str], vrt_path: Path) -> str:
         with gdal_exceptions():
             vrt = gdal.BuildVRT(str(vrt_path), [str(p.resolve()) for p in paths], options=options)
     except RuntimeError as error:
-        raise JEMError(f"Cannot stack the input files: {str(error)[:200]}. They must overlap and share a CRS.") from None
+        raise JEMError(f"Cannot stack the input files: {str(error)[:200]}. "
+                       "They must overlap and share a CRS.") from None
     if vrt is None or vrt.RasterCount != len(paths):
         raise JEMError("Cannot stack the input files into one raster. They must overlap and share a CRS.")
     for i, name in enumerate(names):
@@ -294,6 +311,10 @@ def _describe(path: str, band_indexes: list[int], names: list[str], description:
                               height=src.height, transform=src.transform, crs=src.crs, dtype=src.dtypes[0],
                               has_mask=has_mask, description=description)
     if target_gsd is not None:
+        if not source.transform.is_rectilinear:
+            raise JEMError(f"'{description}' is rotated (its geotransform is not north-up), so it has no single "
+                           "pixel size for --target-gsd. Map it without --target-gsd, or warp it north-up first "
+                           "(gdalwarp, or QGIS: Raster ▸ Projections ▸ Warp).")
         current = abs(source.transform.a)
         if target_gsd <= 0 or current == 0:
             raise JEMError(f"--target-gsd must be a positive pixel size in the raster's CRS units (got {target_gsd}).")
@@ -365,7 +386,8 @@ def choose_stretch(source: RasterSource, value_range: Sequence[float], stretch: 
     bands = len(source.band_indexes)
     if mode == "auto":
         eight_bit_model = (out_low, out_high) == (0.0, 255.0)
-        mode, (low, high) = ("percentile", (2.0, 98.0)) if eight_bit_model and source.dtype != "uint8" else ("none", (0, 0))
+        stretch_needed = eight_bit_model and source.dtype != "uint8"
+        mode, (low, high) = ("percentile", (2.0, 98.0)) if stretch_needed else ("none", (0, 0))
     if mode == "none":
         return Stretch("none", [0.0] * bands, [1.0] * bands, out_low, out_high)
     if mode == "linear":
@@ -381,13 +403,9 @@ def band_percentiles(source: RasterSource, low: float, high: float) -> tuple[lis
     factor = max(1.0, max(source.width, source.height) / STATS_READ_SIDE)
     shape = (max(1, int(source.height / factor)), max(1, int(source.width / factor)))
     with source.open() as dataset:
-        pixels = dataset.read(source.band_indexes, out_shape=(len(source.band_indexes), *shape),
-                              resampling=Resampling.nearest, out_dtype="float32")
-        valid = np.isfinite(pixels).all(axis=0)
-        if source.has_mask:
-            masks = dataset.read_masks(source.band_indexes, out_shape=(len(source.band_indexes), *shape),
-                                       resampling=Resampling.nearest)
-            valid &= (masks > 0).all(axis=0)
+        read_args = {"out_shape": (len(source.band_indexes), *shape), "resampling": Resampling.nearest}
+        pixels = dataset.read(source.band_indexes, out_dtype="float32", **read_args)
+        valid = valid_pixels(source, dataset, pixels, **read_args)
     if not valid.any():
         raise JEMError(f"'{source.description}' has no valid pixels (all nodata, NaN or masked). Check the raster "
                        "and its nodata value.")

@@ -27,12 +27,11 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-
 from . import JEMError, ProgressFn, no_progress
+from .files import atomic_write
 from .metrics import classification_metrics, predict_logits
-from .model_file import LoadedModel, as_loaded, atomic_write
+from .model_file import LoadedModel, as_loaded
 from .ood import load_reference, ood_analysis, reference_indices
-
 
 STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }
@@ -87,14 +86,15 @@ def describe_model(name: str, loaded: LoadedModel) -> list[tuple[str, Any]]:
                       f"values {loaded.meta.value_range}"),
             ("classes", f"{len(loaded.meta.class_names)}: {', '.join(loaded.meta.class_names)}"),
             ("trained", f"{loaded.meta.metrics.get('iterations', '?')} iterations, "
-                        f"{loaded.meta.metrics.get('train_seconds', '?')} s ({loaded.meta.metrics.get('stop_reason', '')})"),
+                        f"{loaded.meta.metrics.get('train_seconds', '?')} s "
+                        f"({loaded.meta.metrics.get('stop_reason', '')})"),
             ("written by", loaded.meta.created_by)]
 
 
 def history_plot(history: list[dict[str, float]], path: Path) -> None:
-    from .plots import _pyplot, save_figure
+    from .plots import pyplot, save_figure
 
-    plt = _pyplot()
+    plt = pyplot()
     epochs = [h["epoch"] for h in history]
     fig, ax = plt.subplots(figsize=(6, 3))
     ax.plot(epochs, [h["val_accuracy"] for h in history], "o-", label="val accuracy")
@@ -149,7 +149,8 @@ def build_report(model: str | os.PathLike | LoadedModel, out_html: str | os.Path
         else:
             stored = loaded.meta.metrics
             numbers["metrics"] = {name: {k: stored.get(k) for k in ("accuracy", "nll", "ece", "count")}}
-            sections.append('<p class="note">No dataset given: metrics as stored in the model file at training time.</p>')
+            sections.append('<p class="note">No dataset given: metrics as stored in the model file at training '
+                            'time.</p>')
             sections.append(table(["test accuracy", "NLL", "ECE", "test images"],
                                   [[stored.get(k, "–") for k in ("accuracy", "nll", "ece", "count")]]))
         history = loaded.meta.train_config.get("history") or []
@@ -185,7 +186,8 @@ def build_report(model: str | os.PathLike | LoadedModel, out_html: str | os.Path
                                 f'{esc(q["reference"])}; lower is closer. {esc(q.get("warning", ""))}</p>')
                 sections.append(table(["images", "count", "Fréchet distance", "kernel distance (MMD², KID estimator)"],
                                       [(label, q[key]["count"], q[key]["frechet"], q[key]["kernel"])
-                                       for key, label in (("samples", "SGLD samples"), ("init", "chain starts (no SGLD)"),
+                                       for key, label in (("samples", "SGLD samples"),
+                                                          ("init", "chain starts (no SGLD)"),
                                                           ("real", "held-out real images")) if key in q]))
             sections.append(embed_png(tmp / "samples.png", "SGLD samples"))
         page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>JEM-EO report: {esc(name)}</title>"

@@ -30,7 +30,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from . import JEMError, ProgressFn, distributed, no_progress
+from . import Cancelled, JEMError, ProgressFn, distributed, no_progress
 from .augmentation import augment, strong_augment
 from .checkpoint import LoopState, cpu_state
 from .data import SceneDataset, band_statistics, choose_labelled, split_dataset
@@ -54,9 +54,6 @@ MIN_LABEL_FIT = 0.7
 NEAR_CHANCE_FACTOR = 1.5
 
 
-class Cancelled(JEMError):
-    def __init__(self) -> None:
-        super().__init__("Cancelled by the user; nothing was written.")
 
 
 @dataclass

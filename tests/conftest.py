@@ -1,4 +1,9 @@
-"""Shared fixtures: small synthetic datasets and models the tests make themselves."""
+"""Shared fixtures: small synthetic datasets and models the tests make themselves.
+
+The QGIS profile is made by the test run too: pytest-qgis creates `.qgis-settings/profiles/default`
+in the checkout before QGIS starts (and before this file is imported); it is git-ignored, never
+committed (a profile holds an authentication database).
+"""
 from __future__ import annotations
 
 import warnings
@@ -55,7 +60,7 @@ class CancelAfter(QgsProcessingFeedback):
         super().__init__()
         self.polls_left = polls
 
-    def isCanceled(self) -> bool:  # noqa: N802 (QGIS API name)
+    def isCanceled(self) -> bool:  # QGIS API name
         self.polls_left -= 1
         if self.polls_left < 0 and not super().isCanceled():
             self.cancel()

@@ -63,7 +63,8 @@ def write_huge_tiff(path: Path) -> Path:
         struct.pack("<HHIHH", tag, kind, count, value, 0) if kind == 3 and count == 1 else
         struct.pack("<HHII", tag, kind, count, value) for tag, kind, count, value in tags) + struct.pack("<I", 0)
     blocks = {"bits": struct.pack("<3H", 8, 8, 8), "scale": struct.pack("<3d", 10.0, 10.0, 0.0),
-              "tie": struct.pack("<6d", 0, 0, 0, 500000.0, 4100000.0, 0), "keys": struct.pack(f"<{len(geokeys)}H", *geokeys),
+              "tie": struct.pack("<6d", 0, 0, 0, 500000.0, 4100000.0, 0),
+              "keys": struct.pack(f"<{len(geokeys)}H", *geokeys),
               "strip": b"\x11" * 16}
     data = bytearray(b"II*\x00" + struct.pack("<I", 8) + ifd)
     for name, block in blocks.items():
@@ -345,7 +346,8 @@ def cases_for(command: str, argv: Callable[..., Argv], *, raster: bool = False, 
     if out_name:
         cases.append(CliCase(command, MISSING_FOLDER, argv(out_name=f"nowhere/{out_name}"), r"does not exist"))
         cases.append(CliCase(command, DISK_FULL, argv(), NO_SPACE, setup=disk_full) if disk_full_limit is None else
-                     CliCase(command, DISK_FULL, argv(), r"[Ff]ile too large|free space", file_size_limit=disk_full_limit))
+                     CliCase(command, DISK_FULL, argv(), r"[Ff]ile too large|free space",
+                             file_size_limit=disk_full_limit))
     return cases
 
 

@@ -1,4 +1,5 @@
-"""Splitting a batch over CPU threads changes speed only: same SGLD chains, seeded runs that repeat, the caller's thread count restored, worker errors reaching the caller."""
+"""Splitting a batch over CPU threads changes speed only: same SGLD chains, seeded runs that repeat,
+the caller's thread count restored, worker errors reaching the caller."""
 from __future__ import annotations
 
 import pytest

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pickle
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -67,10 +68,11 @@ def test_replay_buffer_is_persistent_and_class_conditional():
     y = torch.tensor([2, 2, 0])
     out = sampler.sample(3, y=y)
     assert out.shape == (3, 3, 8, 8)
-    stored = [any(torch.equal(buffer.images[i], sample) for i in range(len(buffer))) for sample in out]
-    assert all(stored)
-    assert torch.equal(buffer.labels[buffer.labels.new_tensor([i for i in range(30)])] % 1, torch.zeros(30,
-                       dtype=torch.long))
+    # Every sample went back into the buffer, into a slot of its own class (slot i holds class i mod 3).
+    for sample, label in zip(out, y):
+        slots = [i for i in range(len(buffer)) if torch.equal(buffer.images[i], sample)]
+        assert slots and all(buffer.labels[i] == label for i in slots)
+    assert buffer.labels.tolist() == [i % 3 for i in range(30)]
     starts, slots = buffer.draw(50, torch.full((50,), 1), reinit_prob=0.0)
     assert (buffer.labels[slots] == 1).all()
 
@@ -139,11 +141,23 @@ def test_training_learns_and_model_file_round_trips(class_folder, tmp_path):
     assert not list(tmp_path.glob(".model.pt*")), "no temporary file may be left behind"
 
 
-def test_baseline_trains_without_sampler(class_folder):
+def test_baseline_trains_without_sampler(class_folder, monkeypatch):
+    chains = []
+    original = SGLDSampler.sample
+
+    def counted(self, *args, **kwargs):
+        chains.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(SGLDSampler, "sample", counted)
     dataset = load_class_folder(class_folder, 16)
-    config = TrainConfig(arch="wrn-10-1", image_size=16, epochs=1, batch_size=8, baseline=True, patience=None)
+    config = TrainConfig(arch="wrn-10-1", image_size=16, epochs=1, batch_size=8, baseline=True, patience=None,
+                         sgld=SGLDConfig(steps=1, buffer_size=30))
     result = train(dataset, config)
-    assert result.metrics["mode"] == "baseline"
+    assert result.metrics["mode"] == "baseline" and result.metrics["iterations"] >= 1
+    assert chains == [], "the CE baseline ran SGLD chains"
+    jem = train(dataset, replace(config, baseline=False))  # the same run as a JEM does sample
+    assert jem.metrics["mode"] == "jem" and len(chains) >= jem.metrics["iterations"]
 
 
 def test_loading_refuses_code_in_pickles(tmp_path):

@@ -4,16 +4,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from test_recovery import tiny_config, tiny_dataset
 
 from jem_core import distributed, training
 from jem_core.checkpoint import load_checkpoint
 from jem_core.model_file import load_model
 from jem_core.training import train
-
-from test_recovery import tiny_config, tiny_dataset
 
 CONFIG = dict(epochs=2, val_fraction=0.0, test_fraction=0.0)
 
@@ -33,6 +33,7 @@ def worker(rank: int, world_size: int, folder: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_match_a_single_process_run(tmp_path):
     mp.spawn(worker, args=(2, str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]

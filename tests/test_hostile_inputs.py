@@ -12,13 +12,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from jem_core import JEMError
 from jem_core.mapping import map_raster
-from tests.hostile_cases import (CLI_CASES, HUGE_SIDE, CliCase, build_inputs, error_lines, run_case,
-                                 run_cli_subprocess)
+from tests.hostile_cases import CLI_CASES, HUGE_SIDE, CliCase, build_inputs, error_lines, run_case, run_cli_subprocess
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +73,7 @@ def test_nan_and_inf_pixels_are_nodata_not_an_error(inputs, tmp_path):
 
 def huge_vrt_map(vrt: str, model: str, out: str) -> None:
     """Child process: map the 10^6 × 10^6 px VRT, cancelling after 3 batches; print peak RSS and the outcome."""
-    from jem_core.training import Cancelled
+    from jem_core import Cancelled
 
     polls = iter(range(1_000_000))
     try:
@@ -87,6 +85,7 @@ def huge_vrt_map(vrt: str, model: str, out: str) -> None:
     print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
 
 
+@pytest.mark.slow
 def test_huge_declared_raster_streams_with_bounded_memory_and_cancels_cleanly(inputs, tmp_path):
     """10^12 px declared in a 1 KB VRT: map starts at once, memory stays bounded, Cancel leaves no file."""
     code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parents[1])!r}); "
@@ -108,16 +107,16 @@ def test_gdal_write_failure_during_map_leaves_no_file(inputs, tmp_path, monkeypa
     import ctypes
     import ctypes.util
 
-    from jem_core import mapping
+    from jem_core import map_writer
 
     libgdal = ctypes.CDLL(ctypes.util.find_library("gdal"))  # the GDAL rasterio and osgeo use
-    original = mapping._Outputs.write
+    original = map_writer.MapOutputs.write
 
     def write_then_fail(self, row_off, arrays):
         original(self, row_off, arrays)
         libgdal.CPLError(3, 3, b"%s", b"_tiffWriteProc:No space left on device")  # CE_Failure, CPLE_FileIO
 
-    monkeypatch.setattr(mapping._Outputs, "write", write_then_fail)
+    monkeypatch.setattr(map_writer.MapOutputs, "write", write_then_fail)
     with pytest.raises(JEMError, match="No space left on device.*free space"):
         map_raster(inputs["good model"], inputs["good raster"], tmp_path / "classes.tif", read_ahead=0)
     assert files_in(tmp_path) == []

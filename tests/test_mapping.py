@@ -10,14 +10,15 @@ import numpy as np
 import pytest
 import rasterio
 import torch
+from affine import Affine
 from rasterio.transform import from_origin
 
-from jem_core import JEMError
+from jem_core import Cancelled, JEMError
 from jem_core.cli import main as cli_main
-from jem_core.mapping import iter_patches, map_raster, patch_grid
+from jem_core.mapping import map_raster
 from jem_core.model_file import ModelMeta, load_model, save_model
 from jem_core.models import ModelSpec, build_model
-from jem_core.training import Cancelled
+from jem_core.windowing import iter_patches, patch_grid
 
 PATCH = 16
 TRANSFORM = from_origin(500000.0, 4000000.0, 10.0, 10.0)
@@ -69,13 +70,15 @@ def patch_logits(model_path: Path, pixels: np.ndarray, windows: list[tuple[int, 
         return loaded.model(loaded.normalise(batch)).double()
 
 
-def test_patch_grid_covers_raster_with_margin_below_one_stride():
+def test_patch_grid_covers_the_raster_with_inward_shifted_edge_patches():
     grid = patch_grid(70, 53, 16, 8)
-    assert (grid.patch_cols, grid.patch_rows) == (7, 5)
-    assert (grid.cell_cols, grid.cell_rows) == (8, 6)
-    assert 0 <= 70 - grid.covered_width < 8 and 0 <= 53 - grid.covered_height < 8
+    assert (grid.patch_cols, grid.patch_rows) == (8, 6)
+    assert (grid.cell_cols, grid.cell_rows) == (9, 7)  # ceil(70 / 8), ceil(53 / 8)
     assert grid.patch_window(2, 3) == (24, 16, 16, 16)
-    assert grid.cells_of_patch(2, 3) == (slice(2, 4), slice(3, 5))
+    assert grid.patch_window(5, 7) == (54, 37, 16, 16)  # the last row and column end at the raster's edge
+    assert grid.cell_window(6, 8) == (64, 48, 6, 5)
+    rows, cols = grid.cells_of_patches(np.array([2, 5]), np.array([3, 7]))
+    assert rows.tolist() == [[2, 3], [5, 6]] and cols.tolist() == [[3, 4], [7, 8]]
     with pytest.raises(JEMError, match="does not divide"):
         patch_grid(70, 53, 16, 6)
     with pytest.raises(JEMError, match="smaller than the model's 16"):
@@ -88,7 +91,7 @@ def test_georeferencing_is_exact_at_patch_and_input_resolution(tmp_path, model_p
     classes, info = read(patch.classes)
     assert info["crs"] == rasterio.crs.CRS.from_epsg(32633)
     assert info["transform"] == TRANSFORM * TRANSFORM.scale(8)
-    assert info["shape"] == (6, 8) and info["tiled"]
+    assert info["shape"] == (7, 9) and info["tiled"]
     assert json.loads(info["tags"]["jem_class_names"]) == ["water", "forest", "urban"]
     assert info["band_tags"]["CLASS_2"] == "urban" and len(info["colormap"]) >= 3
     assert (classes < 3).all()
@@ -97,11 +100,10 @@ def test_georeferencing_is_exact_at_patch_and_input_resolution(tmp_path, model_p
                       resolution="input", device="cpu")
     full_classes, full_info = read(full.classes)
     assert full_info["transform"] == TRANSFORM and full_info["shape"] == (53, 70)
-    # Each cell's value fills its 8 × 8 pixels; the margin past the last cell is nodata.
-    assert np.array_equal(full_classes[0, :48, :64], np.repeat(np.repeat(classes[0], 8, 0), 8, 1))
-    assert (full_classes[0, 48:] == 255).all() and (full_classes[0, :, 64:] == 255).all()
+    # Each cell's value fills its 8 × 8 pixels, clipped at the edge: every pixel is mapped.
+    assert np.array_equal(full_classes[0], np.repeat(np.repeat(classes[0], 8, 0), 8, 1)[:53, :70])
     confidence, _ = read(full.confidence)
-    assert np.isnan(confidence[0, 48:]).all() and np.isfinite(confidence[0, :48, :64]).all()
+    assert np.isfinite(confidence[0]).all()
 
 
 def test_overlapping_stride_averages_logits(tmp_path, model_path):
@@ -124,6 +126,11 @@ def test_overlapping_stride_averages_logits(tmp_path, model_path):
     corner = patch_logits(model_path, pixels, [(0, 0)])[0]
     assert confidence[0, 0, 0] == pytest.approx(torch.logsumexp(corner, 0).item(), abs=1e-4)
     assert abs(torch.logsumexp(corner, 0).item() - confidence[0, 2, 3]) > 1e-4
+    # The edge: the last patch row/column is shifted inwards to origins 53 − 16 = 37 and 70 − 16 = 54.
+    edge = patch_logits(model_path, pixels, [(32, 48), (32, 54), (37, 48), (37, 54)]).mean(0)
+    assert confidence[0, 5, 7] == pytest.approx(torch.logsumexp(edge, 0).item(), abs=1e-4)
+    last = patch_logits(model_path, pixels, [(37, 54)])[0]
+    assert confidence[0, 6, 8] == pytest.approx(torch.logsumexp(last, 0).item(), abs=1e-4)
 
 
 def test_nodata_in_input_gives_nodata_in_outputs(tmp_path, model_path):
@@ -252,8 +259,8 @@ def test_cli_map_end_to_end(tmp_path, model_path, capsys):
                      "--json", str(tmp_path / "r.json"), "--preview", str(tmp_path / "p.png")])
     assert code == 0
     report = json.loads((tmp_path / "r.json").read_text())
-    assert report["width"] == 8 and report["stride"] == 8 and report["patches"] == 35
-    assert read(tmp_path / "e.tif")[1]["shape"] == (6, 8)
+    assert report["width"] == 9 and report["stride"] == 8 and report["patches"] == 48
+    assert read(tmp_path / "e.tif")[1]["shape"] == (7, 9)
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
     umask = os.umask(0)
     os.umask(umask)
@@ -277,3 +284,32 @@ def test_target_gsd_resamples_before_cutting_patches(tmp_path, model_path):
     averaged = pixels[:, :32, :32].astype(np.float64).reshape(3, 16, 2, 16, 2).mean(axis=(2, 4))
     expected = patch_logits(model_path, averaged.astype(np.float32), [(0, 0)])[0]
     assert read(result.confidence)[0][0, 0, 0] == pytest.approx(torch.logsumexp(expected, 0).item(), abs=1e-3)
+
+
+def test_band_list_parser_is_shared_by_cli_and_plugin():
+    from jem_core.raster_io import parse_band_list
+
+    assert parse_band_list(" B04, B03,,B02 ") == ["B04", "B03", "B02"]
+    assert parse_band_list("3,2,1") == ["3", "2", "1"]
+    assert parse_band_list("") is None and parse_band_list(None) is None and parse_band_list(" , ") is None
+
+
+def test_rotated_raster_is_mapped_in_its_pixel_grid_with_its_rotated_geotransform(tmp_path, model_path):
+    """A rotated (not north-up) raster: the same pixels give the same map, placed by the rotated transform."""
+    pixels = scene(seed=5)
+    rotated = TRANSFORM * Affine.rotation(30)
+    north_up = write_raster(tmp_path / "north_up.tif", pixels)
+    tilted = write_raster(tmp_path / "rotated.tif", pixels, transform=rotated)
+    for resolution in ("patch", "input"):
+        plain = map_raster(model_path, north_up, tmp_path / f"n_{resolution}.tif", stride=8, resolution=resolution)
+        turned = map_raster(model_path, tilted, tmp_path / f"r_{resolution}.tif", stride=8, resolution=resolution)
+        classes, info = read(turned.classes)
+        assert np.array_equal(classes, read(plain.classes)[0])
+        expected = rotated * rotated.scale(8) if resolution == "patch" else rotated
+        assert info["transform"].almost_equals(expected, precision=1e-6)
+        # Output pixel (0, 1)'s corner is the input pixel corner (0, 8) or (0, 1) on the ground.
+        step = 8 if resolution == "patch" else 1
+        assert np.allclose(info["transform"] * (1, 0), rotated * (step, 0))
+    with pytest.raises(JEMError, match="rotated.*--target-gsd"):
+        map_raster(model_path, tilted, tmp_path / "gsd.tif", target_gsd=20.0)
+    assert not (tmp_path / "gsd.tif").exists()

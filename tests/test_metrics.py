@@ -6,8 +6,14 @@ import math
 import pytest
 import torch
 
-from jem_core.distances import (KL_EPSILON, auroc, frechet_distance, frechet_distance_gaussians, histogram_kl,
-                                kernel_distance)
+from jem_core.distances import (
+    KL_EPSILON,
+    auroc,
+    frechet_distance,
+    frechet_distance_gaussians,
+    histogram_kl,
+    kernel_distance,
+)
 from jem_core.metrics import expected_calibration_error, reliability_bins
 
 
@@ -83,7 +89,8 @@ def test_frechet_distance_from_samples_approaches_the_gaussian_value():
 
 def test_kernel_distance_by_hand_and_by_distribution():
     # 1-D, degree 1: k(x, y) = xy + 1.  a = (0, 2), b = (1, 3):
-    # within-a off-diagonal mean: (0·2 + 1) = 1;  within-b: (1·3 + 1) = 4;  cross mean: (1 + 1 + 3 + 7)/4 = 3 → 1 + 4 − 6 = −1.
+    # within-a off-diagonal mean: (0·2 + 1) = 1;  within-b: (1·3 + 1) = 4;
+    # cross mean: (1 + 1 + 3 + 7)/4 = 3 → 1 + 4 − 6 = −1.
     assert kernel_distance([[0.0], [2.0]], [[1.0], [3.0]], degree=1) == pytest.approx(-1.0)
     generator = torch.Generator().manual_seed(2)
     a, b = torch.randn(2, 400, 8, generator=generator)

@@ -13,8 +13,16 @@ from typing import Callable
 import pytest
 from qgis.core import QgsProcessingException, QgsProcessingFeedback
 
-from tests.hostile_cases import (DATASET_CASES, MODEL_CASES, NO_CRS, PATCH, RASTER_CASES, build_inputs, disk_full,
-                                 unreadable_dataset)
+from tests.hostile_cases import (
+    DATASET_CASES,
+    MODEL_CASES,
+    NO_CRS,
+    PATCH,
+    RASTER_CASES,
+    build_inputs,
+    disk_full,
+    unreadable_dataset,
+)
 
 Params = Callable[[dict[str, Path], Path], dict]
 
@@ -41,8 +49,8 @@ def train_params(dataset: str = "good dataset", out_name: str = "model.pt") -> P
 
 def ood_params(compare: str = "good raster", model: str = "good model", dataset: str = "good dataset",
                out_name: str = "ood.html") -> Params:
-    return lambda inputs, out: {"MODEL": str(inputs[model]), "REFERENCE": str(inputs[dataset]), "REFERENCE_SPLIT": "all",
-                                "COMPARE_RASTERS": [str(inputs[compare])], "DEVICE": "cpu",
+    return lambda inputs, out: {"MODEL": str(inputs[model]), "REFERENCE": str(inputs[dataset]),
+                                "REFERENCE_SPLIT": "all", "COMPARE_RASTERS": [str(inputs[compare])], "DEVICE": "cpu",
                                 "OUTPUT_HTML": str(out / out_name), "OUTPUT_JSON": str(out / "ood.json")}
 
 
@@ -58,7 +66,8 @@ def retrain_params(raster: str = "good raster", model: str = "good model", annot
                                 "DEVICE": "cpu", "OUTPUT_MODEL": str(out / out_name)}
 
 
-def suggest_params(raster: str = "good raster", model: str = "good model", out_name: str = "suggestions.gpkg") -> Params:
+def suggest_params(raster: str = "good raster", model: str = "good model",
+                   out_name: str = "suggestions.gpkg") -> Params:
     return lambda inputs, out: {"INPUT": str(inputs[raster]), "MODEL": str(inputs[model]), "COUNT": 3, "DEVICE": "cpu",
                                 "OUTPUT": str(out / out_name)}
 

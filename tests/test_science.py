@@ -3,20 +3,21 @@ from __future__ import annotations
 
 import json
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from jem_core import JEMError
+from jem_core import Cancelled, JEMError
 from jem_core.cli import main as cli_main
 from jem_core.data import load_class_folder
 from jem_core.generation import sample_grid
 from jem_core.model_file import load_model
 from jem_core.ood import ood_analysis, source_kind
 from jem_core.sampler import SGLDConfig
-from jem_core.training import Cancelled, TrainConfig, consistency_loss, strong_augment, train
+from jem_core.training import TrainConfig, consistency_loss, strong_augment, train
 from tests.conftest import make_class_folder, write_image
 
 SIZE = 16
@@ -175,9 +176,17 @@ def test_strong_augment_changes_images_but_keeps_shape():
 def test_consistency_training_runs_for_jem_and_baseline(trained):
     dataset = load_class_folder(trained["data"], SIZE)
     for baseline in (False, True):
-        result = train(dataset, tiny_config(epochs=1, labels_per_class=2, baseline=baseline, consistency_weight=1.0,
-                                            consistency_threshold=0.3))
+        config = tiny_config(epochs=1, labels_per_class=2, baseline=baseline, consistency_weight=1.0,
+                             consistency_threshold=0.3)
+        result = train(dataset, config)
         assert result.metrics["iterations"] >= 1 and result.loaded.meta.train_config["consistency_weight"] == 1.0
+        # The term is not zero: the same seeded run with a vanishing weight (same code path, same random
+        # streams) ends with other weights.  A term that never fires (no pseudo-label above the threshold)
+        # would leave the two runs identical.
+        vanishing = train(dataset, replace(config, consistency_weight=1e-12))
+        moved = max((a - b).abs().max().item() for a, b in zip(result.loaded.model.state_dict().values(),
+                                                                vanishing.loaded.model.state_dict().values()))
+        assert moved > 1e-4, f"consistency term had no effect (baseline={baseline})"
     with pytest.raises(JEMError, match="consistency"):
         train(dataset, tiny_config(consistency_threshold=0.0))
 

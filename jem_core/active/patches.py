@@ -13,18 +13,16 @@ import math
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence, Union
+from typing import Sequence, Union
 
 import numpy as np
 import torch
 
-from .. import JEMError
+from .. import JEMError, StopFn, check_stop
 from ..data import SceneDataset
 from ..model_file import ModelMeta
-from ..raster_io import RasterSource, Stretch, choose_stretch, open_raster
-from ..training import Cancelled
+from ..raster_io import RasterSource, Stretch, choose_stretch, open_raster, valid_pixels
 
-StopFn = Callable[[], bool]
 # One raster: a path GDAL opens, or single-band files stacked on the finest grid (raster_io.open_raster).
 RasterInput = Union[str, Path, Sequence[Union[str, Path]]]
 # A patch counts as imagery when at least this fraction of its pixels is valid (not nodata).
@@ -101,10 +99,7 @@ class PatchReader:
         dataset = self._datasets[window.raster]
         pixels = dataset.read(source.band_indexes, window=Window(window.col, window.row, size, size),
                               out_dtype="float32")
-        valid = np.isfinite(pixels).all(axis=0)
-        if source.has_mask:
-            masks = dataset.read_masks(source.band_indexes, window=Window(window.col, window.row, size, size))
-            valid &= (masks > 0).all(axis=0)
+        valid = valid_pixels(source, dataset, pixels, window=Window(window.col, window.row, size, size))
         pixels = np.nan_to_num(pixels)
         self.stretches[window.raster].apply(pixels)
         return pixels, float(valid.mean())
@@ -226,8 +221,7 @@ def sample_unlabelled_patches(rasters: Sequence[RasterInput], n: int, seed: int,
         for attempt in range(20 * n):
             if len(chosen) == n:
                 break
-            if should_stop is not None and should_stop():
-                raise Cancelled()
+            check_stop(should_stop)
             window = windows[attempt] if attempt < len(windows) else random_window(reader, areas, rng)
             pixels, valid = reader.read(window)
             if valid >= MIN_VALID_FRACTION:

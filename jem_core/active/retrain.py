@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .. import JEMError, ProgressFn
+from .. import JEMError, ProgressFn, StopFn
 from ..bundled import base_model_path
 from ..data import SceneDataset, load_class_folder
 from ..metrics import predict_logits
@@ -25,7 +25,7 @@ from ..model_file import LoadedModel, as_loaded, load_model
 from ..models import ModelSpec, build_model
 from ..raster_io import open_raster
 from ..training import TrainConfig, train
-from .patches import Annotation, RasterInput, StopFn, patches_from_annotations, sample_unlabelled_patches
+from .patches import Annotation, RasterInput, patches_from_annotations, sample_unlabelled_patches
 
 
 @dataclass(frozen=True)

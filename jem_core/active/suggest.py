@@ -12,12 +12,12 @@ from typing import Any
 
 import torch
 
-from .. import JEMError, ProgressFn, no_progress
-from ..mapping import iter_patches
+from .. import JEMError, ProgressFn, StopFn, no_progress
+from ..windowing import iter_patches
 from ..metrics import predict_logits
 from ..model_file import LoadedModel, as_loaded
 from ..raster_io import require_crs
-from .patches import PatchReader, PatchWindow, RasterInput, StopFn, open_patch_reader
+from .patches import PatchReader, PatchWindow, RasterInput, open_patch_reader
 
 
 @dataclass
@@ -88,7 +88,7 @@ def suggest(model: LoadedModel | str | Path, raster: RasterInput, count: int, *,
             should_stop: StopFn | None = None) -> list[Suggestion]:
     """The `count` patches of the raster most worth labelling, spread over the scene, best first.
 
-    Patches come from mapping.iter_patches (the land-cover map's grid; patches with nodata are
+    Patches come from windowing.iter_patches (the land-cover map's grid; patches with nodata are
     skipped).  min_distance: least spacing between suggested patch centres, in raster pixels;
     default half the side of the square each suggestion would get if the scene were split evenly
     (√(width·height / count) / 2), and at least one patch.  stride: patch grid step, a divisor of

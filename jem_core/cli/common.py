@@ -1,15 +1,11 @@
-"""Helpers shared by the sub-commands: progress bar, JSON output, common options."""
+"""Helpers shared by the sub-commands: progress bar, log line, common options."""
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
-from pathlib import Path
-from typing import Any
 
 from ..device import DEVICE_CHOICES
-from ..model_file import atomic_write
 
 
 class ProgressBar:
@@ -46,11 +42,6 @@ def silence_gdal_printing() -> None:
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def write_json(path: str | Path, data: Any) -> None:
-    text = json.dumps(data, indent=2)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text), suffix=".json")
 
 
 def add_device_option(parser) -> None:

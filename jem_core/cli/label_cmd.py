@@ -14,10 +14,11 @@ from .. import JEMError
 from ..active import (RETRAIN_DEFAULTS, Annotation, cell_centres, default_start_model, retrain, retrain_config,
                       suggest)
 from ..sampler import SGLDConfig
-from ..model_file import check_output_folders, load_model, written_together
+from ..files import check_output_folders, write_json, written_together
+from ..model_file import load_model
 from ..process_state import gdal_exceptions
-from ..raster_io import raster_error
-from .common import ProgressBar, add_device_option, log, write_json
+from ..raster_io import no_crs_message, parse_band_list, raster_error
+from .common import ProgressBar, add_device_option, log
 
 SUGGESTION_FIELDS = ["rank", "score", "unfamiliarity", "uncertainty", "neg_energy", "entropy", "margin",
                      "predicted_class", "confidence"]
@@ -64,10 +65,6 @@ def register(subparsers) -> None:
     s.add_argument("--out", type=Path, required=True, help="vector file of the patch footprints (.gpkg, .geojson)")
     s.add_argument("--json", type=Path, help="also write the suggestions as JSON")
     s.set_defaults(run=run_suggest)
-
-
-def split_bands(text: str | None) -> list[str] | None:
-    return [t.strip() for t in text.split(",") if t.strip()] or None if text else None
 
 
 def raster_grid(path: str) -> tuple[str, float, float]:
@@ -140,15 +137,13 @@ def run_retrain(args: argparse.Namespace) -> int:
         raise JEMError("--model and --from-scratch exclude each other: fine-tune a model, or train a new one.")
     if not args.minutes and not args.iterations:
         raise JEMError("--minutes 0 needs --iterations: give the run a length.")
-    bands = split_bands(args.bands)
+    bands = parse_band_list(args.bands)
     start = load_model(args.model) if args.model else \
         None if args.from_scratch else default_start_model(args.rasters, bands, log)
     patch_size = start.meta.image_size if start else args.image_size
     wkt, pixel_x, pixel_y = raster_grid(args.rasters[0])
     if not wkt:
-        raise JEMError(f"Raster '{args.rasters[0]}' has no coordinate reference system (CRS), so the annotations "
-                       "cannot be placed on it. Assign one (QGIS: Raster ▸ Projections ▸ Assign Projection; GDAL: "
-                       "gdal_edit.py -a_srs EPSG:CODE FILE) and run again.")
+        raise JEMError(no_crs_message(f"Raster '{args.rasters[0]}'", "the annotations cannot be placed on it"))
     annotations = read_annotations(args.annotations, args.class_field, wkt, pixel_x * patch_size, pixel_y * patch_size)
     config = retrain_config(args.minutes or None, args.iterations, arch=args.arch, image_size=patch_size, lr=args.lr,
                             seed=args.seed, device=args.device, baseline=args.baseline,
@@ -166,7 +161,7 @@ def run_suggest(args: argparse.Namespace) -> int:
     check_output_folders(args.out, args.json)
     raster = args.raster[0] if len(args.raster) == 1 else args.raster
     suggestions = suggest(args.model, raster, args.count, min_distance=args.min_distance,
-                          bands=split_bands(args.bands), progress=ProgressBar("score"))
+                          bands=parse_band_list(args.bands), progress=ProgressBar("score"))
     wkt = raster_grid(args.raster[0])[0]
     with written_together(args.out, args.json):
         write_vector_atomically(args.out, lambda tmp: write_suggestions(tmp, suggestions, wkt, args.out.suffix))

@@ -5,9 +5,11 @@ import argparse
 from dataclasses import asdict
 from pathlib import Path
 
+from ..files import write_json
 from ..map_preview import render_map_preview
 from ..mapping import RESOLUTIONS, map_raster
-from .common import ProgressBar, add_device_option, log, write_json
+from ..raster_io import parse_band_list
+from .common import ProgressBar, add_device_option, log
 
 
 def register(subparsers) -> None:
@@ -40,7 +42,7 @@ def register(subparsers) -> None:
 
 
 def run_map(args: argparse.Namespace) -> int:
-    bands = [b for b in args.bands.split(",") if b.strip()] if args.bands else None
+    bands = parse_band_list(args.bands)
     result = map_raster(args.model, args.inputs, args.out_classes, args.out_confidence, bands=bands,
                         stride=args.stride, batch_size=args.batch_size, device=args.device,
                         out_max_probability=args.out_max_probability, out_probabilities=args.out_probabilities,

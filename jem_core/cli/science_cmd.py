@@ -12,7 +12,8 @@ def register(subparsers) -> None:
     o = subparsers.add_parser("ood", help="−E(x) histograms of the training data vs other data: KL and AUROC",
                               description="Compare the −E(x) = logsumexp f(x) histogram of a reference dataset with "
                                           "those of other datasets, image folders or rasters (cut into the model's "
-                                          "patches): KL divergence to the reference and AUROC of −E(x) as an OOD score.")
+                                          "patches): KL divergence to the reference and AUROC of −E(x) as an OOD "
+                                          "score.")
     o.add_argument("model", type=Path, metavar="MODEL")
     o.add_argument("--reference", type=Path, required=True, metavar="DATA_DIR",
                    help="class-folder dataset the model was trained on")
@@ -91,7 +92,8 @@ def run_sample(args: argparse.Namespace) -> int:
                          noise=args.noise, seed=args.seed, device=args.device, progress=ProgressBar("sample"))
     log(f"{result['steps']} SGLD steps from {result['init']}; grid written to {args.out}")
     if "conditional" in result:
-        print(f"conditional samples classified as their class: {result['conditional']['classified_as_their_class']:.1%}")
+        share = result["conditional"]["classified_as_their_class"]
+        print(f"conditional samples classified as their class: {share:.1%}")
     if "quality" in result:
         q = result["quality"]
         print(f"feature space: {q['feature_space']}")
@@ -99,7 +101,9 @@ def run_sample(args: argparse.Namespace) -> int:
             log(f"warning: {q['warning']}")
         for key in ("samples", "init", "real"):
             if key in q:
-                print(f"{key:8s} n={q[key]['count']:5d}  Fréchet {q[key]['frechet']:10.3f}  kernel {q[key]['kernel']:.5f}")
+                quality = q[key]
+                print(f"{key:8s} n={quality['count']:5d}  Fréchet {quality['frechet']:10.3f}  "
+                      f"kernel {quality['kernel']:.5f}")
     return 0
 
 

@@ -6,16 +6,17 @@ from pathlib import Path
 
 import torch
 
-from ..data import check_band_count, load_class_folder, split_dataset
-from ..device import resolve_device
-from ..metrics import classification_metrics, predict_logits
-from ..model_file import check_output_folders, load_model, written_together
 from .. import distributed
+from ..data import check_band_count, load_class_folder, training_split
+from ..device import resolve_device
+from ..files import check_output_folders, write_json, written_together
+from ..metrics import classification_metrics, predict_logits
+from ..model_file import load_model
 from ..models import AMP_CHOICES, ARCHITECTURES, NORMS, SpeedOptions
 from ..plots import reliability_diagram
 from ..sampler import INIT_CHOICES, SGLDConfig
 from ..training import DEFAULT_ITERATIONS, MIN_VAL_FOR_SELECTION, TrainConfig, train
-from .common import ProgressBar, add_device_option, log, write_json
+from .common import ProgressBar, add_device_option, log
 
 
 def register(subparsers) -> None:
@@ -51,7 +52,7 @@ def register(subparsers) -> None:
     p.add_argument("--weight-gen", type=float, default=defaults.weight_gen)
     p.add_argument("--consistency", type=float, nargs="?", const=1.0, default=defaults.consistency_weight,
                    metavar="WEIGHT", help="JEM + consistency: FixMatch pseudo-labels on unlabelled images "
-                                          "(weight of the term; the bare flag means 1.0; default: off)")
+                                          "(weight of the term; the bare flag means 1.0; default: %(default)s, off)")
     p.add_argument("--consistency-threshold", type=float, default=defaults.consistency_threshold,
                    help="confidence a weak view needs to become a pseudo-label (default: %(default)s)")
     p.add_argument("--patience", type=int, default=defaults.patience,
@@ -71,7 +72,8 @@ def register(subparsers) -> None:
                    help="bf16 autocast; auto = on for CUDA, off on CPU (default: %(default)s)")
     p.add_argument("--no-batch-split", action="store_true",
                    help="CPU: run each SGLD chain with intra-op threads instead of one batch slice per core")
-    p.add_argument("--compile", action="store_true", help="torch.compile the network (GPU; needs a C++ compiler on CPU)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the network (GPU; needs a C++ compiler on CPU)")
     add_device_option(p)
     p.set_defaults(run=run_train)
 
@@ -129,9 +131,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     check_band_count(dataset.images, meta.band_names, args.data_dir)
     indices = torch.arange(len(dataset))
     if args.split == "test":
-        cfg = meta.train_config
-        indices = split_dataset(dataset.labels, cfg.get("seed", 0), cfg.get("val_fraction", 0.1),
-                                cfg.get("test_fraction", 0.2)).test
+        indices = training_split(dataset.labels, meta.train_config).test
     logits = predict_logits(loaded, dataset.images[indices], batch_size=args.batch_size)
     metrics = classification_metrics(logits, dataset.labels[indices], meta.class_names)
     metrics["split"] = args.split

@@ -98,8 +98,9 @@ class JemAlgorithm(QgsProcessingAlgorithm):
     def band_list(self, parameters: dict[str, Any], context: QgsProcessingContext,
                   name: str = "BANDS") -> list[str] | None:
         """'B04, B03,B02' → ['B04', 'B03', 'B02']; empty → None (the model's bands)."""
-        text = self.parameterAsString(parameters, name, context)
-        return [token.strip() for token in text.split(",") if token.strip()] or None
+        from jem_core.raster_io import parse_band_list
+
+        return parse_band_list(self.parameterAsString(parameters, name, context))
 
 
 def progress_reporter(feedback: QgsProcessingFeedback, start: float = 0.0,

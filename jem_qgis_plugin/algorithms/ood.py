@@ -104,7 +104,7 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
 
 def write_report(path: str, result: dict[str, Any], plot: Path) -> None:
     """A self-contained HTML page (plot inlined) that the Processing results viewer opens."""
-    from jem_core.model_file import atomic_write
+    from jem_core.files import atomic_write
 
     ref = result["reference"]
     rows = "".join(

@@ -135,13 +135,13 @@ class RetrainAlgorithm(JemAlgorithm):
                 feedback: QgsProcessingFeedback) -> dict[str, Any]:
         from jem_core.active import default_start_model, retrain, retrain_config
         from jem_core.model_file import load_model
+        from jem_core.raster_io import no_crs_message
         from jem_core.sampler import SGLDConfig
 
         raster = self.raster_file_layer(parameters, context)
         if not raster.crs().isValid():
-            raise QgsProcessingException(f"'{raster.source()}' has no coordinate reference system (CRS), so the "
-                                         "annotations cannot be placed on it. Assign one (Raster ▸ Projections ▸ "
-                                         "Assign Projection) and run again.")
+            raise QgsProcessingException(no_crs_message(f"'{raster.source()}'",
+                                                        "the annotations cannot be placed on it"))
         source = self.parameterAsSource(parameters, "ANNOTATIONS", context)
         if source is None:
             raise QgsProcessingException("The annotation layer cannot be read. Pick a point or polygon layer.")

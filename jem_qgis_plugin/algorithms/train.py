@@ -83,9 +83,8 @@ class TrainAlgorithm(JemAlgorithm):
 
     def execute(self, parameters: dict[str, Any], context: QgsProcessingContext,
             feedback: QgsProcessingFeedback) -> dict[str, Any]:
-        from jem_core.cli.common import write_json
         from jem_core.data import load_class_folder
-        from jem_core.model_file import check_output_folders
+        from jem_core.files import check_output_folders, write_json
         from jem_core.plots import reliability_diagram
         from jem_core.sampler import SGLDConfig
         from jem_core.training import TrainConfig, train
