@@ -236,7 +236,7 @@ def report_argv(model: str = "good model", dataset: str = "good dataset", out_na
 def retrain_argv(raster: str = "good raster", annotations: str = "good annotations", model: str = "good model",
                  out_name: str = "retrained.pt") -> Argv:
     return lambda inputs, out: ["retrain", str(inputs[raster]), "--annotations", str(inputs[annotations]),
-                                "--out", str(out / out_name), "--epochs", "1", "--unlabelled", "8",
+                                "--out", str(out / out_name), "--iterations", "1", "--unlabelled", "8",
                                 "--image-size", str(PATCH), "--arch", "wrn-10-1", "--device", "cpu",
                                 "--model", str(inputs[model])]
 

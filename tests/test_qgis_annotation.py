@@ -122,7 +122,7 @@ def test_retrain_and_suggest_through_processing(provider, canvas, raster, tmp_pa
     class_map = QgsRasterLayer(first["OUTPUT_MAP"], "map")
     assert class_map.isValid() and class_map.crs() == raster.crs() and Path(first["OUTPUT_CONFIDENCE"]).exists()
 
-    # A new class drawn as points in another CRS (WGS 84): reprojected, and the head grows.
+    # A new class drawn as points in another CRS (WGS 84): reprojected, and the head grows (keeping 'field').
     points = QgsVectorLayer("Point?crs=EPSG:4326&field=landcover:string", "points", "memory")
     to_wgs84 = QgsCoordinateTransform(raster.crs(), QgsCoordinateReferenceSystem("EPSG:4326"), QgsProject.instance())
     features = []
@@ -133,7 +133,8 @@ def test_retrain_and_suggest_through_processing(provider, canvas, raster, tmp_pa
         features.append(feature)
     points.dataProvider().addFeatures(features)
     second = run("jem:retrain", {"INPUT": raster, "ANNOTATIONS": points, "CLASS_FIELD": "landcover",
-                                 "MODEL": first["OUTPUT_MODEL"], **FAST, "NEW_MODEL": False, "OUTPUT_MODEL": str(tmp_path / "m2.pt")})
+                                 "MODEL": first["OUTPUT_MODEL"], **FAST, "NEW_MODEL": False, "KEEP_MODEL_CLASSES": True,
+                                 "OUTPUT_MODEL": str(tmp_path / "m2.pt")})
     assert load_model(second["OUTPUT_MODEL"]).meta.class_names == ["field", "town", "water"]
 
     result = run("jem:suggest", {"INPUT": raster, "MODEL": second["OUTPUT_MODEL"], "COUNT": 3, "DEVICE": "cpu",

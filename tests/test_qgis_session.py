@@ -19,7 +19,7 @@ from qgis.PyQt.QtCore import QEvent, QPoint, Qt
 from qgis.PyQt.QtGui import QColor
 
 from jem_core.bundled import base_model_path
-from jem_core.mapping import CLASS_NODATA, class_colours
+from jem_core.map_writer import CLASS_NODATA, class_colours
 from jem_core.model_file import load_model
 from jem_qgis_plugin.annotation import AnnotationDock, AnnotationUi
 from jem_qgis_plugin.annotation_layer import create_annotation_layer
