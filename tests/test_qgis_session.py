@@ -2,25 +2,29 @@
 (runAndLoadResults), both runs' layers valid, styled and named; and one test per usability defect fixed."""
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import numpy as np
 import pytest
 from osgeo import gdal
-from qgis.core import (QgsFeature, QgsGeometry, QgsPalettedRasterRenderer, QgsProcessingException,
-                       QgsProcessingFeedback, QgsProcessingUtils, QgsProject, QgsRasterLayer, QgsRectangle,
-                       QgsVectorLayer)
+from qgis.core import (QgsFeature, QgsGeometry, QgsPalettedRasterRenderer, QgsProcessingContext,
+                       QgsProcessingException, QgsProcessingFeedback, QgsProcessingUtils, QgsProject, QgsRasterLayer,
+                       QgsRectangle, QgsVectorLayer)
 from qgis.gui import QgsMapMouseEvent
 from qgis.PyQt.QtCore import QEvent, QPoint, Qt
 from qgis.PyQt.QtGui import QColor
 
+from jem_core import JEMError
 from jem_core.bundled import base_model_path
 from jem_core.map_writer import CLASS_NODATA, class_colours
 from jem_core.model_file import load_model
+from jem_qgis_plugin.algorithms.base import JemAlgorithm
 from jem_qgis_plugin.annotation import AnnotationDock, AnnotationUi
 from jem_qgis_plugin.annotation_layer import create_annotation_layer
 from jem_qgis_plugin.styles import MIN_COLOUR_DISTANCE, class_map_renderer, distinct_colours, layer_name
@@ -207,6 +211,34 @@ def test_confidence_without_class_map_is_refused_before_training(provider, scene
         processing.run("jem:retrain", {"INPUT": raster, "ANNOTATIONS": annotations(tmp_path, raster), **RETRAIN_FAST,
                                        "OUTPUT_CONFIDENCE": str(tmp_path / "e.tif")}, feedback=QgsProcessingFeedback())
     assert not list(tmp_path.glob("*.pt"))
+
+
+class Payload:
+    """Stands for what a run holds (layers, a model), weakly referenced to see whether it outlives the run."""
+
+
+class RefusingAlgorithm(JemAlgorithm):
+    ALGORITHM_ID = "refusing"
+    error: type[Exception] = JEMError
+    payloads: list[weakref.ref] = []
+
+    def initAlgorithm(self, config=None) -> None:  # noqa: N802 (QGIS API name)
+        pass
+
+    def execute(self, parameters, context, feedback):
+        payload = Payload()
+        self.payloads.append(weakref.ref(payload))
+        raise self.error("Refused: choose another input.")
+
+
+@pytest.mark.parametrize("error", [JEMError, QgsProcessingException])
+def test_a_refused_run_frees_what_it_held(qgis_app, error, monkeypatch):
+    monkeypatch.setattr(RefusingAlgorithm, "error", error)
+    monkeypatch.setattr(RefusingAlgorithm, "payloads", [])
+    with pytest.raises(QgsProcessingException, match="^Refused: choose another input.$"):
+        RefusingAlgorithm().run({}, QgsProcessingContext(), QgsProcessingFeedback(), {}, False)
+    gc.collect()
+    assert [payload() for payload in RefusingAlgorithm.payloads] == [None]
 
 
 def test_retrain_maps_run_on_the_chosen_device(provider, scene, tmp_path, monkeypatch):

@@ -49,8 +49,13 @@ class JemAlgorithm(QgsProcessingAlgorithm):
         try:
             require_torch()
             return self.execute(parameters, context, feedback)
-        except JEMError as error:  # the message already names the problem and the fix
-            raise QgsProcessingException(str(error)) from None
+        except (JEMError, QgsProcessingException) as error:  # the message already names the problem and the fix
+            message = str(error)
+        # QGIS 3.22's bindings never release a QgsProcessingException raised here, nor its traceback: whatever
+        # its frames hold lives until the interpreter exits, after QgsApplication.exitQgis(), where destroying
+        # a layer crashes.  A fresh exception raised outside the except block chains no context, so the failed
+        # run's own frames (layers, model, arrays) are freed now.
+        raise QgsProcessingException(message)
 
     def execute(self, parameters: dict[str, Any], context: QgsProcessingContext,
             feedback: QgsProcessingFeedback) -> dict[str, Any]:
