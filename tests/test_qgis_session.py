@@ -203,12 +203,16 @@ def test_train_ood_and_samples_twice_in_one_session(provider, model_file, scenes
         assert Path(samples["OUTPUT"]).is_file()
 
 
-def test_confidence_without_class_map_is_refused_before_training(provider, scene, tmp_path):
+def test_confidence_without_class_map_is_refused_before_training(provider, scene, tmp_path, project):
     import processing
 
+    # QGIS 3.22 keeps a refused run's caller frames (and so these layers) alive until exit; owned by the
+    # project, they are deleted by its teardown rather than after exitQgis, where deleting one crashes.
     raster = QgsRasterLayer(str(scene), "scene")
+    layer = annotations(tmp_path, raster)
+    project.addMapLayers([raster, layer])
     with pytest.raises(QgsProcessingException, match="comes with the class map"):
-        processing.run("jem:retrain", {"INPUT": raster, "ANNOTATIONS": annotations(tmp_path, raster), **RETRAIN_FAST,
+        processing.run("jem:retrain", {"INPUT": raster, "ANNOTATIONS": layer, **RETRAIN_FAST,
                                        "OUTPUT_CONFIDENCE": str(tmp_path / "e.tif")}, feedback=QgsProcessingFeedback())
     assert not list(tmp_path.glob("*.pt"))
 
