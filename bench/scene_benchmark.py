@@ -15,6 +15,9 @@ Methods (`--methods`, default: jem jem-scratch ce ce-scratch forest):
                   histograms, gradient magnitude — what dzetsaka / SCP users do
     NAME=ARGS     any other retrain command line, e.g. `--methods "jem10=--minutes 10"`
 
+`--round N` adds a second labelling round after `jem`: N labels where `jem suggest` points, against N
+random ones, each labelled with the mosaic's true class and retrained with the defaults on all labels.
+
 Scoring: pixel accuracy and macro-F1 over the scored pixels (tiles that hold a label and a border of
 half a patch along every tile edge are left out; unmapped pixels count as wrong), and the AUROC of
 each confidence candidate at separating correct from wrong pixels (1 = every wrong pixel is less
@@ -215,9 +218,10 @@ def jem_cli() -> list[str]:
     return [sys.executable, "-m", "jem_core"]
 
 
-def run_jem(name: str, retrain_args: str, scene: Scene, work: Path, seed: int) -> Result:
+def run_jem(name: str, retrain_args: str, scene: Scene, work: Path, seed: int, annotations: Path | None = None) -> Result:
     model = work / f"{name}.pt"
-    command = jem_cli() + ["retrain", str(scene.raster), "--annotations", str(scene.annotations), "--out", str(model),
+    annotations = annotations or scene.annotations
+    command = jem_cli() + ["retrain", str(scene.raster), "--annotations", str(annotations), "--out", str(model),
                            "--seed", str(seed)] + shlex.split(retrain_args)
     start = time.monotonic()
     retrain = subprocess.run(command, capture_output=True, text=True)
@@ -277,9 +281,55 @@ def run_forest(scene: Scene, seed: int) -> Result:
             counts[dy:dy + n, dx:dx + n] += 1
     cells /= counts
     pixels = cells.repeat(MAP_STRIDE, 0).repeat(MAP_STRIDE, 1)[:size, :size]
+    missing = size - pixels.shape[0]  # a margin narrower than a stride: the nearest cells cover it
+    pixels = np.pad(pixels, ((0, missing), (0, missing), (0, 0)), mode="edge")
     seconds = time.monotonic() - start
     accuracy, macro_f1, aurocs = score(pixels.argmax(2), {"max_probability": pixels.max(2)}, scene)
     return Result("forest", 0, seed, accuracy, macro_f1, round(seconds, 1), aurocs)
+
+
+# ------------------------------------------------------------------------------------------ a labelling round
+def label_points(points: list[tuple[float, float]], scene: Scene) -> list[tuple[float, float, str]]:
+    """(col, row) pixel points labelled with the mosaic's true class under them."""
+    return [(col, row, scene.class_names[int(scene.truth[int(row), int(col)])]) for col, row in points]
+
+
+def existing_points(scene: Scene) -> list[tuple[float, float, str]]:
+    return [(col + PATCH / 2, row + PATCH / 2, scene.class_names[c]) for row, col, c in scene.label_windows]
+
+
+def suggested_points(model: Path, scene: Scene, count: int, work: Path) -> list[tuple[float, float]]:
+    """`jem suggest`'s patch centres, in pixels."""
+    out = work / "suggestions.geojson"
+    done = subprocess.run(jem_cli() + ["suggest", str(model), str(scene.raster), "--count", str(count), "--out",
+                                       str(out)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"jem suggest failed:\n{done.stderr[-2000:]}")
+    features = json.loads(out.read_text())["features"]
+    centres = []
+    for feature in features:
+        ring = feature["geometry"]["coordinates"][0]
+        x, y = np.mean([p[0] for p in ring[:4]]), np.mean([p[1] for p in ring[:4]])
+        centres.append(((x - 500000.0) / PIXEL_SIZE, (4000000.0 - y) / PIXEL_SIZE))
+    return centres
+
+
+def random_points(scene: Scene, count: int, seed: int) -> list[tuple[float, float]]:
+    rng = np.random.default_rng(seed + 1000)
+    size = scene.truth.shape[0]
+    return [(float(c), float(r)) for r, c in rng.integers(PATCH // 2, size - PATCH // 2, (count, 2))]
+
+
+def run_labelling_round(scene: Scene, work: Path, seed: int, count: int) -> list[Result]:
+    """One more round from the default retrain's model: `count` labels where `jem suggest` points, against
+    `count` random labels, each retrained with `jem retrain` defaults on all labels so far."""
+    results = []
+    for arm, points in (("round2-suggested", suggested_points(work / "jem.pt", scene, count, work)),
+                        ("round2-random", random_points(scene, count, seed))):
+        annotations = work / f"{arm}.geojson"
+        write_points(annotations, existing_points(scene) + label_points(points, scene), scene.truth.shape[0])
+        results.append(run_jem(arm, "", scene, work, seed, annotations))
+    return results
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -322,6 +372,9 @@ def main() -> None:
     parser.add_argument("--grid", type=int, default=12, help="tiles per side (default: %(default)s)")
     parser.add_argument("--tile", type=int, default=150, help="tile side in pixels (default: %(default)s)")
     parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, help="(default: %(default)s)")
+    parser.add_argument("--round", type=int, default=0, metavar="N",
+                        help="also a second labelling round after `jem` (which must be among the methods): N labels "
+                             "where `jem suggest` points vs N random ones (default: off)")
     parser.add_argument("--json", type=Path, help="write every result here")
     parser.add_argument("--keep", type=Path, help="keep scenes, models and maps in this folder")
     args = parser.parse_args()
@@ -337,9 +390,12 @@ def main() -> None:
                 for name, retrain_args in methods.items():
                     result = run_forest(scene, seed) if retrain_args is None else \
                         run_jem(name, retrain_args, scene, work, seed)
-                    result.labels_per_class = k
-                    results.append(result)
-                    print(json.dumps(asdict(result)), flush=True)
+                    round_results = run_labelling_round(scene, work, seed, args.round) \
+                        if name == "jem" and args.round else []
+                    for result in [result] + round_results:
+                        result.labels_per_class = k
+                        results.append(result)
+                        print(json.dumps(asdict(result)), flush=True)
                     if args.json:
                         args.json.write_text(json.dumps([asdict(r) for r in results], indent=1))
     print(summarise(results))

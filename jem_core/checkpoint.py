@@ -48,7 +48,7 @@ class LoopState:
     epoch: int = 1                 # the epoch in progress (1-based)
     done: int = 0                  # iterations finished in that epoch
     iteration: int = 0             # iterations finished in the whole run
-    sums: dict[str, float] = field(default_factory=lambda: {"ce": 0.0, "gen": 0.0, "gap": 0.0})
+    sums: dict[str, float] = field(default_factory=lambda: {"ce": 0.0, "gen": 0.0, "gap": 0.0, "mask_rate": 0.0})
     history: list[dict[str, float]] = field(default_factory=list)
     best_val_accuracy: float = -1.0
     best_epoch: int = 0

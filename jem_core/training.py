@@ -4,7 +4,8 @@ Loss per iteration:
     weight_ce · CE(f(x_l), y_l)                         on a labelled batch
   + weight_gen · (mean E(x_data) − mean E(x_sgld))      on all training images, labelled or not
   + energy_reg · mean(E(x_data)² + E(x_sgld)²)          keeps energies near 0 (stability)
-  + consistency_weight · FixMatch CE(strong view, pseudo-label of weak view)   optional (JEM + consistency)
+  + consistency_weight · CE(strong view, pseudo-label of weak view)   optional (JEM + consistency; the
+                                                      pseudo-label threshold: pseudo_labels.py)
 
 x_sgld comes from a short SGLD chain continued from a replay buffer.  The baseline drops the
 generative term and trains the same network with CE alone.
@@ -35,6 +36,7 @@ from .augmentation import augment, strong_augment
 from .checkpoint import LoopState, cpu_state
 from .data import SceneDataset, band_statistics, choose_labelled, split_dataset
 from .metrics import classification_metrics, predict_logits
+from .pseudo_labels import SelfAdaptiveThreshold, consistency_loss
 from .model_file import LoadedModel, ModelMeta, save_model
 from .models import ModelSpec, SpeedOptions, apply_speed_options, build_model
 from .run_state import (Diverged, RunParts, divergence_reason, recover, remove_checkpoint, resume_run,
@@ -69,6 +71,7 @@ class TrainConfig:
     batch_size: int = 64
     sgld_batch_size: int = 32
     lr: float = 1e-3
+    backbone_lr_factor: float = 1.0  # the feature extractor learns at this × lr (fine-tuning keeps its features)
     weight_decay: float = 0.0
     warmup_iters: Optional[int] = None  # None: the first WARMUP_FRACTION of the run
     labels_per_class: Optional[int] = None  # None: every training image is labelled
@@ -96,7 +99,7 @@ class TrainConfig:
     # JEM + consistency (FixMatch): CE on strongly augmented unlabelled images towards the pseudo-label of
     # their weakly augmented view, where that view is confident.  0 = off.
     consistency_weight: float = 0.0
-    consistency_threshold: float = 0.95
+    consistency_threshold: Optional[float] = None  # None: FreeMatch's self-adaptive class-wise thresholds
     sgld: SGLDConfig = field(default_factory=SGLDConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -108,16 +111,6 @@ class TrainResult:
     loaded: LoadedModel
     metrics: dict[str, Any]
     history: list[dict[str, float]]
-
-
-def consistency_loss(weak_logits: torch.Tensor, strong_logits: torch.Tensor,
-                     threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """FixMatch: CE of the strong view towards the weak view's argmax where its confidence ≥ threshold,
-    averaged over the whole unlabelled batch; also the fraction of images that passed the threshold."""
-    confidence, pseudo = weak_logits.detach().softmax(1).max(1)
-    mask = (confidence >= threshold).float()
-    loss = (F.cross_entropy(strong_logits, pseudo, reduction="none") * mask).mean()
-    return loss, mask.mean()
 
 
 # ---------------------------------------------------------------------------------------------- schedule
@@ -148,6 +141,13 @@ def learning_rate(config: TrainConfig, iteration: int, progress: float, next_pro
     return config.lr * warm * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def parameter_groups(model: torch.nn.Module, config: TrainConfig) -> list[dict[str, Any]]:
+    """The head at the full learning rate, the feature extractor at config.backbone_lr_factor of it."""
+    head = [p for name, p in model.named_parameters() if name.startswith("head.")]
+    backbone = [p for name, p in model.named_parameters() if not name.startswith("head.")]
+    return [{"params": backbone, "lr_factor": config.backbone_lr_factor}, {"params": head, "lr_factor": 1.0}]
+
+
 class BatchStream:
     """Endless shuffled batches of indices, reshuffled after each pass."""
 
@@ -171,8 +171,9 @@ def check_config(config: TrainConfig, dataset: SceneDataset) -> None:
         raise JEMError(f"--time-budget-min must be positive (got {config.time_budget_min}).")
     if config.labels_per_class is not None and config.labels_per_class < 1:
         raise JEMError("--labels-per-class must be at least 1 (0 or omitted means: use every label).")
-    if config.consistency_weight < 0 or not 0.0 < config.consistency_threshold <= 1.0:
-        raise JEMError("--consistency must be ≥ 0 and --consistency-threshold in (0, 1].")
+    threshold = config.consistency_threshold
+    if config.consistency_weight < 0 or threshold is not None and not 0.0 < threshold <= 1.0:
+        raise JEMError("--consistency must be ≥ 0 and --consistency-threshold in (0, 1] (or omitted: adaptive).")
     if config.image_size < 8:
         raise JEMError(f"--image-size must be at least 8 px (got {config.image_size}).")
     if dataset.images.shape[-1] != config.image_size:
@@ -197,6 +198,7 @@ class Run:
     round_iters: int
     total_iters: int | None
     budget_s: float | None
+    adaptive_threshold: SelfAdaptiveThreshold | None
 
 
 def train(dataset: SceneDataset, config: TrainConfig, out_path: str | Path | None = None,
@@ -286,7 +288,7 @@ def prepare_run(dataset: SceneDataset, config: TrainConfig, unlabelled: torch.Te
         # torch.compile'd networks are run from one thread only: that is the combination tested.
         sampler = SGLDSampler(model, replace(config.sgld), buffer, fused=config.speed.fused,
                               split=config.speed.split_batches and not config.speed.compile)
-    optimiser = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
+    optimiser = torch.optim.Adam(parameter_groups(model, config), lr=config.lr, weight_decay=config.weight_decay,
                                  fused=config.speed.fused)
     iters_per_pass = max(1, math.ceil(len(data_indices) / (config.batch_size * ctx.world_size)))
     total_iters = planned_iterations(config, iters_per_pass)
@@ -299,8 +301,10 @@ def prepare_run(dataset: SceneDataset, config: TrainConfig, unlabelled: torch.Te
     parts = RunParts(model, optimiser, sampler, streams, generator, device, ctx, checkpoint_path,
                      {"images": len(pool), "class_names": list(dataset.class_names)})
     budget_s = config.time_budget_min * 60 if config.time_budget_min else None
+    adaptive = SelfAdaptiveThreshold(spec.num_classes, device) \
+        if config.consistency_weight > 0 and config.consistency_threshold is None else None
     run = Run(parts, loaded, meta, dataset, inputs, train_labels, labelled, split.val, split.test, round_iters,
-              total_iters, budget_s)
+              total_iters, budget_s, adaptive)
     log(describe_run(run, config, len(data_indices), iters_per_pass))
     return run
 
@@ -352,9 +356,10 @@ def run_loop(run: Run, config: TrainConfig, state: LoopState, best_model: dict[s
             fraction = run_progress(state.iteration, run.total_iters, elapsed, run.budget_s)
             next_fraction = run_progress(state.iteration + 1, run.total_iters, elapsed, run.budget_s)
             for group in optimiser.param_groups:
-                group["lr"] = learning_rate(config, state.iteration, fraction, next_fraction) * state.lr_scale
+                group["lr"] = learning_rate(config, state.iteration, fraction, next_fraction) * state.lr_scale \
+                    * group["lr_factor"]
             losses = training_step(step_model, sampler, optimiser, run.inputs, run.train_labels, labelled_stream,
-                                   data_stream, config)
+                                   data_stream, config, run.adaptive_threshold)
             if sampler is not None:
                 losses["saturation"] = float(sampler.last_saturation)
             losses = dict(zip(losses, distributed.average(list(losses.values()), ctx, device)))
@@ -369,7 +374,8 @@ def run_loop(run: Run, config: TrainConfig, state: LoopState, best_model: dict[s
             state.iteration += 1
             state.done += 1
             progress(fraction, f"iteration {state.iteration}" + (f"/{run.total_iters}" if run.total_iters else "")
-                     + f" ce {losses['ce']:.3f} gap {losses['gap']:+.2f}")
+                     + f" ce {losses['ce']:.3f} gap {losses['gap']:+.2f}"
+                     + (f" pseudo-labels {losses['mask_rate']:.0%}" if config.consistency_weight > 0 else ""))
             if save_due:
                 snapshot = save_point(parts, config, state, best_model, start_time)
                 last_save = time.monotonic()
@@ -448,7 +454,7 @@ def check_extras(dataset: SceneDataset, unlabelled: torch.Tensor | None, start_m
 
 def training_step(model, sampler: SGLDSampler | None, optimiser: torch.optim.Optimizer, inputs: torch.Tensor,
                   labels: torch.Tensor, labelled_stream: BatchStream, data_stream: BatchStream,
-                  config: TrainConfig) -> dict[str, float]:
+                  config: TrainConfig, adaptive: SelfAdaptiveThreshold | None = None) -> dict[str, float]:
     """One optimiser step; labelled, data, strong-view and SGLD images share one forward pass.
 
     The data batch (all training images, labelled or not) feeds the generative term and, with
@@ -475,7 +481,7 @@ def training_step(model, sampler: SGLDSampler | None, optimiser: torch.optim.Opt
     zero = torch.zeros((), device=inputs.device)
     gen = gap = consistency = mask_rate = zero
     if consistency_on:
-        consistency, mask_rate = consistency_loss(chunks[1], chunks[2], config.consistency_threshold)
+        consistency, mask_rate = consistency_loss(chunks[1], chunks[2], config.consistency_threshold, adaptive)
         loss = loss + config.consistency_weight * consistency
     if sampler is not None:
         energy_data = -torch.logsumexp(chunks[1], 1)
@@ -499,12 +505,15 @@ def end_of_epoch(loaded: LoadedModel, dataset: SceneDataset, val: torch.Tensor, 
                                                                                 "ece": nan}
     return {"epoch": epoch, "iteration": iteration, "minutes": (time.monotonic() - start_time) / 60,
             "train_ce": sums["ce"] / iters, "train_gap": sums["gap"] / iters,
+            "pseudo_label_rate": sums.get("mask_rate", 0.0) / iters,
             "val_accuracy": val_metrics["accuracy"], "val_nll": val_metrics["nll"], "val_ece": val_metrics["ece"]}
 
 
 def format_record(record: dict[str, float]) -> str:
     line = (f"epoch {record['epoch']:3d}  iteration {record['iteration']:5d}  {record['minutes']:6.1f} min  "
             f"train CE {record['train_ce']:.3f}  gap {record['train_gap']:+.3f}")
+    if record["pseudo_label_rate"]:
+        line += f"  pseudo-labels {record['pseudo_label_rate']:.0%}"
     if math.isnan(record["val_accuracy"]):
         return line + "  (no validation split)"
     return line + (f"  val acc {record['val_accuracy']:.1%}  val NLL {record['val_nll']:.3f}  "

@@ -89,6 +89,17 @@ def test_points_read_the_patch_under_them_with_class_labels(scene):
     assert data.value_range == [0.0, 255.0] and len(data.band_names) == 3
 
 
+def test_a_label_shift_adds_the_eight_neighbouring_patches_inside_the_raster(scene):
+    labels = [point("town", 60, 40), point("field", 0, 0)]  # the second in a corner of the raster
+    plain = patches_from_annotations([scene], labels, PATCH)
+    shifted = patches_from_annotations([scene], labels, PATCH, shift=4)
+    assert len(plain) == 2 and len(shifted) == 18
+    assert shifted.labels.tolist() == [plain.labels[0].item()] * 9 + [plain.labels[1].item()] * 9
+    assert any(torch.equal(image, plain.images[0]) for image in shifted.images[:9])
+    # In the corner the shifts that would leave the raster are clamped: 4 distinct patches, not 9.
+    assert len({tuple(image.flatten().tolist()) for image in shifted.images[9:]}) == 4
+
+
 def test_patch_at_the_edge_moves_inside_the_raster(scene):
     corner = patches_from_annotations([scene], [point("field", 0.5, 0.5), point("town", 95.5, 95.5)], PATCH)
     import rasterio
@@ -200,7 +211,8 @@ def test_retrain_from_scratch_then_extend_with_a_new_class(tmp_path, scene):
     first = retrain([scene], two_class_annotations(), out_model=tmp_path / "m1.pt", config=tiny_config(),
                     unlabelled_count=24)
     assert first.class_names == ["field", "town"] and first.new_classes == ["field", "town"]
-    assert (first.labelled_count, first.unlabelled_count) == (4, 24)
+    # Each of the 4 annotations labels its patch and the 8 patches shifted a quarter patch around it.
+    assert (first.labelled_count, first.unlabelled_count) == (4 * 9, 24)
     saved = load_model(tmp_path / "m1.pt")
     assert saved.meta.class_names == ["field", "town"] and saved.meta.image_size == PATCH
 
@@ -245,10 +257,19 @@ def test_spread_selection_keeps_the_minimum_distance_and_prefers_high_scores():
     assert spread_selection(score, positions, 5, min_distance=0.0) == [1, 0, 3, 2, 4]
 
 
+def test_spread_selection_goes_round_the_predicted_classes():
+    score = torch.tensor([0.9, 0.8, 0.7, 0.2, 0.1])
+    positions = torch.tensor([[0.0, float(10 * i)] for i in range(5)])
+    classes = torch.tensor([0, 0, 0, 1, 2])  # the three best are all class 0
+    assert spread_selection(score, positions, 3, min_distance=0.0) == [0, 1, 2]
+    assert spread_selection(score, positions, 3, min_distance=0.0, groups=classes) == [0, 3, 4]
+    assert spread_selection(score, positions, 5, min_distance=5.0, groups=classes) == [0, 3, 4, 1, 2]
+
+
 def test_suggest_returns_spread_scored_patches(tmp_path, scene):
     result = retrain([scene], two_class_annotations(), out_model=tmp_path / "m.pt", config=tiny_config(epochs=1),
                      unlabelled_count=8)
-    suggestions = suggest(tmp_path / "m.pt", scene, 4, min_distance=2 * PATCH)
+    suggestions = suggest(tmp_path / "m.pt", scene, 4, min_distance=2 * PATCH, balance_classes=False)
     assert [s.rank for s in suggestions] == [1, 2, 3, 4]
     assert [s.score for s in suggestions] == sorted((s.score for s in suggestions), reverse=True)
     for s in suggestions:

@@ -17,7 +17,8 @@ from jem_core.generation import sample_grid
 from jem_core.model_file import load_model
 from jem_core.ood import ood_analysis, source_kind
 from jem_core.sampler import SGLDConfig
-from jem_core.training import TrainConfig, consistency_loss, strong_augment, train
+from jem_core.pseudo_labels import SelfAdaptiveThreshold, consistency_loss
+from jem_core.training import TrainConfig, strong_augment, train
 from tests.conftest import make_class_folder, write_image
 
 SIZE = 16
@@ -166,6 +167,20 @@ def test_consistency_loss_uses_only_confident_pseudo_labels():
     assert consistency_loss(weak, strong, threshold=1.0)[0].item() == 0.0
 
 
+def test_self_adaptive_thresholds_follow_the_model_and_lower_the_bar_for_rare_classes():
+    adaptive = SelfAdaptiveThreshold(3, torch.device("cpu"))
+    # A model that is 60 % sure and predicts class 0 most: a fixed 0.95 bar would pass nothing.
+    probabilities = torch.tensor([[0.6, 0.2, 0.2]] * 6 + [[0.2, 0.6, 0.2]] * 2)
+    for _ in range(500):
+        bars = adaptive.update(probabilities)
+    assert adaptive.level.item() == pytest.approx(0.6, abs=0.01)
+    assert bars[0].item() == pytest.approx(0.6, abs=0.01) and bars[-1].item() < bars[0].item()
+    weak = probabilities.log()
+    loss, rate = consistency_loss(weak, torch.zeros_like(weak), None, adaptive)
+    assert rate.item() == 1.0 and loss.item() > 0
+    assert consistency_loss(weak, torch.zeros_like(weak), 0.95)[1].item() == 0.0
+
+
 def test_strong_augment_changes_images_but_keeps_shape():
     torch.manual_seed(0)
     x = torch.randn(5, 4, SIZE, SIZE)
@@ -236,7 +251,7 @@ def test_train_cli_consistency_flag():
     parse = build_parser().parse_args
     assert config_from_args(parse(["train", "d", "--out", "m.pt"])).consistency_weight == 0.0
     config = config_from_args(parse(["train", "d", "--out", "m.pt", "--consistency"]))
-    assert config.consistency_weight == 1.0 and config.consistency_threshold == 0.95
+    assert config.consistency_weight == 1.0 and config.consistency_threshold is None  # self-adaptive
     config = config_from_args(parse(["train", "d", "--out", "m.pt", "--consistency", "0.5",
                                      "--consistency-threshold", "0.8"]))
     assert (config.consistency_weight, config.consistency_threshold) == (0.5, 0.8)

@@ -167,12 +167,15 @@ def describe_extents(reader: PatchReader) -> str:
 
 def patches_from_annotations(rasters: Sequence[RasterInput], annotations: Sequence[Annotation], patch_size: int,
                              bands: Sequence[str] | None = None, model_meta: ModelMeta | None = None,
-                             class_names: Sequence[str] | None = None, stretch: str = "auto") -> SceneDataset:
+                             class_names: Sequence[str] | None = None, stretch: str = "auto",
+                             shift: int = 0) -> SceneDataset:
     """The labelled patches under the annotations, as a SceneDataset.
 
     class_names: classes in head order (e.g. a starting model's); annotated classes not in it are
     appended in sorted order.  Each listed class needs at least one annotation unless it is in
     `model_meta.class_names` (a starting model's class may go without new labels).
+    shift: each annotation also labels the 8 patches shifted by ±shift pixels around its own (kept
+    inside the raster): a click labels the ground around it, not one exact window.
     """
     if not annotations:
         raise JEMError("There are no annotations. Label at least one patch of each class, then retrain.")
@@ -192,6 +195,7 @@ def patches_from_annotations(rasters: Sequence[RasterInput], annotations: Sequen
         if len(names) < 2:
             raise JEMError(f"Only one class ('{names[0]}') is labelled. A classifier needs labels of at least two "
                            "classes (or a starting model that knows others).")
+        windows = [(moved, name) for window, name in windows for moved in shifted(reader, window, shift)]
         images = np.stack([reader.read(window)[0] for window, _ in windows])
         labels = torch.tensor([names.index(name) for _, name in windows])
         band_names = reader.band_names
@@ -200,6 +204,16 @@ def patches_from_annotations(rasters: Sequence[RasterInput], annotations: Sequen
     value_range = list(model_meta.value_range) if model_meta is not None else \
         ([0.0, 255.0] if dtype == "uint8" else [float(images.min()), float(images.max())])
     return SceneDataset(torch.from_numpy(images), labels, names, list(band_names), value_range, sources)
+
+
+def shifted(reader: PatchReader, window: PatchWindow, shift: int) -> list[PatchWindow]:
+    """The window and, for shift > 0, its 8 neighbours ±shift pixels away, clamped inside the raster."""
+    if shift <= 0:
+        return [window]
+    source, size = reader.sources[window.raster], reader.patch_size
+    return [PatchWindow(window.raster, min(max(window.row + dy, 0), source.height - size),
+                        min(max(window.col + dx, 0), source.width - size))
+            for dy in (-shift, 0, shift) for dx in (-shift, 0, shift)]
 
 
 def sample_unlabelled_patches(rasters: Sequence[RasterInput], n: int, seed: int, patch_size: int,

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections import deque
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -70,21 +71,36 @@ def priority(scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {"unfamiliarity": unfamiliarity, "uncertainty": uncertainty, "score": (unfamiliarity + uncertainty) / 2}
 
 
-def spread_selection(score: torch.Tensor, positions: torch.Tensor, count: int, min_distance: float) -> list[int]:
-    """Greedy: take the best-scoring candidate that lies at least min_distance from every one taken."""
-    chosen: list[int] = []
+def spread_selection(score: torch.Tensor, positions: torch.Tensor, count: int, min_distance: float,
+                     groups: torch.Tensor | None = None) -> list[int]:
+    """Greedy, best score first, each pick at least min_distance from every one taken.
+
+    groups (e.g. each candidate's predicted class): the picks go round the groups, each taking its best
+    remaining candidate in turn, so every class of the map gets labels instead of the few it confuses most.
+    """
+    keys = groups.tolist() if groups is not None else [0] * len(score)
+    queues: dict[int, deque[int]] = {}
     for index in score.argsort(descending=True).tolist():
-        if len(chosen) == count:
-            break
-        if chosen and torch.cdist(positions[index][None].double(), positions[chosen].double()).min() < min_distance:
-            continue
-        chosen.append(index)
+        queues.setdefault(keys[index], deque()).append(index)
+    turn = sorted(queues, key=lambda key: -float(score[queues[key][0]]))
+    chosen: list[int] = []
+    while len(chosen) < count and any(queues.values()):
+        for key in turn:
+            queue = queues[key]
+            while queue:
+                index = queue.popleft()
+                if not chosen or torch.cdist(positions[index][None].double(),
+                                             positions[chosen].double()).min() >= min_distance:
+                    chosen.append(index)
+                    break
+            if len(chosen) == count:
+                break
     return chosen
 
 
 def suggest(model: LoadedModel | str | Path, raster: RasterInput, count: int, *, min_distance: float | None = None,
             stride: int | None = None, bands: Sequence[str] | None = None, stretch: str = "auto",
-            batch_size: int = 64, progress: ProgressFn | None = None,
+            balance_classes: bool = True, batch_size: int = 64, progress: ProgressFn | None = None,
             should_stop: StopFn | None = None) -> list[Suggestion]:
     """The `count` patches of the raster most worth labelling, spread over the scene, best first.
 
@@ -92,7 +108,8 @@ def suggest(model: LoadedModel | str | Path, raster: RasterInput, count: int, *,
     skipped).  min_distance: least spacing between suggested patch centres, in raster pixels;
     default half the side of the square each suggestion would get if the scene were split evenly
     (√(width·height / count) / 2), and at least one patch.  stride: patch grid step, a divisor of
-    the patch size (default: the patch size, i.e. non-overlapping patches).
+    the patch size (default: the patch size, i.e. non-overlapping patches).  balance_classes: take the
+    suggestions in turns from each predicted class (spread_selection's groups).
     """
     if count < 1:
         raise JEMError(f"COUNT must be at least 1 (got {count}).")
@@ -118,7 +135,8 @@ def suggest(model: LoadedModel | str | Path, raster: RasterInput, count: int, *,
         positions = torch.tensor([[w.row + size / 2, w.col + size / 2] for w in windows])
         spacing = min_distance if min_distance is not None else \
             max(float(size), math.sqrt(source.width * source.height / count) / 2)
-        chosen = spread_selection(ranks["score"], positions, count, spacing)
+        chosen = spread_selection(ranks["score"], positions, count, spacing,
+                                  scores["predicted"] if balance_classes else None)
         return [make_suggestion(rank, index, windows[index], reader, scores, ranks, loaded.meta.class_names)
                 for rank, index in enumerate(chosen, start=1)]
 

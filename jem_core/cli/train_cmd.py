@@ -51,10 +51,11 @@ def register(subparsers) -> None:
     p.add_argument("--energy-reg", type=float, default=defaults.energy_reg)
     p.add_argument("--weight-gen", type=float, default=defaults.weight_gen)
     p.add_argument("--consistency", type=float, nargs="?", const=1.0, default=defaults.consistency_weight,
-                   metavar="WEIGHT", help="JEM + consistency: FixMatch pseudo-labels on unlabelled images "
+                   metavar="WEIGHT", help="JEM + consistency: pseudo-labels on unlabelled images "
                                           "(weight of the term; the bare flag means 1.0; default: %(default)s, off)")
     p.add_argument("--consistency-threshold", type=float, default=defaults.consistency_threshold,
-                   help="confidence a weak view needs to become a pseudo-label (default: %(default)s)")
+                   help="fixed confidence a weak view needs to become a pseudo-label (FixMatch: 0.95); default: "
+                        "FreeMatch's self-adaptive class-wise thresholds")
     p.add_argument("--patience", type=int, default=defaults.patience,
                    help=f"early-stopping patience in epochs, with at least {MIN_VAL_FOR_SELECTION} validation images "
                         "(default: %(default)s)")
