@@ -1,4 +1,5 @@
-"""PNG preview of a mapping run: the input (true colour), the class map with a legend, and −E(x)."""
+"""PNG preview of a mapping run: the input (true colour), the class map with a legend, the confidence
+max p(y|x) and the familiarity −E(x)."""
 from __future__ import annotations
 
 import json
@@ -50,8 +51,10 @@ def _true_colour(inputs: Sequence[str | os.PathLike], bands: Sequence[str] | Non
 
 def render_map_preview(classes_path: str | os.PathLike, confidence_path: str | os.PathLike | None,
                        out_png: str | os.PathLike, inputs: Sequence[str | os.PathLike] | None = None,
-                       bands: Sequence[str] | None = None, title: str = "", max_legend: int = 12) -> Path:
-    """Side-by-side panels: input (when given), class map (legend: the largest classes), −E(x)."""
+                       bands: Sequence[str] | None = None, title: str = "", max_legend: int = 12,
+                       familiarity_path: str | os.PathLike | None = None) -> Path:
+    """Side-by-side panels: input (when given), class map (legend: the largest classes), confidence
+    max p(y|x) and familiarity −E(x) (each when given)."""
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
 
@@ -60,7 +63,7 @@ def render_map_preview(classes_path: str | os.PathLike, confidence_path: str | o
     names = json.loads(info["tags"].get("jem_class_names", "[]")) or [str(i) for i in range(int(classes.max()) + 1)]
     colormap = info["colormap"] or {}
     colours = np.array([colormap.get(i, (128, 128, 128, 255)) for i in range(len(names))], float) / 255
-    panels = (1 if inputs else 0) + 1 + (1 if confidence_path else 0)
+    panels = (1 if inputs else 0) + 1 + (1 if confidence_path else 0) + (1 if familiarity_path else 0)
     fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 6.0), squeeze=False, layout="constrained")
     axes = list(axes[0])
     b = info["bounds"]
@@ -79,15 +82,22 @@ def render_map_preview(classes_path: str | os.PathLike, confidence_path: str | o
     ax.legend(handles=[Patch(color=colours[i], label=f"{names[i]} {counts[i] / total:.0%}") for i in order],
               loc="upper center", bbox_to_anchor=(0.5, -0.06), ncol=3, fontsize=7, frameon=False)
     ax.set_title("class map argmax p(y|x)")
-    if confidence_path:
+    if confidence_path:  # fixed 0–1 scale, low (likely wrong) in dark red as in the QGIS style
         ax = axes.pop(0)
         confidence, _ = _read_decimated(confidence_path, band=1)
-        finite = confidence[np.isfinite(confidence)]
+        image = ax.imshow(np.ma.masked_invalid(confidence), cmap="Reds_r", vmin=0, vmax=1, extent=extent,
+                          interpolation="nearest")
+        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="max p(y|x) (low = class likely wrong)")
+        ax.set_title("confidence max p(y|x)")
+    if familiarity_path:
+        ax = axes.pop(0)
+        familiarity, _ = _read_decimated(familiarity_path, band=1)
+        finite = familiarity[np.isfinite(familiarity)]
         low, high = np.percentile(finite, [2, 98]) if finite.size else (0, 1)
-        image = ax.imshow(np.ma.masked_invalid(confidence), cmap="magma", vmin=low, vmax=high, extent=extent,
+        image = ax.imshow(np.ma.masked_invalid(familiarity), cmap="magma", vmin=low, vmax=high, extent=extent,
                           interpolation="nearest")
         fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="−E(x) (higher = more like training data)")
-        ax.set_title("confidence −E(x)")
+        ax.set_title("familiarity −E(x)")
     if title:
         fig.suptitle(title, fontsize=10)
     for ax in fig.axes[:panels]:

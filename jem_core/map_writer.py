@@ -1,4 +1,4 @@
-"""The GeoTIFF outputs of a map: class map (Byte, colour table), confidence, max p(y|x), p(y|x).
+"""The GeoTIFF outputs of a map: class map (Byte, colour table), confidence max p(y|x), familiarity −E(x), p(y|x).
 
 - `MapOutputs(targets, profile, class_names, tags)`: the output files, written under temporary names
   beside the targets and renamed together by commit() only when every one is complete (abort()
@@ -106,8 +106,7 @@ class MapOutputs:
             for i, name in enumerate(class_names):
                 dataset.set_band_description(i + 1, f"p({name})")
         else:
-            dataset.set_band_description(1, {"confidence": "-E(x) = logsumexp f(x)",
-                                             "max_probability": "max p(y|x)"}[kind])
+            dataset.set_band_description(1, _DESCRIPTIONS[kind])
 
     def write(self, row_off: int, arrays: dict[str, np.ndarray]) -> None:
         from rasterio.windows import Window
@@ -143,10 +142,15 @@ def _write_failed(target: Path, detail: str) -> JEMError:
                     "the write permission there; no output was kept.")
 
 
+_DESCRIPTIONS = {  # band 1 of the single-band outputs: what the layer means
+    "confidence": "confidence: max p(y|x), how sure the classifier is; low where the class is likely wrong",
+    "familiarity": "familiarity: -E(x) = logsumexp f(x), higher = more like the training data",
+}
+
 _KIND_PROFILE: dict[str, Callable[[int], dict[str, Any]]] = {
     "classes": lambda n: {"count": 1, "dtype": "uint8", "nodata": CLASS_NODATA},
     "confidence": lambda n: {"count": 1, "dtype": "float32", "nodata": float("nan")},
-    "max_probability": lambda n: {"count": 1, "dtype": "float32", "nodata": float("nan")},
+    "familiarity": lambda n: {"count": 1, "dtype": "float32", "nodata": float("nan")},
     "probabilities": lambda n: {"count": n, "dtype": "float32", "nodata": float("nan"), "interleave": "band"},
 }
 

@@ -1,17 +1,19 @@
-"""Land-cover mapping of real rasters with a JEM: a class map and a −E(x) confidence map.
+"""Land-cover mapping of real rasters with a JEM: a class map, a confidence map and a familiarity map.
 
 A model trained on scene patches (image_size × image_size pixels) is slid over a raster; every
 patch gets logits f(x), from which the maps follow:
 
     class        argmax_y f(x)[y]                     Byte, colour table, class names in the metadata
-    confidence   −E(x) = logsumexp_y f(x)[y]          Float32; higher = more like the training data
-    max_prob     max_y softmax(f(x))[y]               Float32 (optional)
+    confidence   max_y softmax(f(x))[y] = max p(y|x)  Float32 in [0, 1]; how sure the classifier is,
+                                                      low where the class map is likely wrong
+    familiarity  −E(x) = logsumexp_y f(x)[y]          Float32; higher = more like the training data
+                                                      (the OOD map; it does not mark wrong classes)
     probs        softmax(f(x)), one band per class    Float32 (optional)
 
 API (the QGIS layer adapts it 1:1)
 ----------------------------------
 map_raster(model, inputs, out_classes, out_confidence=None, *, bands=None, stride=None, batch_size=64,
-           device="auto", out_max_probability=None, out_probabilities=None, resolution="patch",
+           device="auto", out_familiarity=None, out_probabilities=None, resolution="patch",
            target_gsd=None, stretch="auto", read_ahead=2, progress=None, should_stop=None) -> MapResult
 
   model       a model file path or a LoadedModel (moved to `device`).
@@ -23,7 +25,7 @@ map_raster(model, inputs, out_classes, out_confidence=None, *, bands=None, strid
               them, else all bands when the count matches.  A count mismatch raises JEMError.
   stride      pixels between patch origins; must divide the patch size.  None = patch size (no
               overlap).  A smaller stride overlaps patches: each output cell (stride × stride
-              pixels) gets the MEAN LOGITS of every patch covering it, then argmax/−E/softmax.
+              pixels) gets the MEAN LOGITS of every patch covering it, then argmax/softmax/−E.
   resolution  "patch": one output pixel per stride × stride cell, geotransform = input's × stride;
               "input": the input grid itself (each cell's value repeated over its pixels).
   target_gsd  resample the raster on read (averaging) to this pixel size, in the raster CRS's units,
@@ -82,14 +84,15 @@ from .raster_io import RasterSource, Stretch, choose_stretch, open_raster, raste
 from .windowing import PatchGrid, iter_patches, patch_grid
 
 RESOLUTIONS = ("patch", "input")
-CONFIDENCE_TAG = "-E(x) = logsumexp of the mean logits of the patches covering the cell"
+CONFIDENCE_TAG = "max p(y|x) = max softmax of the mean logits of the patches covering the cell"
+FAMILIARITY_TAG = "-E(x) = logsumexp of the mean logits of the patches covering the cell"
 
 
 @dataclass
 class MapResult:
     classes: Path
-    confidence: Path | None
-    max_probability: Path | None
+    confidence: Path | None  # max p(y|x)
+    familiarity: Path | None  # −E(x)
     probabilities: Path | None
     width: int  # output size in pixels
     height: int
@@ -119,7 +122,7 @@ class MapResult:
 def map_raster(model: str | os.PathLike | LoadedModel, inputs: str | os.PathLike | Sequence[str | os.PathLike],
                out_classes: str | os.PathLike, out_confidence: str | os.PathLike | None = None, *,
                bands: Sequence[str] | None = None, stride: int | None = None, batch_size: int = 64,
-               device: str = "auto", out_max_probability: str | os.PathLike | None = None,
+               device: str = "auto", out_familiarity: str | os.PathLike | None = None,
                out_probabilities: str | os.PathLike | None = None, resolution: str = "patch",
                target_gsd: float | None = None, stretch: str | Stretch = "auto", read_ahead: int = 2,
                progress: ProgressFn | None = None, should_stop: StopFn | None = None) -> MapResult:
@@ -134,7 +137,7 @@ def map_raster(model: str | os.PathLike | LoadedModel, inputs: str | os.PathLike
     meta = loaded.meta
     if len(meta.class_names) > CLASS_NODATA:
         raise JEMError(f"The model has {len(meta.class_names)} classes; a Byte class map holds at most {CLASS_NODATA}.")
-    targets = {"classes": out_classes, "confidence": out_confidence, "max_probability": out_max_probability,
+    targets = {"classes": out_classes, "confidence": out_confidence, "familiarity": out_familiarity,
                "probabilities": out_probabilities}
     paths = [Path(p).resolve() for p in targets.values() if p is not None]
     if len(set(paths)) != len(paths):
@@ -165,7 +168,7 @@ def _map(loaded: LoadedModel, source: RasterSource, grid: PatchGrid, stretch: St
                "tiled": True, "blockxsize": 256, "blockysize": 256, "compress": "deflate", "BIGTIFF": "IF_SAFER"}
     tags = {"jem_class_names": json.dumps(meta.class_names), "jem_bands": ",".join(source.band_names),
             "jem_stretch": stretch.describe(), "jem_patch_size": str(grid.patch_size), "jem_stride": str(grid.stride),
-            "jem_confidence": CONFIDENCE_TAG}
+            "jem_confidence": CONFIDENCE_TAG, "jem_familiarity": FAMILIARITY_TAG}
     start = time.monotonic()
     outputs = MapOutputs(targets, profile, meta.class_names, tags)
     try:
@@ -191,7 +194,7 @@ def _map(loaded: LoadedModel, source: RasterSource, grid: PatchGrid, stretch: St
         progress(1.0, "done")
     return MapResult(
         classes=Path(targets["classes"]), confidence=_path(targets["confidence"]),
-        max_probability=_path(targets["max_probability"]), probabilities=_path(targets["probabilities"]),
+        familiarity=_path(targets["familiarity"]), probabilities=_path(targets["probabilities"]),
         width=width, height=height, resolution=resolution, patch_size=grid.patch_size, stride=grid.stride,
         bands=list(source.band_names), stretch=stretch.describe(), device=str(device), patches=stats["patches"],
         skipped_patches=stats["skipped"], class_counts=dict(zip(meta.class_names, counts.tolist())),
@@ -257,17 +260,17 @@ def _run(loaded: LoadedModel, source: RasterSource, grid: PatchGrid, stretch: St
 
 def cell_values(sums: np.ndarray, counts: np.ndarray, kinds: set[str]) -> dict[str, np.ndarray]:
     """The outputs of a row of cells from their summed logits (cells, C) and patch counts (cells,):
-    the one place where the class, the confidence score and the probabilities are computed."""
+    the one place where the class, the confidence, the familiarity and the probabilities are computed."""
     covered = counts > 0
     logits = sums / np.maximum(counts, 1)[:, None]
     top = logits.max(axis=1, keepdims=True)
     exp = np.exp(logits - top)
     total = exp.sum(axis=1)
     values = {"classes": np.where(covered, logits.argmax(axis=1), CLASS_NODATA).astype(np.uint8)}
-    if "confidence" in kinds:  # −E(x) = logsumexp_y of the mean logits (CONFIDENCE_TAG)
-        values["confidence"] = np.where(covered, top[:, 0] + np.log(total), np.nan).astype(np.float32)
-    if "max_probability" in kinds:
-        values["max_probability"] = np.where(covered, 1.0 / total, np.nan).astype(np.float32)
+    if "confidence" in kinds:  # max p(y|x) = exp(top − logsumexp) = 1 / Σ exp(logits − top) (CONFIDENCE_TAG)
+        values["confidence"] = np.where(covered, 1.0 / total, np.nan).astype(np.float32)
+    if "familiarity" in kinds:  # −E(x) = logsumexp_y of the mean logits (FAMILIARITY_TAG)
+        values["familiarity"] = np.where(covered, top[:, 0] + np.log(total), np.nan).astype(np.float32)
     if "probabilities" in kinds:
         probs = exp / total[:, None]
         values["probabilities"] = np.where(covered[None], probs.T, np.nan).astype(np.float32)

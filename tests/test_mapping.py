@@ -106,31 +106,45 @@ def test_georeferencing_is_exact_at_patch_and_input_resolution(tmp_path, model_p
     assert np.isfinite(confidence[0]).all()
 
 
-def test_overlapping_stride_averages_logits(tmp_path, model_path):
+@pytest.mark.parametrize("resolution", ["patch", "input"])
+def test_overlapping_stride_averages_logits(tmp_path, model_path, resolution):
+    """Each cell's outputs come from the mean logits of its patches: class = argmax, confidence = max softmax,
+    familiarity = logsumexp, probabilities = softmax; at input resolution they fill the cell's pixels."""
     pixels = scene(seed=3)
     raster = write_raster(tmp_path / "in.tif", pixels)
-    result = map_raster(model_path, raster, tmp_path / "c.tif", tmp_path / "e.tif", stride=8, device="cpu",
-                        out_max_probability=tmp_path / "p.tif", out_probabilities=tmp_path / "probs.tif",
-                        stretch="none")
-    confidence, _ = read(result.confidence)
-    probs, _ = read(result.probabilities)
-    maxp, _ = read(result.max_probability)
-    classes, _ = read(result.classes)
+    result = map_raster(model_path, raster, tmp_path / "c.tif", tmp_path / "conf.tif", stride=8, device="cpu",
+                        out_familiarity=tmp_path / "fam.tif", out_probabilities=tmp_path / "probs.tif",
+                        resolution=resolution, stretch="none")
+    scale = 8 if resolution == "input" else 1  # a cell's top-left pixel in the output grid
+    outputs = {kind: read(getattr(result, kind))[0]
+               for kind in ("classes", "confidence", "familiarity", "probabilities")}
+
+    def at(kind: str, row: int, col: int) -> np.ndarray:
+        return outputs[kind][:, row * scale, col * scale]
+
+    def check(row: int, col: int, logits: torch.Tensor) -> None:
+        assert at("confidence", row, col)[0] == pytest.approx(logits.softmax(0).max().item(), abs=1e-5)
+        assert at("familiarity", row, col)[0] == pytest.approx(torch.logsumexp(logits, 0).item(), abs=1e-4)
+        assert at("probabilities", row, col) == pytest.approx(logits.softmax(0).numpy(), abs=1e-5)
+        assert at("classes", row, col)[0] == logits.argmax().item()
+
+    confidence = outputs["confidence"]
+    assert np.isfinite(confidence).all() and (confidence >= 1 / 3 - 1e-6).all() and (confidence <= 1).all()
+    assert np.allclose(confidence[0], outputs["probabilities"].max(0), atol=1e-6)
     # Cell (2, 3) lies under patches with origins rows {8, 16} × cols {16, 24} (stride 8, patch 16).
     inner = patch_logits(model_path, pixels, [(8, 16), (8, 24), (16, 16), (16, 24)]).mean(0)
-    assert confidence[0, 2, 3] == pytest.approx(torch.logsumexp(inner, 0).item(), abs=1e-4)
-    assert probs[:, 2, 3] == pytest.approx(inner.softmax(0).numpy(), abs=1e-5)
-    assert maxp[0, 2, 3] == pytest.approx(inner.softmax(0).max().item(), abs=1e-5)
-    assert classes[0, 2, 3] == inner.argmax().item()
+    check(2, 3, inner)
     # The corner cell has one patch only; a single patch's logits differ from the average.
     corner = patch_logits(model_path, pixels, [(0, 0)])[0]
-    assert confidence[0, 0, 0] == pytest.approx(torch.logsumexp(corner, 0).item(), abs=1e-4)
-    assert abs(torch.logsumexp(corner, 0).item() - confidence[0, 2, 3]) > 1e-4
+    check(0, 0, corner)
+    assert abs(torch.logsumexp(corner, 0).item() - at("familiarity", 2, 3)[0]) > 1e-4
     # The edge: the last patch row/column is shifted inwards to origins 53 − 16 = 37 and 70 − 16 = 54.
-    edge = patch_logits(model_path, pixels, [(32, 48), (32, 54), (37, 48), (37, 54)]).mean(0)
-    assert confidence[0, 5, 7] == pytest.approx(torch.logsumexp(edge, 0).item(), abs=1e-4)
-    last = patch_logits(model_path, pixels, [(37, 54)])[0]
-    assert confidence[0, 6, 8] == pytest.approx(torch.logsumexp(last, 0).item(), abs=1e-4)
+    check(5, 7, patch_logits(model_path, pixels, [(32, 48), (32, 54), (37, 48), (37, 54)]).mean(0))
+    check(6, 8, patch_logits(model_path, pixels, [(37, 54)])[0])
+    for kind, meaning in (("confidence", "max p(y|x)"), ("familiarity", "-E(x)")):
+        with rasterio.open(getattr(result, kind)) as src:
+            assert src.descriptions[0].startswith(f"{kind}: {meaning}")
+            assert src.tags()[f"jem_{kind}"].startswith(meaning)
 
 
 def test_nodata_in_input_gives_nodata_in_outputs(tmp_path, model_path):
@@ -255,12 +269,15 @@ def test_reader_thread_gives_the_same_map_and_iter_patches_cuts_exact_windows(tm
 def test_cli_map_end_to_end(tmp_path, model_path, capsys):
     raster = write_raster(tmp_path / "in.tif", scene())
     code = cli_main(["map", str(model_path), str(raster), "--out-classes", str(tmp_path / "c.tif"),
-                     "--out-confidence", str(tmp_path / "e.tif"), "--stride", "8", "--device", "cpu",
-                     "--json", str(tmp_path / "r.json"), "--preview", str(tmp_path / "p.png")])
+                     "--out-confidence", str(tmp_path / "e.tif"), "--out-familiarity", str(tmp_path / "f.tif"),
+                     "--stride", "8", "--device", "cpu", "--json", str(tmp_path / "r.json"),
+                     "--preview", str(tmp_path / "p.png")])
     assert code == 0
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["width"] == 9 and report["stride"] == 8 and report["patches"] == 48
     assert read(tmp_path / "e.tif")[1]["shape"] == (7, 9)
+    assert report["confidence"] == str(tmp_path / "e.tif") and report["familiarity"] == str(tmp_path / "f.tif")
+    assert (read(tmp_path / "e.tif")[0] <= 1).all() and np.isfinite(read(tmp_path / "f.tif")[0]).all()
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
     umask = os.umask(0)
     os.umask(umask)
@@ -283,7 +300,7 @@ def test_target_gsd_resamples_before_cutting_patches(tmp_path, model_path):
     # The first patch at 20 m is the 2 × 2 average of the top-left 32 × 32 px at 10 m.
     averaged = pixels[:, :32, :32].astype(np.float64).reshape(3, 16, 2, 16, 2).mean(axis=(2, 4))
     expected = patch_logits(model_path, averaged.astype(np.float32), [(0, 0)])[0]
-    assert read(result.confidence)[0][0, 0, 0] == pytest.approx(torch.logsumexp(expected, 0).item(), abs=1e-3)
+    assert read(result.confidence)[0][0, 0, 0] == pytest.approx(expected.softmax(0).max().item(), abs=1e-3)
 
 
 def test_band_list_parser_is_shared_by_cli_and_plugin():

@@ -2,7 +2,9 @@
 AID-trained model.
 
 Needs nothing outside the project checkout (no network, no ../shared): demo/model.pt and
-demo/beirut/*.tif.  Writes OUT/classes.tif, OUT/confidence.tif and OUT/preview.png.
+demo/beirut/*.tif.  Writes OUT/classes.tif, OUT/confidence.tif (max p(y|x): low where the map is
+likely wrong), OUT/familiarity.tif (−E(x): how much each patch looks like the training data) and
+OUT/preview.png.
 """
 from __future__ import annotations
 
@@ -38,11 +40,12 @@ def run_demo(args: argparse.Namespace) -> int:
     log(f"mapping {len(inputs)} Sentinel-2 bands ({', '.join(BANDS)}) of Beirut with {model.name}, "
         f"stride {args.stride} px")
     result = map_raster(model, inputs, out_dir / "classes.tif", out_dir / "confidence.tif", bands=BANDS,
-                        stride=args.stride, progress=ProgressBar("map"))
+                        stride=args.stride, out_familiarity=out_dir / "familiarity.tif", progress=ProgressBar("map"))
     log(f"stretch: {result.stretch}")
     log(result.summary())
     preview = render_map_preview(result.classes, result.confidence, out_dir / "preview.png", inputs=inputs,
                                  bands=BANDS, title="Beirut, Sentinel-2 L1C (crop), AID-trained JEM: "
-                                                    f"{result.patch_size} px patches, stride {result.stride} px")
-    print(f"demo done: {result.classes}, {result.confidence}, {preview}")
+                                                    f"{result.patch_size} px patches, stride {result.stride} px",
+                                 familiarity_path=result.familiarity)
+    print(f"demo done: {result.classes}, {result.confidence}, {result.familiarity}, {preview}")
     return 0

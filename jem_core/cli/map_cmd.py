@@ -1,4 +1,4 @@
-"""`jem map`: a class map and a −E(x) confidence map of a raster."""
+"""`jem map`: a class map, a confidence map max p(y|x) and a familiarity map −E(x) of a raster."""
 from __future__ import annotations
 
 import argparse
@@ -14,14 +14,20 @@ from .common import ProgressBar, add_device_option, log
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "map", help="classify a raster patch by patch: class map + confidence −E(x)",
+        "map", help="classify a raster patch by patch: class map + confidence max p(y|x)",
         description="Slide MODEL over RASTER (one multi-band raster, or several single-band files to stack on "
-                    "the finest grid) and write a class map and a confidence map −E(x) as GeoTIFFs.")
+                    "the finest grid) and write a class map, a confidence map max p(y|x) (low where the class "
+                    "map is likely wrong) and a familiarity map −E(x) (how much each patch looks like the "
+                    "training data) as GeoTIFFs.")
     p.add_argument("model", type=Path, metavar="MODEL")
     p.add_argument("inputs", type=Path, nargs="+", metavar="RASTER")
     p.add_argument("--out-classes", type=Path, required=True, help="class map GeoTIFF (Byte, colour table)")
-    p.add_argument("--out-confidence", type=Path, help="confidence −E(x) GeoTIFF (Float32)")
-    p.add_argument("--out-max-probability", type=Path, help="max p(y|x) GeoTIFF (Float32)")
+    p.add_argument("--out-confidence", type=Path,
+                   help="confidence max p(y|x) GeoTIFF (Float32, 0–1): how sure the classifier is; low where the "
+                        "map is likely wrong")
+    p.add_argument("--out-familiarity", type=Path,
+                   help="familiarity −E(x) GeoTIFF (Float32): higher = more like the training data (OOD map); "
+                        "it does not mark wrong classes")
     p.add_argument("--out-probabilities", type=Path, help="p(y|x) per class, one band each (Float32)")
     p.add_argument("--bands", help="bands in the model's order, by name or 1-based index, e.g. B04,B03,B02 "
                    "(default: the model's band names; for a red/green/blue model on Sentinel-2 or Landsat band "
@@ -36,7 +42,8 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--read-ahead", type=int, default=2, help="strips a reader thread keeps ready (0: no thread)")
     p.add_argument("--json", type=Path, help="also write the run summary as JSON here")
-    p.add_argument("--preview", type=Path, help="also write a PNG: input, class map with legend, −E(x)")
+    p.add_argument("--preview", type=Path,
+                   help="also write a PNG: input, class map with legend, confidence (and familiarity when written)")
     add_device_option(p)
     p.set_defaults(run=run_map)
 
@@ -45,18 +52,19 @@ def run_map(args: argparse.Namespace) -> int:
     bands = parse_band_list(args.bands)
     result = map_raster(args.model, args.inputs, args.out_classes, args.out_confidence, bands=bands,
                         stride=args.stride, batch_size=args.batch_size, device=args.device,
-                        out_max_probability=args.out_max_probability, out_probabilities=args.out_probabilities,
+                        out_familiarity=args.out_familiarity, out_probabilities=args.out_probabilities,
                         resolution=args.resolution, target_gsd=args.target_gsd, stretch=args.stretch,
                         read_ahead=args.read_ahead, progress=ProgressBar("map"))
     log(f"bands {','.join(result.bands)}; stretch {result.stretch}")
     for note in result.notes:
         log(note)
     log(result.summary())
-    written = [p for p in (result.classes, result.confidence, result.max_probability, result.probabilities) if p]
+    written = [p for p in (result.classes, result.confidence, result.familiarity, result.probabilities) if p]
     log("written: " + ", ".join(str(p) for p in written))
     if args.preview:
         render_map_preview(result.classes, result.confidence, args.preview, inputs=args.inputs, bands=result.bands,
-                           title=f"{args.model.name}: {result.patch_size} px patches, stride {result.stride} px")
+                           title=f"{args.model.name}: {result.patch_size} px patches, stride {result.stride} px",
+                           familiarity_path=result.familiarity)
         log(f"preview: {args.preview}")
     if args.json:
         write_json(args.json, {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(result).items()})
