@@ -1,7 +1,8 @@
-"""Styles and names for the outputs: class map, confidence map, suggested patches, annotations.
+"""Styles and names for the outputs: class map, confidence and familiarity maps, suggested patches, annotations.
 
-The raster QML templates in resources/styles set the look (default class palette, colour ramp,
-opacity); the functions here fit them to one raster (the classes it holds, its value range).  The
+The raster QML templates in resources/styles set the look (default class palette, colour ramps,
+opacity); the functions here fit them to one raster (the classes it holds; the familiarity map's value
+range; the confidence map keeps its fixed 0–1 ramp, so low confidence looks the same on every map).  The
 style is also written as <output>.qml beside a file output, which QGIS loads with the layer next
 time.  style_outputs() is the one place an algorithm hands its outputs over for styling and naming.
 """
@@ -27,10 +28,11 @@ from .paths import resource_path
 
 CLASS_MAP_TEMPLATE = "class_map.qml"
 CONFIDENCE_TEMPLATE = "confidence.qml"
-# Share of pixels clipped at each end of the confidence ramp, so a few outliers do not flatten it.
-CONFIDENCE_CUT = 0.02
-# Longest side of the decimated read the confidence range is estimated from.
-CONFIDENCE_READ_SIDE = 1024
+FAMILIARITY_TEMPLATE = "familiarity.qml"
+# Share of pixels clipped at each end of the familiarity ramp, so a few outliers do not flatten it.
+FAMILIARITY_CUT = 0.02
+# Longest side of the decimated read the familiarity range is estimated from.
+FAMILIARITY_READ_SIDE = 1024
 # jem_core.mapping.CLASS_NODATA: the class map's value for pixels no patch covered.
 CLASS_NODATA = 255
 # Colours closer than this (Euclidean distance of 0-255 RGB) read as one colour in a legend.
@@ -52,7 +54,7 @@ class Template:
 
 
 def template(name: str) -> Template:
-    """Read a template's palette entries (class map) or ramp items (confidence) from its QML."""
+    """Read a template's palette entries (class map) or ramp items (confidence, familiarity) from its QML."""
     root = ElementTree.parse(resource_path("styles", name)).getroot()
     renderer = root.find(".//rasterrenderer")
     entries = renderer.findall(".//paletteEntry") + renderer.findall(".//colorrampshader/item")
@@ -142,7 +144,7 @@ def class_map_renderer(layer: QgsRasterLayer) -> QgsPalettedRasterRenderer:
     return renderer
 
 
-def confidence_range(path: str) -> tuple[float, float]:
+def familiarity_range(path: str) -> tuple[float, float]:
     """The 2-98 % range of the raster's values, from a decimated read with numpy: QGIS's own
     cumulativeCut would store a histogram of megabytes in <raster>.aux.xml."""
     from osgeo import gdal
@@ -150,7 +152,7 @@ def confidence_range(path: str) -> tuple[float, float]:
     with gdal_exceptions():
         dataset = gdal.Open(path)
         band = dataset.GetRasterBand(1)
-        scale = max(band.XSize, band.YSize) / CONFIDENCE_READ_SIDE
+        scale = max(band.XSize, band.YSize) / FAMILIARITY_READ_SIDE
         width, height = (max(1, int(band.XSize / scale)), max(1, int(band.YSize / scale))) if scale > 1 \
             else (band.XSize, band.YSize)
         values = band.ReadAsArray(buf_xsize=width, buf_ysize=height).astype(np.float64).ravel()
@@ -158,22 +160,37 @@ def confidence_range(path: str) -> tuple[float, float]:
     values = values[np.isfinite(values) & ((values != nodata) if nodata is not None else True)]
     if values.size == 0:
         return 0.0, 1.0
-    low, high = np.quantile(values, [CONFIDENCE_CUT, 1 - CONFIDENCE_CUT])
+    low, high = np.quantile(values, [FAMILIARITY_CUT, 1 - FAMILIARITY_CUT])
     return float(low), float(high if high > low else low + 1.0)
 
 
 def confidence_renderer(layer: QgsRasterLayer) -> QgsSingleBandPseudoColorRenderer:
-    """The template's colour ramp (stops at 0..1) stretched over the 2–98 % range of the raster's values."""
+    """The template's fixed ramp over max p(y|x) in 0..1: low confidence (likely wrong) stands out in red,
+    high confidence is transparent, the same on every map."""
     fallback = template(CONFIDENCE_TEMPLATE)
-    low, high = confidence_range(layer.source())
+    return _ramp_renderer(layer, fallback, [value for value, _ in fallback.stops],
+                          ("unsure: class likely wrong", "sure"))
+
+
+def familiarity_renderer(layer: QgsRasterLayer) -> QgsSingleBandPseudoColorRenderer:
+    """The template's colour ramp (stops at 0..1) stretched over the 2–98 % range of the raster's −E(x)."""
+    fallback = template(FAMILIARITY_TEMPLATE)
+    low, high = familiarity_range(layer.source())
+    return _ramp_renderer(layer, fallback, [low + position * (high - low) for position, _ in fallback.stops],
+                          ("unusual for the model", "like the training data"))
+
+
+def _ramp_renderer(layer: QgsRasterLayer, fallback: Template, values: list[float],
+                   ends: tuple[str, str]) -> QgsSingleBandPseudoColorRenderer:
+    """An interpolated ramp with the template's colours at `values`; the legend says what each end means."""
+    low, high = values[0], values[-1]
     ramp = QgsColorRampShader(low, high)
     ramp.setColorRampType(QgsColorRampShader.Interpolated)
-    values = [low + position * (high - low) for position, _ in fallback.stops]
     ramp.setColorRampItemList([QgsColorRampShader.ColorRampItem(value, color, f"{value:.2f}")
                                for value, (_, color) in zip(values, fallback.stops)])
     legend = QgsColorRampLegendNodeSettings()  # say which end is which, not only the numbers
-    legend.setMinimumLabel(f"{low:.2f}  unusual for the model")
-    legend.setMaximumLabel(f"{high:.2f}  like the training data")
+    legend.setMinimumLabel(f"{low:.2f}  {ends[0]}")
+    legend.setMaximumLabel(f"{high:.2f}  {ends[1]}")
     ramp.setLegendSettings(legend)
     shader = QgsRasterShader(low, high)
     shader.setRasterShaderFunction(ramp)
@@ -208,10 +225,11 @@ def style_footprints(layer: QgsVectorLayer, colour: str, label_field: str) -> No
 STYLES: dict[str, Callable[[QgsMapLayer], None]] = {
     "class_map": lambda layer: layer.setRenderer(class_map_renderer(layer)),
     "confidence": lambda layer: layer.setRenderer(confidence_renderer(layer)),
+    "familiarity": lambda layer: layer.setRenderer(familiarity_renderer(layer)),
     "suggestions": lambda layer: style_footprints(layer, SUGGESTION_COLOUR, "rank"),
     "annotations": lambda layer: style_footprints(layer, ANNOTATION_COLOUR, "class"),
 }
-RASTER_KINDS = {"class_map", "confidence"}
+RASTER_KINDS = {"class_map", "confidence", "familiarity"}
 
 
 def apply_style(layer: QgsMapLayer, kind: str) -> None:

@@ -50,7 +50,8 @@ def test_zip_holds_plugin_metadata_resources_and_engine(plugin_zip):
     assert {"jem_qgis_plugin/__init__.py", "jem_qgis_plugin/metadata.txt", "jem_qgis_plugin/LICENSE",
             "jem_qgis_plugin/provider.py",
             "jem_qgis_plugin/resources/icons/icon.png", "jem_qgis_plugin/resources/styles/class_map.qml",
-            "jem_qgis_plugin/resources/styles/confidence.qml"} <= names
+            "jem_qgis_plugin/resources/styles/confidence.qml",
+            "jem_qgis_plugin/resources/styles/familiarity.qml"} <= names
     assert not [n for n in names if "__pycache__" in n or n.endswith((".pyc", "packaging.py"))]
 
 

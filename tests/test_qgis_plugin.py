@@ -77,8 +77,8 @@ def test_provider_offers_every_algorithm_with_documented_parameters(provider):
     mapping = provider.algorithm("landcovermap")
     names = [p.name() for p in mapping.parameterDefinitions()]
     assert names[:8] == ["INPUT", "MODEL", "BANDS", "STRIDE", "DEVICE", "BATCH_SIZE", "RESOLUTION", "STRETCH"]
-    assert {"OUTPUT", "CONFIDENCE"} <= set(names)
-    for output in ("OUTPUT", "CONFIDENCE"):  # map_raster writes GeoTIFF whatever the name says
+    assert {"OUTPUT", "CONFIDENCE", "FAMILIARITY"} <= set(names)
+    for output in ("OUTPUT", "CONFIDENCE", "FAMILIARITY"):  # map_raster writes GeoTIFF whatever the name says
         assert mapping.parameterDefinition(output).supportedOutputRasterLayerExtensions() == ["tif"]
     arch = provider.algorithm("train").parameterDefinition("ARCH")
     assert arch.options() == list(ARCHITECTURES)  # read from jem_core's source, without importing torch
@@ -89,18 +89,22 @@ def test_provider_offers_every_algorithm_with_documented_parameters(provider):
 
 def test_land_cover_map_outputs_are_aligned_styled_and_named(provider, model_file, raster, tmp_path):
     out_classes, out_confidence = tmp_path / "classes.tif", tmp_path / "confidence.tif"
+    out_familiarity = tmp_path / "familiarity.tif"
     progress = []
     feedback = QgsProcessingFeedback()
     feedback.progressChanged.connect(progress.append)
     result = run("jem:landcovermap", {"INPUT": str(raster), "MODEL": str(model_file), "STRIDE": 8, "DEVICE": "cpu",
                                       "RESOLUTION": "patch", "OUTPUT": str(out_classes),
-                                      "CONFIDENCE": str(out_confidence)}, feedback)
-    assert result == {"OUTPUT": str(out_classes), "CONFIDENCE": str(out_confidence)}
+                                      "CONFIDENCE": str(out_confidence), "FAMILIARITY": str(out_familiarity)},
+                 feedback)
+    assert result == {"OUTPUT": str(out_classes), "CONFIDENCE": str(out_confidence),
+                      "FAMILIARITY": str(out_familiarity)}
     source = QgsRasterLayer(str(raster), "input")
     # A fresh layer loads <name>.qml beside the file as its default style: what a user sees on reload.
     classes = QgsRasterLayer(str(out_classes), "classes")
     confidence = QgsRasterLayer(str(out_confidence), "confidence")
-    for layer in (classes, confidence):
+    familiarity = QgsRasterLayer(str(out_familiarity), "familiarity")
+    for layer in (classes, confidence, familiarity):
         assert layer.isValid()
         assert layer.crs() == source.crs() == QgsCoordinateReferenceSystem("EPSG:32633")
         assert layer.extent() == source.extent()
@@ -110,9 +114,18 @@ def test_land_cover_map_outputs_are_aligned_styled_and_named(provider, model_fil
     present = sorted(set(np.unique(read_band(out_classes))) - {255})  # the legend lists the classes present
     assert [(c.value, c.label) for c in classes.renderer().classes()] == [(v, CLASSES[v]) for v in present]
     assert len({c.color.name() for c in classes.renderer().classes()}) == len(present)
+    # Confidence max p(y|x): a fixed 0–1 ramp, low values opaque red, high values transparent.
     assert confidence.renderer().type() == "singlebandpseudocolor"
     ramp = confidence.renderer().shader().rasterShaderFunction().colorRampItemList()
+    assert (ramp[0].value, ramp[-1].value) == (0, 1)
+    low, high = ramp[0].color, ramp[-1].color
+    assert low.alpha() == 255 and low.red() > 2 * max(low.green(), low.blue()) and high.alpha() == 0
     stats = confidence.dataProvider().bandStatistics(1)
+    assert 1 / len(CLASSES) - 1e-6 <= stats.minimumValue <= stats.maximumValue <= 1
+    # Familiarity −E(x): the ramp stretched over the map's own 2–98 % range.
+    assert familiarity.renderer().type() == "singlebandpseudocolor"
+    ramp = familiarity.renderer().shader().rasterShaderFunction().colorRampItemList()
+    stats = familiarity.dataProvider().bandStatistics(1)
     assert len(ramp) >= 3 and stats.minimumValue <= ramp[0].value < ramp[-1].value <= stats.maximumValue
     assert progress and max(progress) == pytest.approx(100)
 

@@ -69,7 +69,17 @@ def assert_class_map(layer) -> None:
 
 
 def assert_confidence(layer) -> None:
+    """max p(y|x) on a fixed 0–1 ramp (low confidence stands out the same on every map)."""
     assert layer.isValid() and layer.renderer().type() == "singlebandpseudocolor"
+    ramp = layer.renderer().shader().rasterShaderFunction().colorRampItemList()
+    assert (ramp[0].value, ramp[-1].value) == (0, 1)
+
+
+def assert_familiarity(layer) -> None:
+    """−E(x) on a ramp stretched over the map's own values, which are not confined to 0–1."""
+    assert layer.isValid() and layer.renderer().type() == "singlebandpseudocolor"
+    ramp = layer.renderer().shader().rasterShaderFunction().colorRampItemList()
+    assert ramp[0].value < ramp[-1].value and (ramp[0].value, ramp[-1].value) != (0, 1)
 
 
 def assert_footprints(layer, field: str) -> None:
@@ -85,15 +95,21 @@ def assert_footprints(layer, field: str) -> None:
 def test_landcovermap_twice_loaded_styled_and_named(provider, model_file, scene, tmp_path, project):
     first = run_and_load("jem:landcovermap", {"INPUT": str(scene), "MODEL": str(model_file), "DEVICE": "cpu",
                                               "OUTPUT": str(tmp_path / "milano_classes.tif"),
-                                              "CONFIDENCE": str(tmp_path / "milano_confidence.tif")})
+                                              "CONFIDENCE": str(tmp_path / "milano_confidence.tif"),
+                                              "FAMILIARITY": str(tmp_path / "milano_familiarity.tif")})
     second = run_and_load("jem:landcovermap", {"INPUT": str(scene), "MODEL": str(model_file), "DEVICE": "cpu",
-                                               "OUTPUT": TEMPORARY, "CONFIDENCE": TEMPORARY})
+                                               "OUTPUT": TEMPORARY, "CONFIDENCE": TEMPORARY,
+                                               "FAMILIARITY": TEMPORARY})
     for result in (first, second):
         assert_class_map(loaded(project, result["OUTPUT"]))
         assert_confidence(loaded(project, result["CONFIDENCE"]))
+        assert_familiarity(loaded(project, result["FAMILIARITY"]))
         assert Path(result["CONFIDENCE"]).with_suffix(".qml").is_file()
-    names = [loaded(project, result[key]).name() for result in (first, second) for key in ("OUTPUT", "CONFIDENCE")]
-    assert names == ["milano_classes", "milano_confidence", "scene class map", "scene confidence −E(x)"]
+        assert Path(result["FAMILIARITY"]).with_suffix(".qml").is_file()
+    keys = ("OUTPUT", "CONFIDENCE", "FAMILIARITY")
+    names = [loaded(project, result[key]).name() for result in (first, second) for key in keys]
+    assert names == ["milano_classes", "milano_confidence", "milano_familiarity",
+                     "scene class map", "scene confidence", "scene familiarity"]
 
 
 @pytest.mark.parametrize("output, name", [("milano_classes.tif", "milano_classes"),
@@ -164,7 +180,8 @@ def test_retrain_twice_with_maps_loaded_and_models_kept_beside_the_annotations(p
                                          "OUTPUT_MAP": str(tmp_path / "new_classes.tif"),
                                          "OUTPUT_CONFIDENCE": str(tmp_path / "new_confidence.tif")})
     second = run_and_load("jem:retrain", {"INPUT": raster, "ANNOTATIONS": layer, **RETRAIN_FAST,
-                                          "OUTPUT_MAP": TEMPORARY, "OUTPUT_CONFIDENCE": TEMPORARY})
+                                          "OUTPUT_MAP": TEMPORARY, "OUTPUT_CONFIDENCE": TEMPORARY,
+                                          "OUTPUT_FAMILIARITY": TEMPORARY})
     assert [Path(r["OUTPUT_MODEL"]).name for r in (first, second)] == ["ann_retrained.pt", "ann_retrained_2.pt"]
     for result in (first, second):
         assert load_model(result["OUTPUT_MODEL"]).meta.class_names == ["field", "town"]
@@ -172,6 +189,10 @@ def test_retrain_twice_with_maps_loaded_and_models_kept_beside_the_annotations(p
         assert_confidence(loaded(project, result["OUTPUT_CONFIDENCE"]))
     assert loaded(project, first["OUTPUT_MAP"]).name() == "new_classes"
     assert loaded(project, second["OUTPUT_MAP"]).name() == "scene new class map"
+    assert loaded(project, second["OUTPUT_CONFIDENCE"]).name() == "scene new confidence"
+    familiarity = loaded(project, second["OUTPUT_FAMILIARITY"])
+    assert_familiarity(familiarity)
+    assert familiarity.name() == "scene new familiarity"
 
 
 def test_suggest_twice_outlined_and_ranked(provider, model_file, scene, tmp_path, project):
@@ -203,7 +224,8 @@ def test_train_ood_and_samples_twice_in_one_session(provider, model_file, scenes
         assert Path(samples["OUTPUT"]).is_file()
 
 
-def test_confidence_without_class_map_is_refused_before_training(provider, scene, tmp_path, project):
+@pytest.mark.parametrize("output", ["OUTPUT_CONFIDENCE", "OUTPUT_FAMILIARITY"])
+def test_confidence_without_class_map_is_refused_before_training(provider, scene, tmp_path, project, output):
     import processing
 
     # QGIS 3.22 keeps a refused run's caller frames (and so these layers) alive until exit; owned by the
@@ -213,7 +235,7 @@ def test_confidence_without_class_map_is_refused_before_training(provider, scene
     project.addMapLayers([raster, layer])
     with pytest.raises(QgsProcessingException, match="comes with the class map"):
         processing.run("jem:retrain", {"INPUT": raster, "ANNOTATIONS": layer, **RETRAIN_FAST,
-                                       "OUTPUT_CONFIDENCE": str(tmp_path / "e.tif")}, feedback=QgsProcessingFeedback())
+                                       output: str(tmp_path / "e.tif")}, feedback=QgsProcessingFeedback())
     assert not list(tmp_path.glob("*.pt"))
 
 

@@ -1,4 +1,5 @@
-"""`jem:landcovermap`: a trained model slid over a raster → class map and confidence (−E(x)) map."""
+"""`jem:landcovermap`: a trained model slid over a raster → class map, confidence map max p(y|x) and
+familiarity map −E(x)."""
 from __future__ import annotations
 
 from typing import Any
@@ -27,10 +28,13 @@ class LandCoverMapAlgorithm(JemAlgorithm):
     ALGORITHM_ID = "landcovermap"
     DISPLAY_NAME = "JEM land cover map"
     ICON = "landcovermap.svg"
-    HELP = ("Slides a trained JEM model over a raster and writes two rasters aligned with the input: the "
-            "<b>class map</b> (most probable class per pixel, named and coloured) and the <b>confidence map</b> "
-            "−E(x) = logsumexp f(x) (high: the scene looks like the training data; low: unusual, treat the "
-            "class with care).<br><br>"
+    HELP = ("Slides a trained JEM model over a raster and writes rasters aligned with the input: the "
+            "<b>class map</b> (most probable class per pixel, named and coloured), the <b>confidence map</b> "
+            "max p(y|x), 0–1 (how sure the classifier is; the layer that marks likely errors: low values, "
+            "shown in red, are where the class map is most likely wrong; written by default) and, optionally, "
+            "the <b>familiarity map</b> −E(x) = logsumexp f(x) (how much each patch looks like the training "
+            "data: low means unusual imagery, out of the model's experience; it does not tell right from "
+            "wrong classes; not written by default).<br><br>"
             "<b>Bands</b>: the input bands to feed the model, in the model's order, as names or 1-based "
             "indexes separated by commas (e.g. <i>3,2,1</i> or <i>B04,B03,B02</i>); empty picks them by the "
             "model's band names, else (a red/green/blue model on Sentinel-2 or Landsat bands) by what the sensor's "
@@ -60,8 +64,10 @@ class LandCoverMapAlgorithm(JemAlgorithm):
                 QgsProcessingParameterString("STRETCH", "Value stretch (auto, none, percentile:2,98, "
                                              "linear:MIN,MAX)", defaultValue="auto"))
         self.addParameter(QgsProcessingParameterRasterDestination("OUTPUT", "Class map"))
-        self.addParameter(QgsProcessingParameterRasterDestination("CONFIDENCE", "Confidence map (−E(x))",
+        self.addParameter(QgsProcessingParameterRasterDestination("CONFIDENCE", "Confidence: max p(y|x)",
                                                                   optional=True, createByDefault=True))
+        self.addParameter(QgsProcessingParameterRasterDestination("FAMILIARITY", "Familiarity −E(x)",
+                                                                  optional=True, createByDefault=False))
 
     def execute(self, parameters: dict[str, Any], context: QgsProcessingContext,
             feedback: QgsProcessingFeedback) -> dict[str, Any]:
@@ -73,12 +79,14 @@ class LandCoverMapAlgorithm(JemAlgorithm):
         bands = self.band_list(parameters, context)
         out_classes = self.parameterAsOutputLayer(parameters, "OUTPUT", context)
         out_confidence = self.parameterAsOutputLayer(parameters, "CONFIDENCE", context) or None
+        out_familiarity = self.parameterAsOutputLayer(parameters, "FAMILIARITY", context) or None
         device = self.device(parameters, context)
         loaded = load_model(self.model_file(parameters, context), resolve_device(device))
         stride = self.parameterAsInt(parameters, "STRIDE", context) or default_stride(loaded.meta.image_size)
         result = map_raster(
             loaded, layer.source(), out_classes, out_confidence, bands=bands, stride=stride,
-            batch_size=self.parameterAsInt(parameters, "BATCH_SIZE", context), device=device,
+            out_familiarity=out_familiarity, batch_size=self.parameterAsInt(parameters, "BATCH_SIZE", context),
+            device=device,
             resolution=self.parameterAsEnumString(parameters, "RESOLUTION", context),
             stretch=self.parameterAsString(parameters, "STRETCH", context).strip() or "auto",
             progress=progress_reporter(feedback), should_stop=feedback.isCanceled)
@@ -90,6 +98,9 @@ class LandCoverMapAlgorithm(JemAlgorithm):
         styled = [StyledOutput(out_classes, "class_map", "class map")]
         if out_confidence:
             outputs["CONFIDENCE"] = out_confidence
-            styled.append(StyledOutput(out_confidence, "confidence", "confidence −E(x)"))
+            styled.append(StyledOutput(out_confidence, "confidence", "confidence"))
+        if out_familiarity:
+            outputs["FAMILIARITY"] = out_familiarity
+            styled.append(StyledOutput(out_familiarity, "familiarity", "familiarity"))
         style_outputs(context, layer.name(), styled)
         return outputs

@@ -87,9 +87,10 @@ class RetrainAlgorithm(JemAlgorithm):
             "semi-supervised JEM training. Every annotation is used for training, so the "
             "log reports only how well the model fits them (there is no validation split). <b>Retrained model</b> "
             "left empty is saved beside the annotation file as <i>&lt;annotations&gt;_retrained.pt</i> "
-            "(_2, _3 … when that exists; beside the raster for a layer without a file). Optional outputs: the "
-            "new class and confidence (−E(x)) maps of the raster, as <i>JEM land cover map</i> makes them. Runs "
-            "in the background; Cancel stops it and writes nothing.")
+            "(_2, _3 … when that exists; beside the raster for a layer without a file). Optional outputs "
+            "(none by default): the new class map, confidence map max p(y|x) (low: the class is likely wrong) "
+            "and familiarity map −E(x) (low: unlike the training data) of the raster, as <i>JEM land cover "
+            "map</i> makes them. Runs in the background; Cancel stops it and writes nothing.")
 
     def initAlgorithm(self, config=None) -> None:  # noqa: N802 (QGIS API name)
         self.addParameter(QgsProcessingParameterRasterLayer("INPUT", "Input raster"))
@@ -126,7 +127,9 @@ class RetrainAlgorithm(JemAlgorithm):
             "JEM model (*.pt)", optional=True, createByDefault=False))
         self.addParameter(QgsProcessingParameterRasterDestination("OUTPUT_MAP", "New class map", optional=True,
                                                                   createByDefault=False))
-        self.addParameter(QgsProcessingParameterRasterDestination("OUTPUT_CONFIDENCE", "New confidence map (−E(x))",
+        self.addParameter(QgsProcessingParameterRasterDestination("OUTPUT_CONFIDENCE", "New confidence: max p(y|x)",
+                                                                  optional=True, createByDefault=False))
+        self.addParameter(QgsProcessingParameterRasterDestination("OUTPUT_FAMILIARITY", "New familiarity −E(x)",
                                                                   optional=True, createByDefault=False))
         self.addOutput(QgsProcessingOutputNumber("LABELLED", "Labelled patches"))
         self.addOutput(QgsProcessingOutputNumber("FIT_ACCURACY", "Accuracy on the annotated patches"))
@@ -147,8 +150,10 @@ class RetrainAlgorithm(JemAlgorithm):
             raise QgsProcessingException("The annotation layer cannot be read. Pick a point or polygon layer.")
         out_map = self.parameterAsOutputLayer(parameters, "OUTPUT_MAP", context) or None
         out_confidence = self.parameterAsOutputLayer(parameters, "OUTPUT_CONFIDENCE", context) or None
-        if out_confidence and not out_map:  # refused before training, not after
-            raise QgsProcessingException("The confidence map comes with the class map: set 'New class map' too.")
+        out_familiarity = self.parameterAsOutputLayer(parameters, "OUTPUT_FAMILIARITY", context) or None
+        for name, chosen_output in (("confidence", out_confidence), ("familiarity", out_familiarity)):
+            if chosen_output and not out_map:  # refused before training, not after
+                raise QgsProcessingException(f"The {name} map comes with the class map: set 'New class map' too.")
         new_model = self.parameterAsBool(parameters, "NEW_MODEL", context)
         bands = self.band_list(parameters, context)
         chosen = self.parameterAsFile(parameters, "MODEL", context)
@@ -184,23 +189,27 @@ class RetrainAlgorithm(JemAlgorithm):
                                    "FIT_ACCURACY": result.labelled_accuracy}
         if out_map:
             outputs.update(self.write_maps(context, feedback, result.loaded, raster, bands, out_map, out_confidence,
-                                           config.device))
+                                           out_familiarity, config.device))
         return outputs
 
     def write_maps(self, context: QgsProcessingContext, feedback: QgsProcessingFeedback, loaded,
                    raster: QgsRasterLayer, bands: list[str] | None, out_map: str, out_confidence: str | None,
-                   device: str) -> dict[str, Any]:
-        """The class (and confidence) map of the new model, on DEVICE, as jem:landcovermap makes them."""
+                   out_familiarity: str | None, device: str) -> dict[str, Any]:
+        """The class (confidence, familiarity) maps of the new model, on DEVICE, as jem:landcovermap makes them."""
         from jem_core.mapping import map_raster
 
-        map_raster(loaded, raster.source(), out_map, out_confidence, bands=bands, device=device,
+        map_raster(loaded, raster.source(), out_map, out_confidence, out_familiarity=out_familiarity, bands=bands,
+                   device=device,
                    stride=default_stride(loaded.meta.image_size), resolution=DEFAULT_RESOLUTION,
                    progress=progress_reporter(feedback, TRAIN_SHARE, 100.0), should_stop=feedback.isCanceled)
         outputs = {"OUTPUT_MAP": out_map}
         styled = [StyledOutput(out_map, "class_map", "new class map")]
         if out_confidence:
             outputs["OUTPUT_CONFIDENCE"] = out_confidence
-            styled.append(StyledOutput(out_confidence, "confidence", "new confidence −E(x)"))
+            styled.append(StyledOutput(out_confidence, "confidence", "new confidence"))
+        if out_familiarity:
+            outputs["OUTPUT_FAMILIARITY"] = out_familiarity
+            styled.append(StyledOutput(out_familiarity, "familiarity", "new familiarity"))
         style_outputs(context, raster.name(), styled)
         return outputs
 

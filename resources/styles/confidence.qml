@@ -1,5 +1,5 @@
 <!DOCTYPE qgis PUBLIC 'http://mrcc.com/qgis.dtd' 'SYSTEM'>
-<!-- JEM-EO confidence (-E(x)) template: the ramp stops sit at 0..1 and are stretched over the 2-98 % range of each map. -->
+<!-- JEM-EO confidence (max p(y|x)) template: a fixed ramp over 0..1, low confidence (likely wrong) in opaque red, high confidence transparent. -->
 <qgis maxScale="0" version="3.22.16-Białowieża" styleCategories="AllStyleCategories" minScale="1e+08" hasScaleBasedVisibilityFlag="0">
   <flags>
     <Identifiable>1</Identifiable>
@@ -40,11 +40,10 @@
       </minMaxOrigin>
       <rastershader>
         <colorrampshader maximumValue="1" colorRampType="INTERPOLATED" classificationMode="1" minimumValue="0" clip="0" labelPrecision="6">
-          <item label="0" color="#440154" value="0" alpha="255"/>
-          <item label="0.25" color="#3b528b" value="0.25" alpha="255"/>
-          <item label="0.5" color="#21918c" value="0.5" alpha="255"/>
-          <item label="0.75" color="#5ec962" value="0.75" alpha="255"/>
-          <item label="1" color="#fde725" value="1" alpha="255"/>
+          <item label="0" color="#b2182b" value="0" alpha="255"/>
+          <item label="0.5" color="#ef8a62" value="0.5" alpha="220"/>
+          <item label="0.8" color="#fddbc7" value="0.8" alpha="110"/>
+          <item label="1" color="#ffffff" value="1" alpha="0"/>
           <rampLegendSettings prefix="" useContinuousLegend="1" orientation="2" direction="0" minimumLabel="" maximumLabel="" suffix="">
             <numericFormat id="basic">
               <Option type="Map">
