@@ -37,7 +37,8 @@ test-quick: setup
 lint: setup
 	$(PY) -m ruff check jem_core jem_qgis_plugin tests bench
 
-# Class map, confidence −E(x) and a PNG preview of the bundled Sentinel-2 crop of Beirut (demo/README.md).
+# Class map, confidence max p(y|x), familiarity −E(x) and a PNG preview of the bundled Sentinel-2 crop of Beirut
+# (demo/README.md).
 demo: setup
 	$(PY) -m jem_core demo --out demo_out
 
