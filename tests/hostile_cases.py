@@ -201,7 +201,7 @@ Argv = Callable[[dict[str, Path], Path], list[str]]  # (inputs, empty output fol
 def map_argv(raster: str = "good raster", model: str = "good model") -> Argv:
     return lambda inputs, out: ["map", str(inputs[model]), str(inputs[raster]), "--out-classes",
                                 str(out / "classes.tif"), "--out-confidence", str(out / "confidence.tif"),
-                                "--read-ahead", "0"]
+                                "--out-familiarity", str(out / "familiarity.tif"), "--read-ahead", "0"]
 
 
 def evaluate_argv(dataset: str = "good dataset", model: str = "good model",

@@ -38,7 +38,8 @@ class QgisCase:
 
 def map_params(raster: str = "good raster", model: str = "good model", out_name: str = "classes.tif") -> Params:
     return lambda inputs, out: {"INPUT": str(inputs[raster]), "MODEL": str(inputs[model]), "DEVICE": "cpu",
-                                "OUTPUT": str(out / out_name), "CONFIDENCE": str(out / "confidence.tif")}
+                                "OUTPUT": str(out / out_name), "CONFIDENCE": str(out / "confidence.tif"),
+                                "FAMILIARITY": str(out / "familiarity.tif")}
 
 
 def train_params(dataset: str = "good dataset", out_name: str = "model.pt") -> Params:
