@@ -20,8 +20,10 @@ random ones, each labelled with the mosaic's true class and retrained with the d
 
 Scoring: pixel accuracy and macro-F1 over the scored pixels (tiles that hold a label and a border of
 half a patch along every tile edge are left out; unmapped pixels count as wrong), and the AUROC of
-each confidence candidate at separating correct from wrong pixels (1 = every wrong pixel is less
-confident than every correct one, 0.5 = no better than chance).
+each per-pixel score at separating correct from wrong pixels (1 = every wrong pixel is less
+confident than every correct one, 0.5 = no better than chance): the map's confidence layer (max
+p(y|x); the forest's own max probability), its familiarity layer (−E(x)), the top-2 margin and the
+negative entropy of p(y|x).
 
 The mosaic uses only images the bundled base model never saw (recipes/aid_landcover.is_held_out),
 so a base-model start is not scored on its own training images.  Each seed draws its own classes,
@@ -205,11 +207,12 @@ def score(predicted: np.ndarray, confidences: dict[str, np.ndarray], scene: Scen
     return accuracy, macro_f1, aurocs
 
 
-def candidate_scores(probabilities: np.ndarray, neg_energy: np.ndarray) -> dict[str, np.ndarray]:
-    """Per-pixel confidence candidates from the map's p(y|x) bands and −E(x)."""
+def candidate_scores(probabilities: np.ndarray, confidence: np.ndarray, familiarity: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-pixel confidence candidates: the map's confidence layer (max p(y|x)), its familiarity layer
+    (−E(x)), and the top-2 margin and negative entropy of its p(y|x) bands."""
     top2 = np.sort(probabilities, axis=0)[-2:]
     entropy = -(probabilities * np.log(np.clip(probabilities, 1e-12, None))).sum(0)
-    return {"neg_energy": neg_energy, "max_probability": top2[1], "margin": top2[1] - top2[0],
+    return {"confidence": confidence, "familiarity": familiarity, "margin": top2[1] - top2[0],
             "neg_entropy": -entropy}
 
 
@@ -228,15 +231,17 @@ def run_jem(name: str, retrain_args: str, scene: Scene, work: Path, seed: int, a
     seconds = time.monotonic() - start
     if retrain.returncode != 0:
         raise SystemExit(f"{name}: jem retrain failed:\n{retrain.stderr[-2000:]}")
-    outputs = {kind: work / f"{name}_{kind}.tif" for kind in ("classes", "confidence", "probabilities")}
+    outputs = {kind: work / f"{name}_{kind}.tif" for kind in ("classes", "confidence", "familiarity", "probabilities")}
     mapped = subprocess.run(jem_cli() + ["map", str(model), str(scene.raster), "--out-classes", str(outputs["classes"]),
-                                         "--out-confidence", str(outputs["confidence"]), "--out-probabilities",
+                                         "--out-confidence", str(outputs["confidence"]), "--out-familiarity",
+                                         str(outputs["familiarity"]), "--out-probabilities",
                                          str(outputs["probabilities"]), "--stride", str(MAP_STRIDE),
                                          "--resolution", "input"], capture_output=True, text=True)
     if mapped.returncode != 0:
         raise SystemExit(f"{name}: jem map failed:\n{mapped.stderr[-2000:]}")
     predicted = class_index_map(outputs["classes"], scene)
-    confidences = candidate_scores(read_raster(outputs["probabilities"]), read_raster(outputs["confidence"]))
+    confidences = candidate_scores(read_raster(outputs["probabilities"]), read_raster(outputs["confidence"]),
+                                   read_raster(outputs["familiarity"]))
     accuracy, macro_f1, aurocs = score(predicted, confidences, scene)
     notes = [line for line in retrain.stderr.splitlines() if "warning" in line.lower()]
     return Result(name, 0, seed, accuracy, macro_f1, round(seconds, 1), aurocs, " | ".join(notes)[:300])
@@ -284,7 +289,7 @@ def run_forest(scene: Scene, seed: int) -> Result:
     missing = size - pixels.shape[0]  # a margin narrower than a stride: the nearest cells cover it
     pixels = np.pad(pixels, ((0, missing), (0, missing), (0, 0)), mode="edge")
     seconds = time.monotonic() - start
-    accuracy, macro_f1, aurocs = score(pixels.argmax(2), {"max_probability": pixels.max(2)}, scene)
+    accuracy, macro_f1, aurocs = score(pixels.argmax(2), {"confidence": pixels.max(2)}, scene)
     return Result("forest", 0, seed, accuracy, macro_f1, round(seconds, 1), aurocs)
 
 
