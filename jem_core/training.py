@@ -71,7 +71,6 @@ class TrainConfig:
     batch_size: int = 64
     sgld_batch_size: int = 32
     lr: float = 1e-3
-    backbone_lr_factor: float = 1.0  # the feature extractor learns at this × lr (fine-tuning keeps its features)
     weight_decay: float = 0.0
     warmup_iters: Optional[int] = None  # None: the first WARMUP_FRACTION of the run
     labels_per_class: Optional[int] = None  # None: every training image is labelled
@@ -139,13 +138,6 @@ def learning_rate(config: TrainConfig, iteration: int, progress: float, next_pro
     else:
         warm = min(1.0, next_progress / WARMUP_FRACTION)
     return config.lr * warm * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def parameter_groups(model: torch.nn.Module, config: TrainConfig) -> list[dict[str, Any]]:
-    """The head at the full learning rate, the feature extractor at config.backbone_lr_factor of it."""
-    head = [p for name, p in model.named_parameters() if name.startswith("head.")]
-    backbone = [p for name, p in model.named_parameters() if not name.startswith("head.")]
-    return [{"params": backbone, "lr_factor": config.backbone_lr_factor}, {"params": head, "lr_factor": 1.0}]
 
 
 class BatchStream:
@@ -288,7 +280,7 @@ def prepare_run(dataset: SceneDataset, config: TrainConfig, unlabelled: torch.Te
         # torch.compile'd networks are run from one thread only: that is the combination tested.
         sampler = SGLDSampler(model, replace(config.sgld), buffer, fused=config.speed.fused,
                               split=config.speed.split_batches and not config.speed.compile)
-    optimiser = torch.optim.Adam(parameter_groups(model, config), lr=config.lr, weight_decay=config.weight_decay,
+    optimiser = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
                                  fused=config.speed.fused)
     iters_per_pass = max(1, math.ceil(len(data_indices) / (config.batch_size * ctx.world_size)))
     total_iters = planned_iterations(config, iters_per_pass)
@@ -356,8 +348,7 @@ def run_loop(run: Run, config: TrainConfig, state: LoopState, best_model: dict[s
             fraction = run_progress(state.iteration, run.total_iters, elapsed, run.budget_s)
             next_fraction = run_progress(state.iteration + 1, run.total_iters, elapsed, run.budget_s)
             for group in optimiser.param_groups:
-                group["lr"] = learning_rate(config, state.iteration, fraction, next_fraction) * state.lr_scale \
-                    * group["lr_factor"]
+                group["lr"] = learning_rate(config, state.iteration, fraction, next_fraction) * state.lr_scale
             losses = training_step(step_model, sampler, optimiser, run.inputs, run.train_labels, labelled_stream,
                                    data_stream, config, run.adaptive_threshold)
             if sampler is not None:

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from .. import JEMError, ProgressFn, StopFn
 from ..bundled import base_model_path
@@ -39,8 +38,6 @@ class RetrainDefaults:
     image_size: int = 32  # patch size of a new model (a starting model brings its own)
     arch: str = "wrn-10-2"  # network of a new model
     lr: float = 1e-3
-    backbone_lr_factor: float = 0.1  # a starting model's feature extractor learns at this × lr
-    probe_steps: int = 300  # head fitted on the frozen features of the labelled patches first (0: off)
     label_shift_fraction: float = 0.25  # each annotation also labels its neighbours shifted by this × patch
 
 
@@ -50,8 +47,7 @@ RETRAIN_DEFAULTS = RetrainDefaults()
 def retrain_config(minutes: float | None = RETRAIN_DEFAULTS.minutes, iterations: int | None = None,
                    **overrides: Any) -> TrainConfig:
     """The TrainConfig of a retrain: a time budget (or an iteration count), every label used, no split."""
-    values = dict(arch=RETRAIN_DEFAULTS.arch, image_size=RETRAIN_DEFAULTS.image_size, lr=RETRAIN_DEFAULTS.lr,
-                  backbone_lr_factor=RETRAIN_DEFAULTS.backbone_lr_factor)
+    values = dict(arch=RETRAIN_DEFAULTS.arch, image_size=RETRAIN_DEFAULTS.image_size, lr=RETRAIN_DEFAULTS.lr)
     return TrainConfig(**{**values, **overrides, "time_budget_min": minutes, "iterations": iterations})
 
 
@@ -95,28 +91,6 @@ def fit_head(loaded: LoadedModel, class_names: Sequence[str]) -> LoadedModel:
     return LoadedModel(model.to(device).eval(), meta)
 
 
-def probe_head(loaded: LoadedModel, labelled: SceneDataset, steps: int, log: Callable[[str], None]) -> None:
-    """Fit the head alone to the labelled patches on the frozen features (the linear probe of LP-FT,
-    Kumar et al. 2022): fine-tuning then starts from a head that fits the new classes, so its first
-    gradients do not wreck the starting model's features."""
-    if steps <= 0:
-        return
-    device = next(loaded.model.parameters()).device
-    with torch.no_grad():
-        features = loaded.model.features(loaded.normalise(labelled.images.to(device))).float()
-    labels = labelled.labels.to(device)
-    head = loaded.model.head
-    optimiser = torch.optim.Adam(head.parameters(), lr=1e-2, weight_decay=1e-3)
-    for _ in range(steps):
-        loss = F.cross_entropy(head(features), labels)
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        optimiser.step()
-    with torch.no_grad():
-        fit = (head(features).argmax(1) == labels).double().mean().item()
-    log(f"head fitted to the labelled patches on the starting model's features ({steps} steps): fits {fit:.0%}")
-
-
 def default_start_model(rasters: Sequence[RasterInput], bands: Sequence[str] | None,
                         log: Callable[[str], None]) -> LoadedModel | None:
     """The bundled base model when the rasters' bands fit it, else None (a new model), saying which."""
@@ -139,8 +113,7 @@ def retrain(rasters: Sequence[RasterInput], annotations: Sequence[Annotation], *
             extra_dataset: SceneDataset | str | Path | None = None, out_model: str | Path | None = None,
             config: TrainConfig | None = None, bands: Sequence[str] | None = None,
             unlabelled_count: int = RETRAIN_DEFAULTS.unlabelled, stretch: str = "auto",
-            label_shift: int | None = None, probe_steps: int = RETRAIN_DEFAULTS.probe_steps,
-            progress: ProgressFn | None = None, should_stop: StopFn | None = None,
+            label_shift: int | None = None, progress: ProgressFn | None = None, should_stop: StopFn | None = None,
             log: Callable[[str], None] | None = None) -> RetrainResult:
     """Semi-supervised JEM on annotated patches (labelled) + patches spread over the rasters (unlabelled).
 
@@ -170,26 +143,21 @@ def retrain(rasters: Sequence[RasterInput], annotations: Sequence[Annotation], *
                            f"the raster patches are {unlabelled.shape[1]}-band {patch_size} px. Use matching data.")
         unlabelled = torch.cat([unlabelled, extra.images])
     return retrain_on_patches(labelled, unlabelled, start_model=start, out_model=out_model, config=config,
-                              probe_steps=probe_steps,
                               progress=progress, should_stop=should_stop, log=log)
 
 
 def retrain_on_patches(labelled: SceneDataset, unlabelled: torch.Tensor, *, start_model: LoadedModel | None = None,
                        out_model: str | Path | None = None, config: TrainConfig | None = None,
-                       probe_steps: int = RETRAIN_DEFAULTS.probe_steps,
                        progress: ProgressFn | None = None, should_stop: StopFn | None = None,
                        log: Callable[[str], None] | None = None) -> RetrainResult:
     """Semi-supervised JEM: every labelled image is a training label (no validation split: there are
     too few), the unlabelled images feed the generative term; the last weights are kept.
 
-    A start model's head is fitted to labelled.class_names (fit_head), then to the labelled patches on
-    its frozen features (probe_head, probe_steps Adam steps) before the whole network is trained.
+    A start model's head is fitted to labelled.class_names (fit_head).
     """
     log = log or (lambda message: None)
     config = dataclasses.replace(config or retrain_config(), image_size=labelled.images.shape[-1],
                                  labels_per_class=None, val_fraction=0.0, test_fraction=0.0)
-    if start_model is None:  # a new network has no features to keep: all of it learns at the full rate
-        config = dataclasses.replace(config, backbone_lr_factor=1.0)
     old_names = start_model.meta.class_names if start_model is not None else []
     new_classes = [n for n in labelled.class_names if n not in old_names]
     dropped = [n for n in old_names if n not in labelled.class_names]
@@ -202,9 +170,6 @@ def retrain_on_patches(labelled: SceneDataset, unlabelled: torch.Tensor, *, star
         log(f"the new model has the {len(labelled.class_names)} labelled classes; the starting model's "
             f"{', '.join(dropped)} are left out (keep them with --keep-model-classes)")
     start = fit_head(start_model, labelled.class_names) if start_model is not None else None
-    if start is not None:
-        start = LoadedModel(copy.deepcopy(start.model), start.meta)  # the caller's model stays as it was
-        probe_head(start, labelled, probe_steps, log)
     log(f"retraining on {len(labelled)} labelled patches ({', '.join(f'{n}: {c}' for n, c in zip(labelled.class_names, counts))}) "
         f"and {len(unlabelled)} unlabelled images" + (f"; new classes: {', '.join(new_classes)}" if new_classes else ""))
     result = train(labelled, config, out_path=out_model, progress=progress, should_stop=should_stop, log=log,

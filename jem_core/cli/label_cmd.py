@@ -50,11 +50,7 @@ def register(subparsers) -> None:
                         "of the patch size; 0: the annotated patch only)")
     r.add_argument("--consistency", type=float, nargs="?", const=1.0, default=0.0, metavar="WEIGHT",
                    help="add consistency training on the unlabelled patches: pseudo-labels above FreeMatch's "
-                        "self-adaptive thresholds (weight of the term; the bare flag means 1.0; default: off)")
-    r.add_argument("--backbone-lr-factor", type=float, default=RETRAIN_DEFAULTS.backbone_lr_factor,
-                   help="a starting model's feature extractor learns at this × --lr (default: %(default)s)")
-    r.add_argument("--probe-steps", type=int, default=RETRAIN_DEFAULTS.probe_steps,
-                   help="steps fitting a starting model's head on its frozen features first (default: %(default)s)")
+                        "self-adaptive thresholds (weight of the term; the bare flag means 1.0; default: %(default)s, off)")
     r.add_argument("--baseline", action="store_true", help="cross-entropy only, no energy term (for comparison)")
     r.add_argument("--image-size", type=int, default=RETRAIN_DEFAULTS.image_size,
                    help="patch size of a new model (default: %(default)s)")
@@ -157,11 +153,11 @@ def run_retrain(args: argparse.Namespace) -> int:
     annotations = read_annotations(args.annotations, args.class_field, wkt, pixel_x * patch_size, pixel_y * patch_size)
     config = retrain_config(args.minutes or None, args.iterations, arch=args.arch, image_size=patch_size, lr=args.lr,
                             seed=args.seed, device=args.device, baseline=args.baseline,
-                            consistency_weight=args.consistency, backbone_lr_factor=args.backbone_lr_factor,
+                            consistency_weight=args.consistency,
                             sgld=SGLDConfig(buffer_size=args.unlabelled))
     result = retrain(args.rasters, annotations, start_model=start, keep_model_classes=args.keep_model_classes,
                      extra_dataset=args.extra_data, out_model=args.out, config=config, bands=bands,
-                     unlabelled_count=args.unlabelled, label_shift=args.label_shift, probe_steps=args.probe_steps, progress=ProgressBar("retrain"), log=log)
+                     unlabelled_count=args.unlabelled, label_shift=args.label_shift, progress=ProgressBar("retrain"), log=log)
     log(f"classes {', '.join(result.class_names)}; fits {result.labelled_accuracy:.0%} of the "
         f"{result.labelled_count} annotated patches after {result.metrics['iterations']} iterations; model written "
         f"to {args.out}")
