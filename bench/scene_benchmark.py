@@ -207,7 +207,8 @@ def score(predicted: np.ndarray, confidences: dict[str, np.ndarray], scene: Scen
     return accuracy, macro_f1, aurocs
 
 
-def candidate_scores(probabilities: np.ndarray, confidence: np.ndarray, familiarity: np.ndarray) -> dict[str, np.ndarray]:
+def candidate_scores(probabilities: np.ndarray, confidence: np.ndarray,
+                     familiarity: np.ndarray) -> dict[str, np.ndarray]:
     """Per-pixel confidence candidates: the map's confidence layer (max p(y|x)), its familiarity layer
     (−E(x)), and the top-2 margin and negative entropy of its p(y|x) bands."""
     top2 = np.sort(probabilities, axis=0)[-2:]
@@ -221,7 +222,8 @@ def jem_cli() -> list[str]:
     return [sys.executable, "-m", "jem_core"]
 
 
-def run_jem(name: str, retrain_args: str, scene: Scene, work: Path, seed: int, annotations: Path | None = None) -> Result:
+def run_jem(name: str, retrain_args: str, scene: Scene, work: Path, seed: int,
+            annotations: Path | None = None) -> Result:
     model = work / f"{name}.pt"
     annotations = annotations or scene.annotations
     command = jem_cli() + ["retrain", str(scene.raster), "--annotations", str(annotations), "--out", str(model),
@@ -393,11 +395,11 @@ def main() -> None:
                 work.mkdir(parents=True, exist_ok=True)
                 scene = build_scene(args.data, work, args.classes, args.grid, args.tile, k, seed)
                 for name, retrain_args in methods.items():
-                    result = run_forest(scene, seed) if retrain_args is None else \
+                    first = run_forest(scene, seed) if retrain_args is None else \
                         run_jem(name, retrain_args, scene, work, seed)
                     round_results = run_labelling_round(scene, work, seed, args.round) \
                         if name == "jem" and args.round else []
-                    for result in [result] + round_results:
+                    for result in [first] + round_results:
                         result.labels_per_class = k
                         results.append(result)
                         print(json.dumps(asdict(result)), flush=True)

@@ -13,8 +13,18 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 from . import JEMError, distributed
-from .checkpoint import (LoopState, Snapshot, check_resumable, load_checkpoint, remove_stale_temporaries,
-                         restore_snapshot, rng_state, save_checkpoint, set_rng_state, take_snapshot)
+from .checkpoint import (
+    LoopState,
+    Snapshot,
+    check_resumable,
+    load_checkpoint,
+    remove_stale_temporaries,
+    restore_snapshot,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    take_snapshot,
+)
 from .sampler import SGLDSampler
 
 if TYPE_CHECKING:
@@ -67,7 +77,8 @@ def recover(reason: str, snapshot: Snapshot, state: LoopState, run: RunParts, co
         saved = f" The last good state is in '{run.checkpoint_path}' (continue it with --resume and a lower " \
                 "--lr)." if run.checkpoint_path is not None and Path(run.checkpoint_path).exists() else ""
         raise Diverged(f"Training diverged in epoch {state.epoch} (iteration {state.iteration}): {reason}, after "
-                       f"{state.recoveries} automatic recoveries (learning rate ×{state.lr_scale:g}, {state.sgld_steps} "
+                       f"{state.recoveries} automatic recoveries (learning rate ×{state.lr_scale:g}, "
+                       f"{state.sgld_steps} "
                        "SGLD steps). Retry with a lower --lr, a larger --energy-reg or more --sgld-steps." + saved)
     restored = restore_snapshot(snapshot, run.model, run.optimiser)
     restored.recoveries = state.recoveries + 1
@@ -77,7 +88,8 @@ def recover(reason: str, snapshot: Snapshot, state: LoopState, run: RunParts, co
         run.sampler.config.steps = restored.sgld_steps
         run.sampler.buffer.reset()
     log(f"divergence in epoch {state.epoch} (iteration {state.iteration}): {reason}. Recovery "
-        f"{restored.recoveries}/{config.max_recoveries}: back to epoch {restored.epoch} iteration {restored.iteration}, "
+        f"{restored.recoveries}/{config.max_recoveries}: back to epoch {restored.epoch} "
+        f"iteration {restored.iteration}, "
         f"learning rate ×{restored.lr_scale:g}, {restored.sgld_steps} SGLD steps, replay buffer reset.")
     return restored, snapshot.best_model
 

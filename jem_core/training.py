@@ -15,7 +15,8 @@ How long a run lasts: an iteration count or a time budget is the primary knob (`
 only an upper bound.  The learning-rate warm-up and cosine decay follow the run's progress, the
 larger of the iteration and the time fraction, so every run, short or long, leaves its warm-up
 after a tenth of its length.  Validation and checkpoints happen every round (one pass over the
-training images, at least MIN_ROUND_ITERS iterations unless `epochs` bounds the run); early stopping and keeping the best round
+training images, at least MIN_ROUND_ITERS iterations unless `epochs` bounds the run); early stopping
+and keeping the best round
 need a validation split of at least MIN_VAL_FOR_SELECTION images, otherwise the last weights are kept.
 """
 from __future__ import annotations
@@ -36,11 +37,10 @@ from .augmentation import augment, strong_augment
 from .checkpoint import LoopState, cpu_state
 from .data import SceneDataset, band_statistics, choose_labelled, split_dataset
 from .metrics import classification_metrics, predict_logits
-from .pseudo_labels import SelfAdaptiveThreshold, consistency_loss
 from .model_file import LoadedModel, ModelMeta, save_model
 from .models import ModelSpec, SpeedOptions, apply_speed_options, build_model
-from .run_state import (Diverged, RunParts, divergence_reason, recover, remove_checkpoint, resume_run,
-                        save_point)
+from .pseudo_labels import SelfAdaptiveThreshold, consistency_loss
+from .run_state import Diverged, RunParts, divergence_reason, recover, remove_checkpoint, resume_run, save_point
 from .sampler import ReplayBuffer, SGLDConfig, SGLDSampler, make_initialiser
 
 __all__ = ["Cancelled", "Diverged", "TrainConfig", "TrainResult", "train"]
@@ -343,7 +343,8 @@ def run_loop(run: Run, config: TrainConfig, state: LoopState, best_model: dict[s
             if cancel:
                 raise Cancelled()
             if over_budget:
-                stop_reason = f"time budget of {config.time_budget_min:g} min reached after {state.iteration} iterations"
+                stop_reason = (f"time budget of {config.time_budget_min:g} min reached after {state.iteration} "
+                               "iterations")
                 break
             fraction = run_progress(state.iteration, run.total_iters, elapsed, run.budget_s)
             next_fraction = run_progress(state.iteration + 1, run.total_iters, elapsed, run.budget_s)
@@ -438,7 +439,8 @@ def check_extras(dataset: SceneDataset, unlabelled: torch.Tensor | None, start_m
                        f"are {shape}; give both the same bands and size.")
     if start_model is not None and (start_model.spec.in_channels, start_model.spec.num_classes) != \
             (shape[0], dataset.num_classes):
-        raise JEMError(f"The starting model takes {start_model.spec.in_channels} bands and {start_model.spec.num_classes} "
+        raise JEMError(f"The starting model takes {start_model.spec.in_channels} bands and "
+                       f"{start_model.spec.num_classes} "
                        f"classes; the data has {shape[0]} bands and {dataset.num_classes} classes. Extend its head "
                        "first (jem_core.active.fit_head) or start without a model.")
 

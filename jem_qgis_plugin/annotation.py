@@ -11,15 +11,40 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from qgis.core import (QgsCoordinateTransform, QgsFeature, QgsGeometry, QgsMapLayerProxyModel, QgsPointXY,
-                       QgsProject, QgsRasterLayer, QgsVectorLayer)
+from qgis.core import (
+    QgsCoordinateTransform,
+    QgsFeature,
+    QgsGeometry,
+    QgsMapLayerProxyModel,
+    QgsPointXY,
+    QgsProject,
+    QgsRasterLayer,
+    QgsVectorLayer,
+)
 from qgis.gui import QgsDockWidget, QgsFileWidget, QgsMapCanvas, QgsMapLayerComboBox, QgsMapToolEmitPoint
 from qgis.PyQt.QtCore import Qt, pyqtSignal
-from qgis.PyQt.QtWidgets import (QAction, QComboBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel, QPushButton,
-                                 QSizePolicy, QSpinBox, QVBoxLayout, QWidget)
+from qgis.PyQt.QtWidgets import (
+    QAction,
+    QComboBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QPushButton,
+    QSizePolicy,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
 
-from .annotation_layer import (CLASS_FIELD, DEFAULT_PATCH, PATCH_FIELD, create_annotation_layer,
-                               open_annotation_layer, patch_footprint)
+from .annotation_layer import (
+    CLASS_FIELD,
+    DEFAULT_PATCH,
+    PATCH_FIELD,
+    create_annotation_layer,
+    open_annotation_layer,
+    patch_footprint,
+)
 
 # Characters of a layer name the annotation-layer combo always has room for.
 LAYER_NAME_CHARS = 24

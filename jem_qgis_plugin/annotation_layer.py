@@ -9,8 +9,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qgis.core import (QgsCoordinateReferenceSystem, QgsField, QgsFields, QgsPointXY, QgsProject, QgsRasterLayer,
-                       QgsRectangle, QgsVectorFileWriter, QgsVectorLayer)
+from qgis.core import (
+    QgsCoordinateReferenceSystem,
+    QgsField,
+    QgsFields,
+    QgsPointXY,
+    QgsProject,
+    QgsRasterLayer,
+    QgsRectangle,
+    QgsVectorFileWriter,
+    QgsVectorLayer,
+)
 from qgis.PyQt.QtCore import QVariant
 
 from .styles import apply_style, write_style_beside

@@ -7,8 +7,8 @@ from jem_core import __version__
 
 from .algorithms.landcover_map import LandCoverMapAlgorithm
 from .algorithms.ood import OodAlgorithm
-from .algorithms.samples import SamplesAlgorithm
 from .algorithms.retrain import RetrainAlgorithm
+from .algorithms.samples import SamplesAlgorithm
 from .algorithms.suggest import SuggestAlgorithm
 from .algorithms.train import TrainAlgorithm
 from .paths import icon

@@ -15,11 +15,24 @@ from typing import Callable, Iterator
 from xml.etree import ElementTree
 
 import numpy as np
-from qgis.core import (QgsColorRampLegendNodeSettings, QgsColorRampShader, QgsFillSymbol, QgsMapLayer,
-                       QgsPalettedRasterRenderer, QgsPalLayerSettings, QgsProcessingContext,
-                       QgsProcessingLayerPostProcessorInterface, QgsProcessingUtils, QgsRasterLayer,
-                       QgsRasterShader, QgsSingleBandPseudoColorRenderer, QgsTextBufferSettings, QgsTextFormat,
-                       QgsVectorLayer, QgsVectorLayerSimpleLabeling)
+from qgis.core import (
+    QgsColorRampLegendNodeSettings,
+    QgsColorRampShader,
+    QgsFillSymbol,
+    QgsMapLayer,
+    QgsPalettedRasterRenderer,
+    QgsPalLayerSettings,
+    QgsProcessingContext,
+    QgsProcessingLayerPostProcessorInterface,
+    QgsProcessingUtils,
+    QgsRasterLayer,
+    QgsRasterShader,
+    QgsSingleBandPseudoColorRenderer,
+    QgsTextBufferSettings,
+    QgsTextFormat,
+    QgsVectorLayer,
+    QgsVectorLayerSimpleLabeling,
+)
 from qgis.PyQt.QtGui import QColor
 
 from jem_core.process_state import gdal_exceptions

@@ -9,8 +9,19 @@ import pytest
 import torch
 
 from jem_core import JEMError
-from jem_core.active import (Annotation, cell_centres, fit_head, open_patch_reader, patches_from_annotations, percentile_rank,
-                             retrain, sample_unlabelled_patches, spread_selection, suggest, uncertainty_scores)
+from jem_core.active import (
+    Annotation,
+    cell_centres,
+    fit_head,
+    open_patch_reader,
+    patches_from_annotations,
+    percentile_rank,
+    retrain,
+    sample_unlabelled_patches,
+    spread_selection,
+    suggest,
+    uncertainty_scores,
+)
 from jem_core.data import SceneDataset
 from jem_core.model_file import LoadedModel, ModelMeta, load_model
 from jem_core.models import ModelSpec, build_model

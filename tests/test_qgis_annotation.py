@@ -6,8 +6,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from qgis.core import (QgsCoordinateReferenceSystem, QgsCoordinateTransform, QgsFeature, QgsGeometry, QgsPointXY, QgsProcessingException,
-                       QgsProcessingFeedback, QgsProject, QgsRasterLayer, QgsRectangle, QgsVectorLayer)
+from qgis.core import (
+    QgsCoordinateReferenceSystem,
+    QgsCoordinateTransform,
+    QgsFeature,
+    QgsGeometry,
+    QgsPointXY,
+    QgsProcessingException,
+    QgsProcessingFeedback,
+    QgsProject,
+    QgsRasterLayer,
+    QgsRectangle,
+    QgsVectorLayer,
+)
 from qgis.gui import QgsMapMouseEvent
 from qgis.PyQt.QtCore import QEvent, QPoint, Qt
 
@@ -155,7 +166,8 @@ def test_retrain_and_suggest_through_processing(provider, canvas, raster, tmp_pa
     assert spacing >= PATCH * PIXEL, "suggestions must not overlap"
 
 
-def memory_layer(geometry_type: str, rows: list[tuple[str | None, QgsGeometry]], field: str = "class") -> QgsVectorLayer:
+def memory_layer(geometry_type: str, rows: list[tuple[str | None, QgsGeometry]],
+                 field: str = "class") -> QgsVectorLayer:
     layer = QgsVectorLayer(f"{geometry_type}?crs=EPSG:32633&field={field}:string", "ann", "memory")
     features = []
     for value, geometry in rows:
@@ -238,5 +250,6 @@ def test_cancelled_retrain_writes_nothing(provider, raster, tmp_path):
     layer = memory_layer("Polygon", [("field", square(5, 5)), ("town", square(60, 5))])
     with pytest.raises(QgsProcessingException, match="Cancelled"):
         processing.run("jem:retrain", {"INPUT": raster, "ANNOTATIONS": layer, "CLASS_FIELD": "class", **FAST,
-                                       "ITERATIONS": 50, "OUTPUT_MODEL": str(tmp_path / "m.pt")}, feedback=CancelAfter(5))
+                                       "ITERATIONS": 50, "OUTPUT_MODEL": str(tmp_path / "m.pt")},
+                       feedback=CancelAfter(5))
     assert [p.name for p in tmp_path.iterdir()] == ["scene.tif"], "no model and no temporary file may be left"

@@ -8,11 +8,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from qgis.core import (QgsApplication, QgsCoordinateReferenceSystem, QgsProcessingAlgRunnerTask,
-                       QgsProcessingContext, QgsProcessingException, QgsProcessingFeedback,
-                       QgsProcessingModelAlgorithm, QgsProcessingModelChildAlgorithm,
-                       QgsProcessingModelChildParameterSource, QgsProcessingModelOutput, QgsProcessingModelParameter,
-                       QgsProcessingParameterFile, QgsProcessingParameterRasterLayer, QgsProject, QgsRasterLayer)
+from qgis.core import (
+    QgsApplication,
+    QgsCoordinateReferenceSystem,
+    QgsProcessingAlgRunnerTask,
+    QgsProcessingContext,
+    QgsProcessingException,
+    QgsProcessingFeedback,
+    QgsProcessingModelAlgorithm,
+    QgsProcessingModelChildAlgorithm,
+    QgsProcessingModelChildParameterSource,
+    QgsProcessingModelOutput,
+    QgsProcessingModelParameter,
+    QgsProcessingParameterFile,
+    QgsProcessingParameterRasterLayer,
+    QgsRasterLayer,
+)
 from qgis.PyQt.QtCore import Qt, QTimer
 
 from jem_core import __version__
@@ -217,7 +228,7 @@ def test_ood_reports_kl_and_auroc_for_rasters_and_folders(provider, model_file, 
     assert numbers["reference"]["count"] == 30
     assert set(numbers["compare"]) == {"scene.tif", "class_a"}
     assert numbers["compare"]["scene.tif"]["count"] == 12  # 4 × 3 patches of 16 px
-    for name, c in numbers["compare"].items():
+    for c in numbers["compare"].values():
         assert f"KL to reference {c['kl_to_reference']:.3f}" in result["SUMMARY"]
     page = Path(outputs["OUTPUT_HTML"]).read_text()
     assert "scene.tif" in page and "data:image/png;base64," in page

@@ -13,9 +13,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 from osgeo import gdal
-from qgis.core import (QgsFeature, QgsGeometry, QgsPalettedRasterRenderer, QgsProcessingContext,
-                       QgsProcessingException, QgsProcessingFeedback, QgsProcessingUtils, QgsProject, QgsRasterLayer,
-                       QgsRectangle, QgsVectorLayer)
+from qgis.core import (
+    QgsFeature,
+    QgsGeometry,
+    QgsPalettedRasterRenderer,
+    QgsProcessingContext,
+    QgsProcessingException,
+    QgsProcessingFeedback,
+    QgsProcessingUtils,
+    QgsProject,
+    QgsRasterLayer,
+    QgsRectangle,
+    QgsVectorLayer,
+)
 from qgis.gui import QgsMapMouseEvent
 from qgis.PyQt.QtCore import QEvent, QPoint, Qt
 from qgis.PyQt.QtGui import QColor
@@ -29,7 +39,7 @@ from jem_qgis_plugin.annotation import AnnotationDock, AnnotationUi
 from jem_qgis_plugin.annotation_layer import create_annotation_layer
 from jem_qgis_plugin.styles import MIN_COLOUR_DISTANCE, class_map_renderer, distinct_colours, layer_name
 from tests.test_active import PATCH, at, write_scene
-from tests.test_qgis_plugin import model_file, scenes  # noqa: F401 (fixtures)
+from tests.test_qgis_plugin import model_file, scenes  # noqa: F401 (fixtures used as test arguments)
 
 REPO = Path(__file__).resolve().parent.parent
 TEMPORARY = "TEMPORARY_OUTPUT"
@@ -60,7 +70,8 @@ def loaded(project, output: str):
     for layer in project.mapLayers().values():
         if layer.id() == output or layer.source().split("|")[0] == output:
             return layer
-    raise AssertionError(f"{output} was not loaded; the project has {[l.source() for l in project.mapLayers().values()]}")
+    sources = [layer.source() for layer in project.mapLayers().values()]
+    raise AssertionError(f"{output} was not loaded; the project has {sources}")
 
 
 def assert_class_map(layer) -> None:
@@ -153,7 +164,8 @@ class LogCounter(QgsProcessingFeedback):
 
 def test_confidence_map_has_no_histogram_sidecar(provider, model_file, scene, tmp_path, project):
     result = run_and_load("jem:landcovermap", {"INPUT": str(scene), "MODEL": str(model_file), "DEVICE": "cpu",
-                                               "OUTPUT": str(tmp_path / "c.tif"), "CONFIDENCE": str(tmp_path / "e.tif")})
+                                               "OUTPUT": str(tmp_path / "c.tif"),
+                                               "CONFIDENCE": str(tmp_path / "e.tif")})
     assert_confidence(loaded(project, result["CONFIDENCE"]))
     aux = Path(result["CONFIDENCE"] + ".aux.xml")
     assert not aux.exists() or "Histogram" not in aux.read_text()
@@ -269,6 +281,7 @@ def test_a_refused_run_frees_what_it_held(qgis_app, error, monkeypatch):
 
 def test_retrain_maps_run_on_the_chosen_device(provider, scene, tmp_path, monkeypatch):
     import processing
+
     import jem_core.mapping
 
     devices = []
@@ -282,6 +295,7 @@ def test_retrain_maps_run_on_the_chosen_device(provider, scene, tmp_path, monkey
 
 def test_train_checks_its_output_folders_before_training(provider, scenes, tmp_path, monkeypatch):
     import processing
+
     import jem_core.data
 
     monkeypatch.setattr(jem_core.data, "load_class_folder", lambda *a, **k: pytest.fail("read the data first"))

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import make_class_folder
 from test_recovery import tiny_config, tiny_dataset
 

@@ -4,12 +4,18 @@ from __future__ import annotations
 import math
 
 import pytest
+from conftest import make_class_folder
 
 from jem_core.active import retrain_config
-from jem_core.training import (DEFAULT_ITERATIONS, WARMUP_FRACTION, TrainConfig, fit_warnings, learning_rate,
-                               planned_iterations, run_progress)
-
-from conftest import make_class_folder
+from jem_core.training import (
+    DEFAULT_ITERATIONS,
+    WARMUP_FRACTION,
+    TrainConfig,
+    fit_warnings,
+    learning_rate,
+    planned_iterations,
+    run_progress,
+)
 
 
 @pytest.mark.parametrize("iters_per_pass", [1, 2, 50, 10_000])

@@ -16,8 +16,8 @@ from jem_core.data import load_class_folder
 from jem_core.generation import sample_grid
 from jem_core.model_file import load_model
 from jem_core.ood import ood_analysis, source_kind
-from jem_core.sampler import SGLDConfig
 from jem_core.pseudo_labels import SelfAdaptiveThreshold, consistency_loss
+from jem_core.sampler import SGLDConfig
 from jem_core.training import TrainConfig, strong_augment, train
 from tests.conftest import make_class_folder, write_image
 

@@ -13,8 +13,16 @@ import pytest
 from jem_core import JEMError
 from jem_qgis_plugin import torch_install
 from jem_qgis_plugin.lazy_torch import TORCH_VERSION
-from jem_qgis_plugin.torch_install import (CPU_INDEX, activate, index_arguments, install, interpreter, packages_dir,
-                                           pip_command, shell_text)
+from jem_qgis_plugin.torch_install import (
+    CPU_INDEX,
+    activate,
+    index_arguments,
+    install,
+    interpreter,
+    packages_dir,
+    pip_command,
+    shell_text,
+)
 
 STANDIN = "jem_standin_pkg"
 

@@ -137,7 +137,8 @@ def retrain(rasters: Sequence[RasterInput], annotations: Sequence[Annotation], *
     unlabelled = sample_unlabelled_patches(rasters, unlabelled_count, config.seed, patch_size, bands, meta, stretch,
                                            should_stop)
     if extra_dataset is not None:
-        extra = extra_dataset if isinstance(extra_dataset, SceneDataset) else load_class_folder(extra_dataset, patch_size)
+        extra = extra_dataset if isinstance(extra_dataset, SceneDataset) else \
+            load_class_folder(extra_dataset, patch_size)
         if extra.images.shape[1:] != unlabelled.shape[1:]:
             raise JEMError(f"The extra dataset has {extra.images.shape[1]}-band {extra.images.shape[-1]} px images; "
                            f"the raster patches are {unlabelled.shape[1]}-band {patch_size} px. Use matching data.")
@@ -170,8 +171,9 @@ def retrain_on_patches(labelled: SceneDataset, unlabelled: torch.Tensor, *, star
         log(f"the new model has the {len(labelled.class_names)} labelled classes; the starting model's "
             f"{', '.join(dropped)} are left out (keep them with --keep-model-classes)")
     start = fit_head(start_model, labelled.class_names) if start_model is not None else None
-    log(f"retraining on {len(labelled)} labelled patches ({', '.join(f'{n}: {c}' for n, c in zip(labelled.class_names, counts))}) "
-        f"and {len(unlabelled)} unlabelled images" + (f"; new classes: {', '.join(new_classes)}" if new_classes else ""))
+    per_class = ", ".join(f"{n}: {c}" for n, c in zip(labelled.class_names, counts))
+    log(f"retraining on {len(labelled)} labelled patches ({per_class}) and {len(unlabelled)} unlabelled images"
+        + (f"; new classes: {', '.join(new_classes)}" if new_classes else ""))
     result = train(labelled, config, out_path=out_model, progress=progress, should_stop=should_stop, log=log,
                    unlabelled=unlabelled, start_model=start)
     predicted = predict_logits(result.loaded, labelled.images).argmax(1)

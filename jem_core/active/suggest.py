@@ -14,10 +14,10 @@ from typing import Any, Sequence
 import torch
 
 from .. import JEMError, ProgressFn, StopFn, no_progress
-from ..windowing import iter_patches
 from ..metrics import predict_logits
 from ..model_file import LoadedModel, as_loaded
 from ..raster_io import require_crs
+from ..windowing import iter_patches
 from .patches import PatchReader, PatchWindow, RasterInput, open_patch_reader
 
 

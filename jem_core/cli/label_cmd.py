@@ -11,13 +11,12 @@ import os
 from pathlib import Path
 
 from .. import JEMError
-from ..active import (RETRAIN_DEFAULTS, Annotation, cell_centres, default_start_model, retrain, retrain_config,
-                      suggest)
-from ..sampler import SGLDConfig
+from ..active import RETRAIN_DEFAULTS, Annotation, cell_centres, default_start_model, retrain, retrain_config, suggest
 from ..files import check_output_folders, write_json, written_together
 from ..model_file import load_model
 from ..process_state import gdal_exceptions
 from ..raster_io import no_crs_message, parse_band_list, raster_error
+from ..sampler import SGLDConfig
 from .common import ProgressBar, add_device_option, log
 
 SUGGESTION_FIELDS = ["rank", "score", "unfamiliarity", "uncertainty", "neg_energy", "entropy", "margin",
@@ -50,7 +49,8 @@ def register(subparsers) -> None:
                         "of the patch size; 0: the annotated patch only)")
     r.add_argument("--consistency", type=float, nargs="?", const=1.0, default=0.0, metavar="WEIGHT",
                    help="add consistency training on the unlabelled patches: pseudo-labels above FreeMatch's "
-                        "self-adaptive thresholds (weight of the term; the bare flag means 1.0; default: %(default)s, off)")
+                        "self-adaptive thresholds (weight of the term; the bare flag means 1.0; "
+                        "default: %(default)s, off)")
     r.add_argument("--baseline", action="store_true", help="cross-entropy only, no energy term (for comparison)")
     r.add_argument("--image-size", type=int, default=RETRAIN_DEFAULTS.image_size,
                    help="patch size of a new model (default: %(default)s)")
@@ -157,7 +157,8 @@ def run_retrain(args: argparse.Namespace) -> int:
                             sgld=SGLDConfig(buffer_size=args.unlabelled))
     result = retrain(args.rasters, annotations, start_model=start, keep_model_classes=args.keep_model_classes,
                      extra_dataset=args.extra_data, out_model=args.out, config=config, bands=bands,
-                     unlabelled_count=args.unlabelled, label_shift=args.label_shift, progress=ProgressBar("retrain"), log=log)
+                     unlabelled_count=args.unlabelled, label_shift=args.label_shift, progress=ProgressBar("retrain"),
+                     log=log)
     log(f"classes {', '.join(result.class_names)}; fits {result.labelled_accuracy:.0%} of the "
         f"{result.labelled_count} annotated patches after {result.metrics['iterations']} iterations; model written "
         f"to {args.out}")
@@ -208,7 +209,8 @@ def write_suggestions(path: str, suggestions, wkt: str, suffix: str) -> None:
     srs = osr.SpatialReference(wkt=wkt) if wkt else None
     layer = dataset.CreateLayer("suggestions", srs, ogr.wkbPolygon)
     for name in SUGGESTION_FIELDS + ["class"]:
-        kind = ogr.OFTInteger if name == "rank" else ogr.OFTString if name in ("predicted_class", "class") else ogr.OFTReal
+        kind = ogr.OFTInteger if name == "rank" else \
+            ogr.OFTString if name in ("predicted_class", "class") else ogr.OFTReal
         layer.CreateField(ogr.FieldDefn(name, kind))
     for s in suggestions:
         feature = ogr.Feature(layer.GetLayerDefn())

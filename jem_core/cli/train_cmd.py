@@ -95,7 +95,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     sgld = SGLDConfig(steps=args.sgld_steps, step_size=args.sgld_step_size, noise=args.sgld_noise,
                       buffer_size=args.buffer_size, reinit_prob=args.reinit_prob, init=args.sgld_init)
     return TrainConfig(arch=args.arch, stem_stride=args.stem_stride, norm=args.norm, image_size=args.image_size,
-                       iterations=args.iterations, epochs=args.epochs, time_budget_min=args.time_budget_min, batch_size=args.batch_size,
+                       iterations=args.iterations, epochs=args.epochs, time_budget_min=args.time_budget_min,
+                       batch_size=args.batch_size,
                        sgld_batch_size=args.sgld_batch_size, lr=args.lr,
                        labels_per_class=args.labels_per_class or None, baseline=args.baseline,
                        energy_reg=args.energy_reg, weight_gen=args.weight_gen, patience=args.patience,

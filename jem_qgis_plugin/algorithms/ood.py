@@ -6,10 +6,19 @@ import html
 from pathlib import Path
 from typing import Any
 
-from qgis.core import (QgsProcessing, QgsProcessingContext, QgsProcessingException, QgsProcessingFeedback,
-                       QgsProcessingOutputString, QgsProcessingParameterEnum, QgsProcessingParameterFile,
-                       QgsProcessingParameterFileDestination, QgsProcessingParameterMultipleLayers,
-                       QgsProcessingParameterNumber, QgsProcessingParameterString)
+from qgis.core import (
+    QgsProcessing,
+    QgsProcessingContext,
+    QgsProcessingException,
+    QgsProcessingFeedback,
+    QgsProcessingOutputString,
+    QgsProcessingParameterEnum,
+    QgsProcessingParameterFile,
+    QgsProcessingParameterFileDestination,
+    QgsProcessingParameterMultipleLayers,
+    QgsProcessingParameterNumber,
+    QgsProcessingParameterString,
+)
 
 from ..lazy_torch import core_constant
 from .base import JemAlgorithm, progress_reporter
@@ -95,7 +104,8 @@ class OodAlgorithm(JemAlgorithm):
 
 def summary_lines(result: dict[str, Any]) -> list[str]:
     ref = result["reference"]
-    lines = [f"reference {ref['name']} ({ref['split']}, {ref['count']} images): −E(x) {ref['mean']:.2f} ± {ref['std']:.2f}"]
+    lines = [f"reference {ref['name']} ({ref['split']}, {ref['count']} images): "
+             f"−E(x) {ref['mean']:.2f} ± {ref['std']:.2f}"]
     for name, c in result["compare"].items():
         lines.append(f"{name} ({c['kind']}, {c['count']} images): −E(x) {c['mean']:.2f} ± {c['std']:.2f}, "
                      f"KL to reference {c['kl_to_reference']:.3f}, AUROC {c['auroc']:.3f}")

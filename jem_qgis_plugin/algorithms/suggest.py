@@ -3,9 +3,21 @@ from __future__ import annotations
 
 from typing import Any
 
-from qgis.core import (QgsFeature, QgsFeatureSink, QgsField, QgsFields, QgsGeometry, QgsProcessingContext,
-                       QgsProcessingException, QgsProcessingFeedback, QgsProcessingParameterFeatureSink,
-                       QgsProcessingParameterNumber, QgsProcessingParameterRasterLayer, QgsRectangle, QgsWkbTypes)
+from qgis.core import (
+    QgsFeature,
+    QgsFeatureSink,
+    QgsField,
+    QgsFields,
+    QgsGeometry,
+    QgsProcessingContext,
+    QgsProcessingException,
+    QgsProcessingFeedback,
+    QgsProcessingParameterFeatureSink,
+    QgsProcessingParameterNumber,
+    QgsProcessingParameterRasterLayer,
+    QgsRectangle,
+    QgsWkbTypes,
+)
 from qgis.PyQt.QtCore import QVariant
 
 from ..annotation_layer import CLASS_FIELD
@@ -55,8 +67,8 @@ class SuggestAlgorithm(JemAlgorithm):
     def execute(self, parameters: dict[str, Any], context: QgsProcessingContext,
                 feedback: QgsProcessingFeedback) -> dict[str, Any]:
         from jem_core.active import suggest
-        from jem_core.model_file import load_model
         from jem_core.device import resolve_device
+        from jem_core.model_file import load_model
 
         raster = self.raster_file_layer(parameters, context)
         loaded = load_model(self.model_file(parameters, context),

@@ -4,9 +4,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from qgis.core import (QgsProcessingContext, QgsProcessingFeedback, QgsProcessingOutputNumber,
-                       QgsProcessingParameterBoolean, QgsProcessingParameterEnum, QgsProcessingParameterFile,
-                       QgsProcessingParameterFileDestination, QgsProcessingParameterNumber)
+from qgis.core import (
+    QgsProcessingContext,
+    QgsProcessingFeedback,
+    QgsProcessingOutputNumber,
+    QgsProcessingParameterBoolean,
+    QgsProcessingParameterEnum,
+    QgsProcessingParameterFile,
+    QgsProcessingParameterFileDestination,
+    QgsProcessingParameterNumber,
+)
 
 from ..lazy_torch import core_constant
 from .base import JemAlgorithm, progress_reporter
@@ -36,7 +43,8 @@ class TrainAlgorithm(JemAlgorithm):
             "<b>Labels per class</b>: 0 uses every label; K keeps K labels per class and uses the other images "
             "unlabelled (semi-supervised). The run lasts <b>Iterations</b> optimiser steps (default 1000, whatever "
             "the dataset size), or less when <b>Epochs</b> (passes over the images) or the <b>Time budget</b> "
-            "(minutes) come first; the learning rate warms up over the first tenth of the run. <b>Baseline</b> trains the same network with cross-entropy only, for comparison.<br>"
+            "(minutes) come first; the learning rate warms up over the first tenth of the run. <b>Baseline</b> "
+            "trains the same network with cross-entropy only, for comparison.<br>"
             "Outputs: the model file (.pt), test metrics (JSON) and a reliability diagram (PNG). "
             "Training runs in the background; Cancel stops it within one iteration and writes nothing.")
 
