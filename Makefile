@@ -1,4 +1,4 @@
-# JEM-EO: `make demo` runs the main job on bundled data, `make test` runs the whole suite,
+# JEM-EO: `make demo` runs the main job on bundled data, `make test` runs ruff and the whole suite,
 # `make test-quick` all but the long tests, `make lint` runs ruff (configured in pyproject.toml).
 SHELL := /bin/bash
 VENV := .venv
@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 SYSTEM_PY := /usr/bin/python3
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_PACKAGES := qgis python3-qgis python3-gdal python3-rasterio python3-matplotlib xvfb
-PIP_PACKAGES := torch==2.13.0 pytest pytest-qgis matplotlib hypothesis ruff
+PIP_PACKAGES := torch==2.13.0 pytest pytest-qgis matplotlib hypothesis ruff==0.17.6
 export QT_QPA_PLATFORM ?= offscreen
 
 .PHONY: setup system-packages test test-quick lint demo package clean
@@ -27,7 +27,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q --disable-pip-version-check -c $(VENV)/constraints.txt --no-deps -e .
 	@touch $@
 
-test: setup
+# The linter first (seconds), then the whole suite.
+test: lint
 	$(PY) -m pytest -q tests
 
 # Everything but the tests marked slow (SIGKILL/resume, DDP, benchmarks, huge rasters).
