@@ -1,8 +1,9 @@
 """The model that ships with JEM-EO, in the repository and inside the QGIS plugin zip.
 
 `landcover_base.pt`: a JEM trained by our own `jem train` on AID scenes grouped into 8 land-cover
-classes (recipe: recipes/aid_landcover.py; training log: docs/results/base_model/).  Not yet the
-default of any command: that wiring is still to come.
+classes (recipe: recipes/aid_landcover.py; training log: docs/results/base_model/; model card:
+docs/model_card.md).  It is the default model of every QGIS algorithm and of the labelling dock, and
+`jem retrain` starts from it when the raster's bands fit it.
 """
 from __future__ import annotations
 
