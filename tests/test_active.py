@@ -336,3 +336,18 @@ def test_cli_retrain_then_suggest(tmp_path, scene, capsys):
     layer = dataset.GetLayer(0)
     ranks = sorted(feature.GetField("rank") for feature in layer)
     assert ranks == [1, 2, 3] and layer.GetSpatialRef().GetAuthorityCode(None) == "32633"
+
+
+def test_annotation_points_for_points_and_polygons():
+    from jem_core.active import annotation_points
+
+    assert [(a.x, a.y) for a in annotation_points("field", 10, 10, points=[(1.0, 2.0), (3.0, 4.0)])] == \
+        [(1.0, 2.0), (3.0, 4.0)]
+    # A 30 × 10 box of 10-unit cells whose left third is outside the polygon: the two cells inside.
+    inside = annotation_points("town", 10, 10, bounds=(0, 0, 30, 10), contains=lambda x, y: x > 10,
+                               inner_point=lambda: (20.0, 5.0))
+    assert [(a.class_name, a.x, a.y) for a in inside] == [("town", 15.0, 5.0), ("town", 25.0, 5.0)]
+    # A sliver no cell centre falls in: the patch at its inner point.
+    sliver = annotation_points("road", 10, 10, bounds=(0, 0, 30, 10), contains=lambda x, y: False,
+                               inner_point=lambda: (12.0, 3.0))
+    assert [(a.x, a.y) for a in sliver] == [(12.0, 3.0)]

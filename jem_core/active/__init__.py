@@ -24,10 +24,18 @@ from .retrain import (
                       retrain_config,
                       retrain_on_patches,
 )
-from .suggest import Suggestion, percentile_rank, priority, spread_selection, suggest, uncertainty_scores
+from .suggest import (
+                      SUGGESTION_FIELDS,
+                      Suggestion,
+                      percentile_rank,
+                      priority,
+                      spread_selection,
+                      suggest,
+                      uncertainty_scores,
+)
 
-__all__ = ["MIN_VALID_FRACTION", "Annotation", "PatchReader", "PatchWindow", "RasterInput", "cell_centres",
-           "open_patch_reader", "patches_from_annotations", "sample_unlabelled_patches", "RETRAIN_DEFAULTS",
-           "RetrainDefaults", "RetrainResult", "default_start_model", "fit_head", "retrain", "retrain_config",
-           "retrain_on_patches", "Suggestion", "percentile_rank", "priority", "spread_selection", "suggest",
-           "uncertainty_scores"]
+__all__ = ["MIN_VALID_FRACTION", "Annotation", "PatchReader", "PatchWindow", "RasterInput", "annotation_points",
+           "cell_centres", "open_patch_reader", "patches_from_annotations", "sample_unlabelled_patches",
+           "RETRAIN_DEFAULTS", "RetrainDefaults", "RetrainResult", "default_start_model", "fit_head", "retrain",
+           "retrain_config", "retrain_on_patches", "SUGGESTION_FIELDS", "Suggestion", "percentile_rank", "priority",
+           "spread_selection", "suggest", "uncertainty_scores"]

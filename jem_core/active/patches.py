@@ -13,7 +13,7 @@ import math
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Callable, Sequence, Union
 
 import numpy as np
 import torch
@@ -55,6 +55,25 @@ def cell_centres(bounds: Sequence[float], cell_width: float, cell_height: float)
     x0 = (xmin + xmax) / 2 - (columns - 1) * cell_width / 2
     y0 = (ymin + ymax) / 2 - (rows - 1) * cell_height / 2
     return [(x0 + i * cell_width, y0 + j * cell_height) for j in range(rows) for i in range(columns)]
+
+
+def annotation_points(class_name: str, cell_width: float, cell_height: float, *,
+                      points: Sequence[tuple[float, float]] | None = None,
+                      bounds: tuple[float, float, float, float] | None = None,
+                      contains: Callable[[float, float], bool] | None = None,
+                      inner_point: Callable[[], tuple[float, float]] | None = None) -> list[Annotation]:
+    """The annotations of one labelled feature, whatever library holds its geometry (OGR, QGIS).
+
+    A point (or multi-point) labels the patch under each of its `points`; a polygon labels every
+    patch-sized cell of a grid over its `bounds` whose centre it `contains`, and at least the patch at
+    its `inner_point()` (a footprint drawn by the labelling tool is exactly one patch).
+    """
+    if points is not None:
+        return [Annotation(class_name, x, y) for x, y in points]
+    if bounds is None or contains is None or inner_point is None:
+        raise ValueError("a polygon needs its bounds, a contains test and an inner point")
+    centres = [(x, y) for x, y in cell_centres(bounds, cell_width, cell_height) if contains(x, y)] or [inner_point()]
+    return [Annotation(class_name, x, y) for x, y in centres]
 
 
 class PatchReader:

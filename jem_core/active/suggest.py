@@ -20,6 +20,12 @@ from ..raster_io import require_crs
 from ..windowing import iter_patches
 from .patches import PatchReader, PatchWindow, RasterInput, open_patch_reader
 
+# The attributes a suggestion layer carries, with their type (int, real or text), in column order; the
+# CLI (OGR) and the QGIS algorithm both write these, then an empty class field for the analyst.
+SUGGESTION_FIELDS: list[tuple[str, str]] = [
+    ("rank", "int"), ("score", "real"), ("unfamiliarity", "real"), ("uncertainty", "real"), ("neg_energy", "real"),
+    ("entropy", "real"), ("margin", "real"), ("predicted_class", "text"), ("confidence", "real")]
+
 
 @dataclass
 class Suggestion:

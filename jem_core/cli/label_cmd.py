@@ -11,7 +11,16 @@ import os
 from pathlib import Path
 
 from .. import JEMError
-from ..active import RETRAIN_DEFAULTS, Annotation, cell_centres, default_start_model, retrain, retrain_config, suggest
+from ..active import (
+    RETRAIN_DEFAULTS,
+    SUGGESTION_FIELDS,
+    Annotation,
+    annotation_points,
+    default_start_model,
+    retrain,
+    retrain_config,
+    suggest,
+)
 from ..files import check_output_folders, write_json, written_together
 from ..model_file import load_model
 from ..process_state import gdal_exceptions
@@ -19,8 +28,7 @@ from ..raster_io import no_crs_message, parse_band_list, raster_error
 from ..sampler import SGLDConfig
 from .common import ProgressBar, add_device_option, log
 
-SUGGESTION_FIELDS = ["rank", "score", "unfamiliarity", "uncertainty", "neg_energy", "entropy", "margin",
-                     "predicted_class", "confidence"]
+OGR_TYPES = {"int": "OFTInteger", "real": "OFTReal", "text": "OFTString"}
 
 
 def register(subparsers) -> None:
@@ -125,16 +133,22 @@ def read_annotations(path: Path, class_field: str, raster_wkt: str, cell_width: 
         geometry = geometry.Clone()
         if transform is not None:
             geometry.Transform(transform)
-        if geometry.GetDimension() == 0:
-            points = [geometry.GetPoint_2D(i) for i in range(geometry.GetPointCount())] or \
-                [geometry.GetGeometryRef(i).GetPoint_2D() for i in range(geometry.GetGeometryCount())]
-        else:
-            xmin, xmax, ymin, ymax = geometry.GetEnvelope()
-            points = [(x, y) for x, y in cell_centres((xmin, ymin, xmax, ymax), cell_width, cell_height)
-                      if geometry.Contains(ogr.CreateGeometryFromWkt(f"POINT ({x} {y})"))] or \
-                [geometry.PointOnSurface().GetPoint_2D()]
-        annotations += [Annotation(name, x, y) for x, y in points]
+        annotations += ogr_annotation_points(name, geometry, cell_width, cell_height)
     return annotations
+
+
+def ogr_annotation_points(name: str, geometry, cell_width: float, cell_height: float) -> list[Annotation]:
+    from osgeo import ogr
+
+    if geometry.GetDimension() == 0:
+        points = [geometry.GetPoint_2D(i) for i in range(geometry.GetPointCount())] or \
+            [geometry.GetGeometryRef(i).GetPoint_2D() for i in range(geometry.GetGeometryCount())]
+        return annotation_points(name, cell_width, cell_height, points=points)
+    xmin, xmax, ymin, ymax = geometry.GetEnvelope()
+    return annotation_points(
+        name, cell_width, cell_height, bounds=(xmin, ymin, xmax, ymax),
+        contains=lambda x, y: geometry.Contains(ogr.CreateGeometryFromWkt(f"POINT ({x} {y})")),
+        inner_point=lambda: geometry.PointOnSurface().GetPoint_2D())
 
 
 def run_retrain(args: argparse.Namespace) -> int:
@@ -208,13 +222,11 @@ def write_suggestions(path: str, suggestions, wkt: str, suffix: str) -> None:
     dataset = ogr.GetDriverByName(driver).CreateDataSource(path)
     srs = osr.SpatialReference(wkt=wkt) if wkt else None
     layer = dataset.CreateLayer("suggestions", srs, ogr.wkbPolygon)
-    for name in SUGGESTION_FIELDS + ["class"]:
-        kind = ogr.OFTInteger if name == "rank" else \
-            ogr.OFTString if name in ("predicted_class", "class") else ogr.OFTReal
-        layer.CreateField(ogr.FieldDefn(name, kind))
+    for name, kind in SUGGESTION_FIELDS + [("class", "text")]:
+        layer.CreateField(ogr.FieldDefn(name, getattr(ogr, OGR_TYPES[kind])))
     for s in suggestions:
         feature = ogr.Feature(layer.GetLayerDefn())
-        for name in SUGGESTION_FIELDS:
+        for name, _ in SUGGESTION_FIELDS:
             feature.SetField(name, getattr(s, name))
         xmin, ymin, xmax, ymax = s.bounds
         feature.SetGeometry(ogr.CreateGeometryFromWkt(

@@ -46,7 +46,7 @@ def annotations_from_source(source: QgsProcessingFeatureSource, class_field: str
                             patch_size: int, context: QgsProcessingContext) -> list:
     """jem_core Annotations in the raster's CRS: a point labels the patch under it; a polygon every
     patch-sized cell whose centre lies inside it (at least the patch at its inner point)."""
-    from jem_core.active import Annotation, cell_centres
+    from jem_core.active import annotation_points
 
     if source.fields().indexFromName(class_field) < 0:
         names = ", ".join(source.fields().names()) or "none"
@@ -72,13 +72,14 @@ def annotations_from_source(source: QgsProcessingFeatureSource, class_field: str
                                          "Geometry tools ▸ Fix geometries) or redraw it.")
         geometry.transform(transform)
         if geometry.type() == QgsWkbTypes.PointGeometry:
-            points = [QgsPointXY(p) for p in geometry.vertices()]
+            annotations += annotation_points(name, cell_w, cell_h, points=[(p.x(), p.y()) for p in geometry.vertices()])
         else:
             box = geometry.boundingBox()
-            centres = cell_centres((box.xMinimum(), box.yMinimum(), box.xMaximum(), box.yMaximum()), cell_w, cell_h)
-            points = [QgsPointXY(x, y) for x, y in centres if geometry.contains(QgsPointXY(x, y))] or \
-                [geometry.pointOnSurface().asPoint()]
-        annotations += [Annotation(name, p.x(), p.y()) for p in points]
+            inner = geometry.pointOnSurface().asPoint()
+            annotations += annotation_points(
+                name, cell_w, cell_h, bounds=(box.xMinimum(), box.yMinimum(), box.xMaximum(), box.yMaximum()),
+                contains=lambda x, y, shape=geometry: shape.contains(QgsPointXY(x, y)),
+                inner_point=lambda point=inner: (point.x(), point.y()))
     if not annotations:
         raise QgsProcessingException("The annotation layer has no features. Label a few patches (at least one "
                                      "per class), then retrain.")

@@ -21,13 +21,13 @@ from qgis.core import (
 from qgis.PyQt.QtCore import QVariant
 
 from ..annotation_layer import CLASS_FIELD
+from ..lazy_torch import core_constant
 from ..styles import StyledOutput, style_outputs
 from .base import JemAlgorithm, progress_reporter
 
-# Suggestion attribute → field type; `class` stays empty for the analyst to fill in.
-SCORE_FIELDS = [("rank", QVariant.Int), ("score", QVariant.Double), ("unfamiliarity", QVariant.Double),
-                ("uncertainty", QVariant.Double), ("neg_energy", QVariant.Double), ("entropy", QVariant.Double),
-                ("margin", QVariant.Double), ("predicted_class", QVariant.String), ("confidence", QVariant.Double)]
+# jem_core's suggestion attribute types as QGIS field types; `class` stays empty for the analyst to fill in.
+QGIS_TYPES = {"int": QVariant.Int, "real": QVariant.Double, "text": QVariant.String}
+SCORE_FIELDS = [(name, QGIS_TYPES[kind]) for name, kind in core_constant("active/suggest", "SUGGESTION_FIELDS")]
 
 
 def suggestion_fields() -> QgsFields:
