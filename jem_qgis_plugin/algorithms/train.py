@@ -124,6 +124,8 @@ class TrainAlgorithm(JemAlgorithm):
         result = train(dataset, config, out_path=model_path, progress=progress_reporter(feedback, LOAD_SHARE),
                        should_stop=feedback.isCanceled, log=feedback.pushInfo)
         metrics = result.metrics
+        for warning in metrics["warnings"]:
+            feedback.reportError(f"Warning: {warning}", fatalError=False)
         feedback.pushInfo(f"Test accuracy {metrics['accuracy']:.1%}, NLL {metrics['nll']:.3f}, "
                           f"ECE {metrics['ece']:.3f} on {metrics['count']} test images.")
         outputs: dict[str, Any] = {"OUTPUT_MODEL": model_path, "ACCURACY": metrics["accuracy"],
