@@ -96,13 +96,14 @@ def test_choices_read_from_core_source_match_the_imported_values():
     assert core_constant("training", "TrainConfig.epochs") == TrainConfig().epochs
 
 
-# Runs under the system Python (as QGIS does), from a folder outside the repository, with a fresh
-# profile: the plugin must come only from the unpacked zip.
-STARTUP_SCRIPT = textwrap.dedent("""
+# The scripts below run under the system Python (as QGIS does), from a folder outside the repository, with a
+# fresh profile: the plugin must come only from the unpacked zip.  BOOT_PROFILE starts a headless QGIS on the
+# profile given as the first argument, with Processing up and plugins from that profile only.
+BOOT_PROFILE = textwrap.dedent("""
     import json, os, sys
     profile = sys.argv[1]
     sys.path.insert(0, "/usr/share/qgis/python/plugins")
-    from qgis.core import QgsApplication, QgsProcessingException
+    from qgis.core import QgsApplication, QgsProcessingException, QgsRasterLayer
     app = QgsApplication([], False, profile)
     app.initQgis()
     from processing.core.Processing import Processing
@@ -112,6 +113,8 @@ STARTUP_SCRIPT = textwrap.dedent("""
     qgis.utils.plugin_paths = [plugins]
     sys.path.insert(0, plugins)
     qgis.utils.updateAvailablePlugins()
+""")
+STARTUP_SCRIPT = BOOT_PROFILE + textwrap.dedent("""
     report = {"available": "jem_qgis_plugin" in qgis.utils.available_plugins,
               "loaded": qgis.utils.loadPlugin("jem_qgis_plugin"),
               "started": qgis.utils.startPlugin("jem_qgis_plugin")}
@@ -182,20 +185,8 @@ def test_qgis_process_lists_the_algorithms_of_the_installed_zip(plugin_zip, tmp_
 
 # The same clean profile, run by a Python that has torch: jem:landcovermap with no MODEL maps with the
 # bundled model that came in the zip.
-MAP_SCRIPT = textwrap.dedent("""
-    import json, os, sys
-    profile, raster, out = sys.argv[1:4]
-    sys.path.insert(0, "/usr/share/qgis/python/plugins")
-    from qgis.core import QgsApplication, QgsRasterLayer
-    app = QgsApplication([], False, profile)
-    app.initQgis()
-    from processing.core.Processing import Processing
-    Processing.initialize()
-    import qgis.utils
-    plugins = os.path.join(QgsApplication.qgisSettingsDirPath(), "python", "plugins")
-    qgis.utils.plugin_paths = [plugins]
-    sys.path.insert(0, plugins)
-    qgis.utils.updateAvailablePlugins()
+MAP_SCRIPT = BOOT_PROFILE + textwrap.dedent("""
+    raster, out = sys.argv[2:4]
     qgis.utils.loadPlugin("jem_qgis_plugin") and qgis.utils.startPlugin("jem_qgis_plugin")
     import processing
     result = processing.run("jem:landcovermap", {"INPUT": raster, "DEVICE": "cpu", "OUTPUT": out})

@@ -11,7 +11,7 @@ from qgis.core import Qgis, QgsApplication
 from qgis.PyQt.QtCore import QCoreApplication
 
 from jem_qgis_plugin import torch_install, torch_install_ui
-from tests.test_torch_install import STANDIN, write_wheel
+from tests.test_torch_install import STANDIN, clean_sys_path, write_wheel  # noqa: F401 (fixture)
 
 
 def run_task(task, seconds: float = 60.0) -> list:
@@ -24,14 +24,6 @@ def run_task(task, seconds: float = 60.0) -> list:
         QCoreApplication.processEvents()
         time.sleep(0.05)
     return reported
-
-
-@pytest.fixture
-def clean_sys_path():
-    saved = list(sys.path)
-    yield
-    sys.path[:] = saved
-    sys.modules.pop(STANDIN, None)
 
 
 def test_task_installs_in_the_background_and_the_package_imports_at_once(qgis_app, tmp_path, clean_sys_path):

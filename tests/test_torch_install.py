@@ -50,6 +50,7 @@ def write_wheel(folder: Path, version: str = "1.0") -> Path:
 
 @pytest.fixture
 def clean_sys_path():
+    """The stand-in package's folder leaves sys.path, and its module sys.modules, after the test."""
     saved = list(sys.path)
     yield
     sys.path[:] = saved
