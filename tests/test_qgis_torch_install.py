@@ -6,7 +6,6 @@ import sys
 import time
 from functools import partial
 
-import pytest
 from qgis.core import Qgis, QgsApplication
 from qgis.PyQt.QtCore import QCoreApplication
 
