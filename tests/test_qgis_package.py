@@ -135,12 +135,18 @@ STARTUP_SCRIPT = BOOT_PROFILE + textwrap.dedent("""
 """)
 
 
-@pytest.mark.skipif(not Path(SYSTEM_PYTHON).exists(), reason="needs the system Python that QGIS uses")
-def test_zip_registers_the_provider_in_a_clean_profile(plugin_zip, tmp_path):
+def profile_with_zip(plugin_zip: Path, tmp_path: Path) -> Path:
+    """A fresh QGIS profile folder with the zip unpacked into its plugins, as "Install from ZIP" does."""
     profile = tmp_path / "profiles" / "default"
     plugins = profile / "python" / "plugins"
     plugins.mkdir(parents=True)
     zipfile.ZipFile(plugin_zip).extractall(plugins)
+    return profile
+
+
+@pytest.mark.skipif(not Path(SYSTEM_PYTHON).exists(), reason="needs the system Python that QGIS uses")
+def test_zip_registers_the_provider_in_a_clean_profile(plugin_zip, tmp_path):
+    profile = profile_with_zip(plugin_zip, tmp_path)
     (tmp_path / "startup.py").write_text(STARTUP_SCRIPT)
     raster = shutil.copy(REPO / "resources" / "icons" / "icon.png", tmp_path / "input.png")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
@@ -152,7 +158,8 @@ def test_zip_registers_the_provider_in_a_clean_profile(plugin_zip, tmp_path):
     report = json.loads(lines[-1][len("REPORT "):])
     assert report["available"] and report["loaded"] and report["started"]
     assert set(OUR_ALGORITHMS) <= set(report["algorithms"])
-    assert Path(report["jem_core"]).is_relative_to(plugins / "jem_qgis_plugin" / "vendor")  # the bundled engine
+    vendor = profile / "python" / "plugins" / "jem_qgis_plugin" / "vendor"
+    assert Path(report["jem_core"]).is_relative_to(vendor)  # the bundled engine
     assert not report["torch_imported"]  # start-up stays light: torch only when an algorithm runs
     if importable_by_system_python("torch"):
         assert "does not exist" in report["run"]
@@ -200,10 +207,7 @@ MAP_SCRIPT = BOOT_PROFILE + textwrap.dedent("""
 def test_zip_maps_with_the_bundled_model_when_no_model_is_given(plugin_zip, tmp_path):
     from tests.test_active import write_scene
 
-    profile = tmp_path / "profiles" / "default"
-    plugins = profile / "python" / "plugins"
-    plugins.mkdir(parents=True)
-    zipfile.ZipFile(plugin_zip).extractall(plugins)
+    profile = profile_with_zip(plugin_zip, tmp_path)
     (tmp_path / "map.py").write_text(MAP_SCRIPT)
     raster = write_scene(tmp_path / "scene.tif")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
@@ -213,7 +217,7 @@ def test_zip_maps_with_the_bundled_model_when_no_model_is_given(plugin_zip, tmp_
     lines = [line for line in done.stdout.splitlines() if line.startswith("REPORT ")]
     assert lines, done.stdout + done.stderr
     report = json.loads(lines[-1][len("REPORT "):])
-    assert Path(report["model"]).is_relative_to(plugins / "jem_qgis_plugin" / "vendor")
+    assert Path(report["model"]).is_relative_to(profile / "python" / "plugins" / "jem_qgis_plugin" / "vendor")
     assert report["valid"] and report["labels"]
     bundled = load_model(REPO / "jem_core" / "bundled" / "landcover_base.pt")
     assert set(report["labels"]) <= set(bundled.meta.class_names)
