@@ -105,7 +105,8 @@ def test_training_speed_benchmark_runs_and_prints_the_speedup():
                          "ours, defaults"}
     reference = rows["reference (original JEM loop)"][0]
     for label, (per_iter, ratio, chain, rate) in rows.items():
-        assert chain > 0 and rate > 0, label
+        # A chain of this tiny net can print as 0.00 s; its image-steps/s shows it ran.
+        assert chain >= 0 and rate > 0, label
         # The ratio column is the reference's time over the row's, within the rounding of the printed times.
         low = (reference - 0.005) / (per_iter + 0.005) - 0.005
         high = (reference + 0.005) / max(per_iter - 0.005, 1e-9) + 0.005

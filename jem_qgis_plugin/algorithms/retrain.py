@@ -147,7 +147,8 @@ class RetrainAlgorithm(JemAlgorithm):
                                                                   optional=True, createByDefault=False))
         self.addParameter(QgsProcessingParameterRasterDestination("OUTPUT_FAMILIARITY", "New familiarity −E(x)",
                                                                   optional=True, createByDefault=False))
-        self.addOutput(QgsProcessingOutputNumber("LABELLED", "Labelled patches"))
+        self.addOutput(QgsProcessingOutputNumber(
+            "LABELLED", "Labelled patches (each annotated patch and its 8 neighbours a quarter patch away)"))
         self.addOutput(QgsProcessingOutputNumber("FIT_ACCURACY", "Accuracy on the annotated patches"))
 
     def execute(self, parameters: dict[str, Any], context: QgsProcessingContext,
