@@ -403,10 +403,10 @@ def finish_run(run: Run, config: TrainConfig, state: LoopState, best_model: dict
         log(f"stopped ({stop_reason}); keeping the last weights")
     metrics = classification_metrics(predict_logits(run.loaded, dataset.images[run.test]),
                                      dataset.labels[run.test], dataset.class_names)
-    fitted = run.labelled[:2000]
-    label_fit = float((predict_logits(run.loaded, dataset.images[fitted]).argmax(1) == dataset.labels[fitted])
+    labelled = run.labelled
+    label_fit = float((predict_logits(run.loaded, dataset.images[labelled]).argmax(1) == dataset.labels[labelled])
                       .double().mean())
-    warnings = fit_warnings(label_fit, len(fitted), metrics["accuracy"] if len(run.test) else None,
+    warnings = fit_warnings(label_fit, len(labelled), metrics["accuracy"] if len(run.test) else None,
                             dataset.num_classes)
     for warning in warnings:
         log(f"warning: {warning}")

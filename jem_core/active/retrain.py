@@ -20,7 +20,6 @@ import torch
 from .. import JEMError, ProgressFn, StopFn
 from ..bundled import base_model_path
 from ..data import SceneDataset, load_class_folder
-from ..metrics import predict_logits
 from ..model_file import LoadedModel, as_loaded, load_model
 from ..models import ModelSpec, build_model
 from ..raster_io import open_raster
@@ -176,7 +175,7 @@ def retrain_on_patches(labelled: SceneDataset, unlabelled: torch.Tensor, *, star
         + (f"; new classes: {', '.join(new_classes)}" if new_classes else ""))
     result = train(labelled, config, out_path=out_model, progress=progress, should_stop=should_stop, log=log,
                    unlabelled=unlabelled, start_model=start)
-    predicted = predict_logits(result.loaded, labelled.images).argmax(1)
-    fit = (predicted == labelled.labels).double().mean().item()
+    # Every labelled patch is a training label (no split), so train's label fit is the fit on the annotations.
     return RetrainResult(result.loaded, list(labelled.class_names), new_classes, without, len(labelled),
-                         len(unlabelled), fit, result.metrics, list(result.metrics.get("warnings", [])))
+                         len(unlabelled), result.metrics["label_fit"], result.metrics,
+                         list(result.metrics["warnings"]))
