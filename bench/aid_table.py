@@ -1,22 +1,18 @@
-"""Reproduce the JEM-for-EO paper's Table IV rows for AID at 64x64 px, on a CPU budget.
+"""The JEM-for-EO paper's Table IV rows for AID at 64x64 px, on a CPU budget.
 
-Two phases, each loading AID once per process:
+  train    For one or more labels-per-class settings (all, 20, 3, 1), methods (JEM, CE baseline,
+           JEM + consistency) and one seed, train the default network of `jem train` for a fixed wall-clock
+           budget (default 20 minutes) on ONE CPU thread, save the model under --models and write
+           docs/results/aid_table/<setting>_<method>_s<seed>.json (test accuracy, NLL, ECE, reliability
+           bins, iterations, seconds, pseudo-label mask rate, validation history).
+  analyse  From those JSONs: the table (mean and per-seed figures, JEM − CE per seed) written into
+           docs/science.md between the aid-table markers, reliability diagrams (seed 0) and the
+           validation-accuracy-vs-minutes curves; SGLD sample grids when supervised ("all") models exist.
 
-  train    For each labels-per-class setting (all, 20, 3, 1) and method (JEM, CE baseline,
-           JEM + consistency), train the default network for a fixed wall-clock budget, save the model
-           under --models and write docs/results/aid_table/<setting>_<method>.json (test accuracy,
-           NLL, ECE, reliability bins, iterations, seconds, FixMatch mask rate).
-  analyse  From the saved models: the OOD table (KL of the −E(x) histograms of AID test, OSCD
-           Sentinel-2 patches and the Landsat scene to the AID training histogram, AUROC),
-           reliability diagrams JEM vs CE, SGLD sample grids with their feature-space distances, and
-           the markdown tables written into docs/science.md between the aid-table markers.
-
-Usage (each run single-threaded, one at a time):
-  .venv/bin/python bench/aid_table.py train --settings all,20 --budget-min 3.5
-  .venv/bin/python bench/aid_table.py train --settings 3,1 --budget-min 3.5
+Usage (one thread per run; two runs may share the 2-core machine, one per core, see docs/science.md):
+  .venv/bin/python bench/aid_table.py train --settings 20 --methods jem,ce --seed 0
   .venv/bin/python bench/aid_table.py analyse
-  .venv/bin/python bench/aid_table.py analyse --tables-only     (plots and tables from the saved JSONs)
-  .venv/bin/python bench/aid_table.py ood --model demo/model.pt --tag demo
+The OOD comparison lives in bench/ood_statistics.py.
 """
 from __future__ import annotations
 
@@ -24,7 +20,6 @@ import argparse
 import json
 import shlex
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -48,8 +43,10 @@ METHODS = {
     "ce": {"baseline": True},
     "jem": {},
     "jem+cons": {"consistency_weight": 1.0},
+    "jem-ce25": {"ce_warmup": 0.25},
 }
-METHOD_NAMES = {"ce": "CE baseline", "jem": "JEM", "jem+cons": "JEM + consistency"}
+METHOD_NAMES = {"ce": "CE baseline", "jem": "JEM", "jem+cons": "JEM + consistency",
+                "jem-ce25": "JEM after 25 % CE"}
 SETTINGS = ("all", "20", "3", "1")
 PAPER = {("all", "jem"): 74.1, ("all", "ce"): 78.7, ("20", "jem"): 50.2, ("20", "ce"): 41.1}
 
@@ -88,13 +85,14 @@ def run_train(args: argparse.Namespace) -> None:
           flush=True)
     for setting in args.settings.split(","):
         for method in args.methods.split(","):
-            config = TrainConfig(epochs=1000, time_budget_min=args.budget_min, patience=None, seed=args.seed,
+            config = TrainConfig(time_budget_min=args.budget_min, patience=None, seed=args.seed,
                                  labels_per_class=None if setting == "all" else int(setting),
-                                 warmup_iters=args.warmup_iters, sgld=SGLDConfig(buffer_size=args.buffer_size),
+                                 sgld=SGLDConfig(buffer_size=args.buffer_size),
                                  consistency_threshold=args.threshold, **METHODS[method])
             print(f"--- {setting} labels/class, {METHOD_NAMES[method]}", flush=True)
+            name = f"{setting}_{method}_s{args.seed}"
             with MaskRateRecorder() as recorder:
-                result = training.train(dataset, config, out_path=args.models / f"{setting}_{method}.pt",
+                result = training.train(dataset, config, out_path=args.models / f"{name}.pt",
                                         log=lambda m: print(m, flush=True))
             m = result.metrics
             record = {k: v for k, v in m.items() if k != "confusion_matrix"}
@@ -102,10 +100,10 @@ def run_train(args: argparse.Namespace) -> None:
                           mean_mask_rate=float(np.mean(recorder.rates)) if recorder.rates else 0.0,
                           consistency_threshold=args.threshold if method == "jem+cons" else None,
                           history=result.history, command=command_line(),
-                          warmup_iters=args.warmup_iters, buffer_size=args.buffer_size,
-                          note="wrn-10-2, stem stride 2, 64 px, other settings the defaults of jem train; 1 CPU "
-                               "thread on a shared machine, so the iteration count depends on the load")
-            write_json(RESULTS / f"{setting}_{method}.json", record)
+                          buffer_size=args.buffer_size, torch_threads=torch.get_num_threads(),
+                          note="wrn-10-2, stem stride 2, 64 px, other settings the defaults of jem train; "
+                               "1 CPU thread, one run per core")
+            write_json(RESULTS / f"{name}.json", record)
             print(f"=> test acc {m['accuracy']:.1%} ECE {m['ece']:.3f} in {m['iterations']} iterations "
                   f"(mask rate {record['mean_mask_rate']:.2f})", flush=True)
 
@@ -133,48 +131,43 @@ def oscd_rgb(city: str, out_dir: Path) -> Path:
     return out
 
 
+def load_runs() -> dict[tuple[str, str], list[dict]]:
+    """(setting, method) → the runs of every seed, by seed."""
+    runs: dict[tuple[str, str], list[dict]] = {}
+    for path in sorted(RESULTS.glob("*_s*.json")):
+        record = json.loads(path.read_text())
+        record["seed"] = int(path.stem.rsplit("_s", 1)[1])
+        runs.setdefault((record["setting"], record["method"]), []).append(record)
+    return {key: sorted(records, key=lambda r: r["seed"]) for key, records in runs.items()}
+
+
 def run_analyse(args: argparse.Namespace) -> None:
     from jem_core.plots import reliability_diagram
 
     torch.set_num_threads(1)
     IMAGES.mkdir(parents=True, exist_ok=True)
-    runs = {p.stem: json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))}
-    if args.tables_only:
-        ood, samples = load_analysis()
-    else:
-        ood, samples = compute_analysis(args)
+    runs = load_runs()
+    samples = {} if args.tables_only else compute_samples(args)
     for setting in SETTINGS:
-        curves = {METHOD_NAMES[m]: runs[f"{setting}_{m}"] for m in METHODS if f"{setting}_{m}" in runs}
+        curves = {METHOD_NAMES[m]: runs[(setting, m)][0] for m in METHODS if (setting, m) in runs}
         if curves:
             reliability_diagram(curves, IMAGES / f"aid_reliability_{setting}.png")
-    write_tables(runs, ood, samples)
+    validation_curves(runs, IMAGES / "aid_val_curves.png")
+    write_tables(runs, samples)
 
 
-def load_analysis() -> tuple[dict, dict]:
-    """The OOD and sample results of an earlier `analyse` run."""
-    ood = {m: json.loads(p.read_text()) for m in METHODS
-           if (p := RESULTS.parent / f"aid_ood_{m.replace('+', '_')}.json").exists()}
-    samples_path = RESULTS.parent / "aid_samples.json"
-    samples = json.loads(samples_path.read_text()) if samples_path.exists() else {}
-    samples.pop("command", None)
-    return ood, samples
-
-
-def compute_analysis(args: argparse.Namespace) -> tuple[dict, dict]:
+def compute_samples(args: argparse.Namespace) -> dict:
+    """SGLD sample grids of the supervised JEMs, scored in the CE baseline's features (when trained)."""
     from jem_core.generation import sample_grid
     from jem_core.model_file import load_model
 
+    models = {m: args.models / f"all_{m}_s0.pt" for m in ("jem", "jem+cons")}
+    if not any(path.exists() for path in models.values()):
+        return {}
     dataset = load_class_folder(DATA / "aid", 64)
-    ood = {}
-    for method in ("jem", "ce", "jem+cons"):
-        model_path = args.models / f"all_{method}.pt"
-        if model_path.exists():
-            print(f"OOD: {METHOD_NAMES[method]}", flush=True)
-            ood[method] = ood_table(load_model(model_path), dataset, method.replace("+", "_"))
+    feature_path = args.models / "all_ce_s0.pt"
     samples = {}
-    feature_path = args.models / "all_ce.pt"
-    for method in ("jem", "jem+cons"):
-        model_path = args.models / f"all_{method}.pt"
+    for method, model_path in models.items():
         if model_path.exists():
             print(f"samples: {METHOD_NAMES[method]}", flush=True)
             samples[method] = sample_grid(load_model(model_path),
@@ -183,60 +176,63 @@ def compute_analysis(args: argparse.Namespace) -> tuple[dict, dict]:
                                           unconditional_count=2 * args.per_class,
                                           feature_model=feature_path if feature_path.exists() else None)
     write_json(RESULTS.parent / "aid_samples.json", {"command": command_line(), **samples})
-    return ood, samples
+    return samples
 
 
-def ood_table(loaded, dataset, tag: str) -> dict:
-    """−E(x) of AID test, OSCD Beirut and Rio (B04/B03/B02, 8-bit) and the Landsat scene vs AID train."""
-    from jem_core.ood import ood_analysis, reference_indices
+def validation_curves(runs: dict[tuple[str, str], list[dict]], path: Path) -> None:
+    """Validation accuracy against training minutes, one panel per setting, one line per run."""
+    from jem_core.plots import pyplot, save_figure
 
-    test = dataset.images[reference_indices(dataset, loaded, "test")[0]]
-    with tempfile.TemporaryDirectory() as tmp:
-        rasters = [str(oscd_rgb("beirut", Path(tmp))), str(oscd_rgb("rio", Path(tmp))),
-                   str(DATA / "landsat" / "RGB.byte.tif")]
-        return ood_analysis(loaded, dataset, [("AID test", test), *rasters], reference_split="train",
-                            json_path=RESULTS.parent / f"aid_ood_{tag}.json", plot_path=IMAGES / f"aid_ood_{tag}.png")
-
-
-def run_ood(args: argparse.Namespace) -> None:
-    """The OOD table for any AID model (e.g. the bundled demo model), at the model's image size."""
-    from jem_core.model_file import load_model
-
-    torch.set_num_threads(1)
-    loaded = load_model(args.model)
-    result = ood_table(loaded, load_class_folder(DATA / "aid", loaded.meta.image_size), args.tag)
-    for name, c in result["compare"].items():
-        print(f"{name:22s} n={c['count']:5d}  KL {c['kl_to_reference']:6.2f}  AUROC {c['auroc']:.3f}")
+    settings = [s for s in SETTINGS if any((s, m) in runs for m in METHODS)]
+    if not settings:
+        return
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(settings), figsize=(5 * len(settings), 4), squeeze=False)
+    colours = {"ce": "#dd8452", "jem": "#4c72b0", "jem+cons": "#55a868", "jem-ce25": "#8172b3"}
+    for ax, setting in zip(axes[0], settings):
+        for method in METHODS:
+            for i, run in enumerate(runs.get((setting, method), [])):
+                history = run["history"]
+                ax.plot([h["minutes"] for h in history], [100 * h["val_accuracy"] for h in history],
+                        color=colours[method], linestyle="-" if i == 0 else "--", linewidth=1.2,
+                        label=f"{METHOD_NAMES[method]}, seed {run['seed']}")
+        ax.set(xlabel="training minutes (one CPU thread)", ylabel="validation accuracy (%)",
+               title=f"AID, 30 classes, 64 px, {setting} labels / class")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    save_figure(fig, path)
 
 
 def fmt(value: float | None, spec: str) -> str:
     return "–" if value is None else format(value, spec)
 
 
-def write_tables(runs: dict, ood: dict, samples: dict) -> None:
-    lines = ["| labels / class | method | test acc | ECE | NLL | iterations in the budget | train s | FixMatch mask "
-             "| paper acc (GPU, 200 ep) |", "|---|---|---|---|---|---|---|---|---|"]
+def write_tables(runs: dict[tuple[str, str], list[dict]], samples: dict) -> None:
+    lines = ["| labels / class | method | seeds | test acc, mean (per seed) | ECE | NLL | iterations | "
+             "pseudo-label mask | paper acc (GPU, 200 ep) |", "|---|---|---|---|---|---|---|---|---|"]
     for setting in SETTINGS:
         for method in METHODS:
-            r = runs.get(f"{setting}_{method}")
-            if r is None:
+            records = runs.get((setting, method))
+            if not records:
                 continue
-            mask = fmt(r["mean_mask_rate"], ".2f") if method == "jem+cons" else "–"
+            accuracies = [r["accuracy"] for r in records]
+            mask = fmt(float(np.mean([r["mean_mask_rate"] for r in records])), ".2f") if method == "jem+cons" else "–"
             paper = PAPER.get((setting, method))
-            lines.append(f"| {setting} | {METHOD_NAMES[method]} | {r['accuracy']:.1%} | {r['ece']:.3f} "
-                         f"| {r['nll']:.2f} | {r['iterations']} | {r['train_seconds']:.0f} | {mask} "
+            lines.append(f"| {setting} | {METHOD_NAMES[method]} | {len(records)} | {np.mean(accuracies):.1%} "
+                         f"({', '.join(f'{a:.1%}' for a in accuracies)}) | {np.mean([r['ece'] for r in records]):.3f} "
+                         f"| {np.mean([r['nll'] for r in records]):.2f} "
+                         f"| {np.mean([r['iterations'] for r in records]):.0f} | {mask} "
                          f"| {fmt(paper, '.1f')}{'' if paper is None else ' %'} |")
+    lines += ["", "Difference to the CE baseline on the same seed (split, labelled images, initialisation):", "",
+              "| labels / class | method | JEM-side − CE, per seed | mean |", "|---|---|---|---|"]
+    for setting in SETTINGS:
+        ce = {r["seed"]: r["accuracy"] for r in runs.get((setting, "ce"), [])}
+        for method in ("jem", "jem+cons", "jem-ce25"):
+            gaps = [100 * (r["accuracy"] - ce[r["seed"]]) for r in runs.get((setting, method), []) if r["seed"] in ce]
+            if gaps:
+                lines.append(f"| {setting} | {METHOD_NAMES[method]} | {', '.join(f'{g:+.1f}' for g in gaps)} "
+                             f"| {np.mean(gaps):+.1f} points |")
     table = "\n".join(lines)
-    if ood:
-        names = list(next(iter(ood.values()))["compare"].keys())
-        ood_lines = ["| model | " + " | ".join(f"{n}: KL / AUROC" for n in names) + " |",
-                     "|---|" + "---|" * len(names)]
-        for method, result in ood.items():
-            cells = [f"{c['kl_to_reference']:.2f} / {c['auroc']:.3f}" for c in result["compare"].values()]
-            ood_lines.append(f"| {METHOD_NAMES[method]} | " + " | ".join(cells) + " |")
-        table += ("\n\nOOD: KL(compare ‖ AID train) of the −E(x) histograms and AUROC of −E(x) "
-                  "(AID train = positive).\n\n")
-        table += "\n".join(ood_lines)
     if samples:
         table += ("\n\nSample quality in the CE baseline's features (not Inception), against 1,000 AID training "
                   "images; Fréchet / kernel distance.\n\n")
@@ -269,26 +265,19 @@ def main() -> None:
     sub = parser.add_subparsers(dest="phase", required=True)
     t = sub.add_parser("train")
     t.add_argument("--settings", default=",".join(SETTINGS), help="labels per class: all,20,3,1")
-    t.add_argument("--methods", default=",".join(METHODS), help="ce,jem,jem+cons")
-    t.add_argument("--budget-min", type=float, default=3.5, help="wall-clock minutes per training run")
-    t.add_argument("--threshold", type=float, default=0.8, help="FixMatch confidence threshold")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--warmup-iters", type=int, default=10, help="LR warm-up (jem train's 100 is longer than a "
-                                                                "few-minute CPU run)")
-    t.add_argument("--buffer-size", type=int, default=2000, help="SGLD replay buffer (filling 10,000 takes a "
-                                                                 "minute of the budget on this CPU)")
+    t.add_argument("--methods", default="ce,jem,jem+cons", help=f"some of {','.join(METHODS)}")
+    t.add_argument("--budget-min", type=float, default=20.0, help="wall-clock minutes per training run")
+    t.add_argument("--threshold", type=float, default=None,
+                   help="fixed pseudo-label threshold for JEM + consistency (default: FreeMatch's adaptive ones)")
+    t.add_argument("--seed", type=int, default=0, help="split, labelled subset and initialisation")
+    t.add_argument("--buffer-size", type=int, default=SGLDConfig().buffer_size, help="SGLD replay buffer")
     t.set_defaults(run=run_train)
     a = sub.add_parser("analyse")
     a.add_argument("--per-class", type=int, default=3)
     a.add_argument("--sample-steps", type=int, default=40)
     a.add_argument("--tables-only", action="store_true",
-                   help="redo plots and tables from the saved JSONs (no model evaluation)")
+                   help="tables and plots from the saved JSONs only (no sample grids)")
     a.set_defaults(run=run_analyse)
-    o = sub.add_parser("ood", help="the OOD table alone, for any AID model")
-    o.add_argument("--model", type=Path, required=True)
-    o.add_argument("--tag", required=True,
-                   help="names the outputs: docs/results/aid_ood_TAG.json, docs/img/aid_ood_TAG.png")
-    o.set_defaults(run=run_ood)
     args = parser.parse_args()
     args.run(args)
 

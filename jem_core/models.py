@@ -148,13 +148,17 @@ class JEM(nn.Module):
         self.autocast_dtype: torch.dtype | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.penultimate(x))
+
+    def penultimate(self, x: torch.Tensor) -> torch.Tensor:
+        """The pooled features the linear head reads, float32 (logits, energies and losses stay float32)."""
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         if self.autocast_dtype is None:
-            return self.head(self.features(x))
+            return self.features(x)
         with torch.autocast(x.device.type, dtype=self.autocast_dtype):
             features = self.features(x)
-        return self.head(features.float())  # logits, energies and losses stay float32
+        return features.float()
 
     @staticmethod
     def energy_from_logits(logits: torch.Tensor) -> torch.Tensor:

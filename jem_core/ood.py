@@ -1,44 +1,60 @@
-"""Out-of-distribution analysis with the JEM energy: −E(x) histograms, their KL divergence, AUROC.
+"""Out-of-distribution analysis: is new imagery like the reference data?  Histograms, KL, AUROC.
 
-A JEM assigns every image a score −E(x) = logsumexp_y f(x)[y] (unnormalised log p(x)): images like
-the training data score high, images from elsewhere score lower.  As in the JEM-for-EO paper
-(Castillo-Navarro et al. 2022, EuroSAT test 0.27 vs 25–28 for Potsdam, OSCD, BigEarthNet), we
-compare histograms of −E(x) of a reference dataset with those of other data.
+Two familiarity scores per image, both higher for images like the reference (the training data):
+
+  features  −(cosine distance to the k-th nearest reference image) in the model's pooled penultimate
+            features (deep nearest neighbours, Sun et al. 2022), k = NEIGHBOUR_RANK; a reference image
+            is scored leaving itself out.  The default: on AID it ranks foreign sensors below the held-out
+            AID images, where −E(x) ranks them above (measured: bench/ood_statistics.py, docs/science.md).
+  energy    −E(x) = logsumexp_y f(x)[y], the JEM's unnormalised log-density: the paper's score, always
+            computed and plotted beside the other.
+
+The paper (Castillo-Navarro et al. 2022: EuroSAT test 0.27 vs 25–28 for Potsdam, OSCD, BigEarthNet)
+compares histograms of −E(x) of the training data with those of other data; we do the same for both
+scores and add a bootstrap interval, because a KL of two small histograms is mostly noise.
 
 API (the QGIS algorithm `jem:ood` wraps it 1:1)
 -----------------------------------------------
 ood_analysis(model, reference, compare, *, json_path=None, plot_path=None, batch_size=256,
-             device="auto", reference_split="test", bins=50, stretch="auto",
+             device="auto", reference_split="train", statistic="features", bins=50, stretch="auto",
              progress=None, should_stop=None) -> dict
 
   model            a model file path or a LoadedModel.
   reference        a class-folder dataset (path, or an in-memory SceneDataset) with the model's classes.
-  reference_split  "test": its held-out test split by the model's seed and fractions (what training
-                   never saw); "train": the training split (the paper's reference); "all": every image.
-                   A reference whose classes are not the model's is always used whole ("all").
+  reference_split  "train": the training split by the model's seed and fractions (the paper's reference,
+                   the default); "test": its held-out test split; "all": every image.  A reference whose
+                   classes are not the model's is always used whole ("all").  Fewer than
+                   MIN_REFERENCE_IMAGES reference images are refused; fewer than FEW_IMAGES on either side
+                   of a comparison give a line in result["warnings"] (a KL of small histograms is biased
+                   upwards: a 48-image reference gave 5.3 for in-domain data).
   compare          a list of PATHs, each one of: a class-folder dataset (any classes), a folder of
                    images, or a raster (GeoTIFF, VRT, JPEG, ...) cut into non-overlapping patches of
                    the model's size (patches with nodata skipped; bands picked by the model's band
                    names when the raster has them).  Programmatic callers may also pass
                    (name, pixels) with pixels (N, bands, H, W) in the model's value range.
+  statistic        which score the top-level KL and AUROC of each compared source report: "features"
+                   or "energy"; both are in result["statistics"].
   stretch          for rasters only, as in `jem map`: "auto" maps a non-8-bit raster to an 8-bit
                    model's range with a 2–98 % percentile stretch; "none" uses raw values.
   progress         progress(fraction, message); should_stop() polled between batches → Cancelled.
 
-Returns (and writes as JSON) a dict: reference {name, split, count, mean, std}; compare[name] →
-{source, kind, count, mean, std, kl_to_reference, auroc}; bins, histograms; and the definitions:
-  kl_to_reference  KL(compare ‖ reference) of the two histograms on shared bins (equal-width over
-                   the union of all scores), empty bins smoothed with ε = 1e-10, so disjoint
-                   histograms give about 23.
-  auroc            AUROC of −E(x) separating reference (positive) from compare images:
+Returns (and writes as JSON) a dict: reference {name, source, split, count}; statistic; compare[name] →
+{source, kind, count, and for the chosen statistic: mean, std, kl_to_reference, kl_interval, auroc,
+auroc_interval}; warnings (lines); statistics[score] → {definition, reference {mean, std}, compare[name] {the same
+numbers}, bins, histograms} for both scores; and the definitions:
+  kl_to_reference  KL(compare ‖ reference) of the two histograms on `bins` equal-width bins over the
+                   range of the pair, empty bins smoothed with ε = 1e-10, so disjoint histograms give
+                   about 23.
+  auroc            AUROC of the score separating reference (positive) from compare images:
                    0.5 = indistinguishable, 1.0 = every reference image scores above every compare one.
-The plot overlays the normalised histograms with KL and AUROC in the legend.
+  *_interval       2.5 and 97.5 percentiles over BOOTSTRAP_ROUNDS resamples of both sets.
+The plot shows both scores' histograms with KL and AUROC in the legends.
 """
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence, Union
 
@@ -57,27 +73,68 @@ from .data import (
 )
 from .distances import KL_EPSILON, auroc, histogram_kl
 from .files import atomic_write, check_output_folders, written_together
-from .metrics import predict_logits
 from .model_file import LoadedModel, as_loaded
 
 CompareItem = Union[str, os.PathLike, tuple]
-REFERENCE_SPLITS = ("test", "train", "all")
+REFERENCE_SPLITS = ("train", "test", "all")
+STATISTICS = ("features", "energy")
+# Measured on AID (bench/ood_statistics.py): the default ranks foreign sensors as less familiar.
+DEFAULT_STATISTIC = "features"
+NEIGHBOUR_RANK = 10
+MIN_REFERENCE_IMAGES = 20  # fewer are refused: the histogram and the 10th neighbour mean nothing
+FEW_IMAGES = 200  # fewer (reference or compared) get a warning: the KL is biased upwards, the interval wide
+BOOTSTRAP_ROUNDS = 200
+DEFINITIONS = {
+    "features": f"feature familiarity: −(cosine distance to the {NEIGHBOUR_RANK}th nearest reference image in the "
+                "model's penultimate features; reference images leave themselves out)",
+    "energy": "−E(x) = logsumexp_y f(x)[y], the JEM's unnormalised log-density (the paper's score)",
+}
+KL_DEFINITION = ("KL(compare ‖ reference) of the two histograms on shared equal-width bins over the pair's range, "
+                 f"empty bins smoothed with {KL_EPSILON:g} (about 23 for disjoint histograms)")
+AUROC_DEFINITION = "AUROC of the score, reference images positive, compare images negative"
+INTERVAL_DEFINITION = f"2.5–97.5 % percentiles over {BOOTSTRAP_ROUNDS} bootstrap resamples of both sets"
 
 
 @dataclass
 class ScoreSet:
-    """−E(x) of every image of one source."""
+    """What the model makes of every image of one source: unit-length features and −E(x)."""
 
     name: str
     kind: str
     source: str
-    scores: torch.Tensor
+    features: torch.Tensor
+    energy: torch.Tensor
+    scores: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def neg_energy(loaded: LoadedModel, pixels: torch.Tensor, batch_size: int,
-               should_stop: Callable[[], bool] | None = None) -> torch.Tensor:
-    """−E(x) = logsumexp f(x) of raw pixels in the model's value range."""
-    return torch.logsumexp(predict_logits(loaded, pixels, batch_size, should_stop).double(), 1)
+@torch.no_grad()
+def embed(loaded: LoadedModel, pixels: torch.Tensor, batch_size: int,
+          should_stop: Callable[[], bool] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit-length penultimate features (N, D) and −E(x) (N,) of raw pixels in the model's value range."""
+    device = next(loaded.model.parameters()).device
+    loaded.model.eval()
+    features, energy = [], []
+    for start in range(0, len(pixels), batch_size):
+        check_stop(should_stop)
+        pooled = loaded.model.penultimate(loaded.normalise(pixels[start:start + batch_size].to(device)))
+        energy.append(torch.logsumexp(loaded.model.head(pooled), 1).double().cpu())
+        features.append(torch.nn.functional.normalize(pooled, dim=1).cpu())
+    if not features:
+        return torch.empty(0, loaded.model.head.in_features), torch.empty(0, dtype=torch.float64)
+    return torch.cat(features), torch.cat(energy)
+
+
+def neighbour_familiarity(bank: torch.Tensor, queries: torch.Tensor, rank: int = NEIGHBOUR_RANK,
+                          leave_one_out: bool = False) -> torch.Tensor:
+    """−(cosine distance to the rank-th nearest bank feature) of each query (unit-length features).
+
+    leave_one_out: the queries are the bank itself, so each one's own zero distance is skipped."""
+    rank = min(rank, len(bank) - int(leave_one_out))
+    if rank < 1:
+        raise JEMError("The feature familiarity needs at least two reference images.")
+    nearest = [(1 - chunk @ bank.T).topk(rank + int(leave_one_out), dim=1, largest=False).values[:, -1]
+               for chunk in queries.split(1024)]
+    return -torch.cat(nearest).double().clamp_min(0) if nearest else torch.empty(0, dtype=torch.float64)
 
 
 def reference_indices(dataset: SceneDataset, loaded: LoadedModel, split: str) -> tuple[torch.Tensor, str]:
@@ -129,23 +186,23 @@ def read_image_folder(path: Path, size: int, should_stop: Callable[[], bool] | N
     return torch.from_numpy(np.stack(images))
 
 
-def raster_scores(path: Path, loaded: LoadedModel, batch_size: int, stretch: str,
-                  progress: ProgressFn, should_stop: Callable[[], bool] | None) -> torch.Tensor:
-    """−E(x) of every valid non-overlapping model-size patch of a raster (the mapping patch iterator)."""
+def raster_embedding(path: Path, loaded: LoadedModel, batch_size: int, stretch: str, progress: ProgressFn,
+                     should_stop: Callable[[], bool] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features and −E(x) of every valid non-overlapping model-size patch of a raster (the mapping iterator)."""
     from .raster_io import choose_stretch, open_raster
     from .windowing import iter_patches
 
-    scores = []
+    parts = []
     with open_raster(path, expected_bands=loaded.meta.band_names) as source:
         chosen = choose_stretch(source, loaded.meta.value_range, stretch)
         for batch in iter_patches(source, loaded.meta.image_size, batch_size=batch_size, stretch=chosen,
                                   should_stop=should_stop):
-            scores.append(neg_energy(loaded, torch.from_numpy(np.ascontiguousarray(batch.pixels)), batch_size))
+            parts.append(embed(loaded, torch.from_numpy(np.ascontiguousarray(batch.pixels)), batch_size))
             progress((int(batch.rows.max()) + 1) / batch.grid.patch_rows,
-                     f"{path.name}: {sum(map(len, scores))} patches")
-    if not scores:
+                     f"{path.name}: {sum(len(e) for _, e in parts)} patches")
+    if not parts:
         raise JEMError(f"Raster '{path}' has no {loaded.meta.image_size} px patch without nodata; nothing to compare.")
-    return torch.cat(scores)
+    return torch.cat([f for f, _ in parts]), torch.cat([e for _, e in parts])
 
 
 def score_compare(item: CompareItem, loaded: LoadedModel, batch_size: int, stretch: str, progress: ProgressFn,
@@ -153,18 +210,18 @@ def score_compare(item: CompareItem, loaded: LoadedModel, batch_size: int, stret
     if isinstance(item, tuple):
         name, pixels = item
         check_band_count(pixels, loaded.meta.band_names, name)
-        return ScoreSet(name, "pixels", name, neg_energy(loaded, pixels, batch_size, should_stop))
+        return ScoreSet(name, "pixels", name, *embed(loaded, pixels, batch_size, should_stop))
     path = Path(item)
     kind = source_kind(path)
     if kind == "raster":
-        return ScoreSet(path.name, kind, str(path), raster_scores(path, loaded, batch_size, stretch, progress,
-                                                                  should_stop))
+        return ScoreSet(path.name, kind, str(path), *raster_embedding(path, loaded, batch_size, stretch, progress,
+                                                                      should_stop))
     if kind == "class-folder":
         pixels = load_class_folder(path, loaded.meta.image_size).images
     else:
         pixels = read_image_folder(path, loaded.meta.image_size, should_stop)
     check_band_count(pixels, loaded.meta.band_names, path)
-    return ScoreSet(path.name, kind, str(path), neg_energy(loaded, pixels, batch_size, should_stop))
+    return ScoreSet(path.name, kind, str(path), *embed(loaded, pixels, batch_size, should_stop))
 
 
 def unique_names(sets: Sequence[ScoreSet], taken: set[str]) -> None:
@@ -176,70 +233,134 @@ def unique_names(sets: Sequence[ScoreSet], taken: set[str]) -> None:
         taken.add(score_set.name)
 
 
-def summarise(reference: ScoreSet, split: str, others: Sequence[ScoreSet], bins: int) -> dict[str, Any]:
-    everything = torch.cat([reference.scores] + [s.scores for s in others])
-    low, high = float(everything.min()), float(everything.max())
-    if high <= low:
-        high = low + 1.0
-    edges = torch.linspace(low, high, bins + 1, dtype=torch.float64)
-
-    def histogram(scores: torch.Tensor) -> list[int]:
-        return torch.histc(scores, bins, low, high).long().tolist()
-
-    reference_hist = histogram(reference.scores)
-    result: dict[str, Any] = {
-        "reference": {"name": reference.name, "source": reference.source, "split": split,
-                      "count": len(reference.scores), "mean": float(reference.scores.mean()),
-                      "std": float(reference.scores.std()) if len(reference.scores) > 1 else 0.0},
-        "compare": {},
-        "bins": edges.tolist(),
-        "histograms": {reference.name: reference_hist},
-        "score": "−E(x) = logsumexp_y f(x)[y]",
-        "kl_definition": "KL(compare ‖ reference) of histograms on shared bins, empty bins smoothed with "
-                         f"{KL_EPSILON:g}",
-        "auroc_definition": "AUROC of −E(x), reference images positive, compare images negative",
-    }
+def add_scores(reference: ScoreSet, others: Sequence[ScoreSet]) -> None:
+    """Both familiarity scores of every set; the feature bank is the reference itself."""
+    reference.scores = {"energy": reference.energy,
+                        "features": neighbour_familiarity(reference.features, reference.features, leave_one_out=True)}
     for s in others:
-        hist = histogram(s.scores)
-        result["histograms"][s.name] = hist
-        result["compare"][s.name] = {
-            "source": s.source, "kind": s.kind, "count": len(s.scores), "mean": float(s.scores.mean()),
-            "std": float(s.scores.std()) if len(s.scores) > 1 else 0.0,
-            "kl_to_reference": histogram_kl(hist, reference_hist), "auroc": auroc(reference.scores, s.scores)}
-    return result
+        s.scores = {"energy": s.energy, "features": neighbour_familiarity(reference.features, s.features)}
+
+
+def pair_numbers(reference: torch.Tensor, other: torch.Tensor, bins: int,
+                 generator: torch.Generator) -> dict[str, Any]:
+    """Mean, std, KL and AUROC of one compared set against the reference, with bootstrap intervals."""
+    low, high = float(min(reference.min(), other.min())), float(max(reference.max(), other.max()))
+    high = high if high > low else low + 1.0
+
+    def kl(ref: torch.Tensor, cmp: torch.Tensor) -> float:
+        return histogram_kl(torch.histc(cmp, bins, low, high), torch.histc(ref, bins, low, high))
+
+    kls, aurocs = [], []
+    for _ in range(BOOTSTRAP_ROUNDS):
+        ref = reference[torch.randint(len(reference), (len(reference),), generator=generator)]
+        cmp = other[torch.randint(len(other), (len(other),), generator=generator)]
+        kls.append(kl(ref, cmp))
+        aurocs.append(auroc(ref, cmp))
+
+    def interval(values: list[float]) -> list[float]:
+        return [float(v) for v in np.percentile(values, (2.5, 97.5))]
+
+    return {"mean": float(other.mean()), "std": float(other.std()) if len(other) > 1 else 0.0,
+            "kl_to_reference": kl(reference, other), "kl_interval": interval(kls),
+            "auroc": auroc(reference, other), "auroc_interval": interval(aurocs)}
+
+
+def statistic_block(name: str, reference: ScoreSet, others: Sequence[ScoreSet], bins: int) -> dict[str, Any]:
+    generator = torch.Generator().manual_seed(0)  # the same intervals for the same data
+    ref_scores = reference.scores[name]
+    everything = torch.cat([ref_scores] + [s.scores[name] for s in others])
+    low, high = float(everything.min()), float(everything.max())
+    high = high if high > low else low + 1.0
+    return {
+        "definition": DEFINITIONS[name],
+        "reference": {"mean": float(ref_scores.mean()), "std": float(ref_scores.std())},
+        "compare": {s.name: pair_numbers(ref_scores, s.scores[name], bins, generator) for s in others},
+        "bins": torch.linspace(low, high, bins + 1, dtype=torch.float64).tolist(),
+        "histograms": {s.name: torch.histc(s.scores[name], bins, low, high).long().tolist()
+                       for s in [reference, *others]},
+    }
+
+
+def summarise(reference: ScoreSet, split: str, others: Sequence[ScoreSet], bins: int,
+              statistic: str) -> dict[str, Any]:
+    add_scores(reference, others)
+    blocks = {name: statistic_block(name, reference, others, bins) for name in STATISTICS}
+    chosen = blocks[statistic]
+    return {
+        "reference": {"name": reference.name, "source": reference.source, "split": split,
+                      "count": len(reference.energy), **chosen["reference"]},
+        "statistic": statistic,
+        "score": DEFINITIONS[statistic],
+        "compare": {s.name: {"source": s.source, "kind": s.kind, "count": len(s.energy), **chosen["compare"][s.name]}
+                    for s in others},
+        "statistics": blocks,
+        "warnings": count_warnings(reference, others),
+        "kl_definition": KL_DEFINITION,
+        "auroc_definition": AUROC_DEFINITION,
+        "interval_definition": INTERVAL_DEFINITION,
+    }
+
+
+PLOT_LABELS = {"features": "feature familiarity  (−cosine distance to the reference; higher = more alike)",
+               "energy": "−E(x) = logsumexp f(x)   (higher = more like the reference)"}
 
 
 def plot_histograms(result: dict[str, Any], path: str | os.PathLike, title: str) -> None:
+    """Both scores side by side: the chosen one first, −E(x) as in the paper."""
     from .plots import pyplot, save_figure
 
     plt = pyplot()
-    edges = np.asarray(result["bins"])
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for i, (name, counts) in enumerate(result["histograms"].items()):
-        counts = np.asarray(counts, dtype=float)
-        density = counts / max(counts.sum(), 1) / np.diff(edges)
-        if i == 0:
-            label = f"{name} (reference, {result['reference']['split'].split(' ')[0]}, n={int(counts.sum())})"
-            ax.fill_between(edges[:-1], density, step="post", alpha=0.35, color="#4c72b0", label=label)
-        else:
-            c = result["compare"][name]
-            ax.step(edges[:-1], density, where="post", linewidth=1.5,
-                    label=f"{name} (n={c['count']}): KL {c['kl_to_reference']:.2f}, AUROC {c['auroc']:.3f}")
-    ax.set(xlabel="−E(x) = logsumexp f(x)   (higher = more like the reference)", ylabel="density", title=title)
-    ax.legend(fontsize=8)
+    order = [result["statistic"]] + [name for name in STATISTICS if name != result["statistic"]]
+    fig, axes = plt.subplots(1, len(order), figsize=(7 * len(order), 4))
+    for ax, name in zip(axes, order):
+        block = result["statistics"][name]
+        edges = np.asarray(block["bins"])
+        for i, (source, counts) in enumerate(block["histograms"].items()):
+            counts = np.asarray(counts, dtype=float)
+            density = counts / max(counts.sum(), 1) / np.diff(edges)
+            if i == 0:
+                label = f"{source} (reference, {result['reference']['split'].split(' ')[0]}, n={int(counts.sum())})"
+                ax.fill_between(edges[:-1], density, step="post", alpha=0.35, color="#4c72b0", label=label)
+            else:
+                c = block["compare"][source]
+                ax.step(edges[:-1], density, where="post", linewidth=1.5,
+                        label=f"{source} (n={int(counts.sum())}): KL {c['kl_to_reference']:.2f}, "
+                              f"AUROC {c['auroc']:.3f}")
+        ax.set(xlabel=PLOT_LABELS[name], ylabel="density", title=title)
+        ax.legend(fontsize=8)
     save_figure(fig, path)
+
+
+def check_parameters(compare: Sequence[CompareItem], bins: int, statistic: str) -> None:
+    if not compare:
+        raise JEMError("Nothing to compare: give at least one dataset, image folder or raster to compare with.")
+    if bins < 2:
+        raise JEMError(f"bins must be at least 2 (got {bins}).")
+    if statistic not in STATISTICS:
+        raise JEMError(f"Unknown OOD statistic '{statistic}'. Choose one of: {', '.join(STATISTICS)}.")
+
+
+def check_reference_count(count: int, split: str) -> None:
+    if count < MIN_REFERENCE_IMAGES:
+        raise JEMError(f"The reference ({split}) has only {count} images; a histogram of fewer than "
+                       f"{MIN_REFERENCE_IMAGES} says nothing about the data. Use the reference split 'train' or "
+                       "'all', or a reference dataset with more images.")
+
+
+def count_warnings(reference: ScoreSet, others: Sequence[ScoreSet]) -> list[str]:
+    """One line per set too small for its KL to mean much (the bootstrap interval says how much)."""
+    return [f"{s.name} has only {len(s.energy)} images: its KL is biased upwards and uncertain (see the interval); "
+            f"{FEW_IMAGES} or more give a steadier figure" for s in [reference, *others] if len(s.energy) < FEW_IMAGES]
 
 
 def ood_analysis(model: str | os.PathLike | LoadedModel, reference: str | os.PathLike | SceneDataset,
                  compare: Sequence[CompareItem], *, json_path: str | os.PathLike | None = None,
                  plot_path: str | os.PathLike | None = None, batch_size: int = 256, device: str = "auto",
-                 reference_split: str = "test", bins: int = 50, stretch: str = "auto",
-                 progress: ProgressFn | None = None, should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
-    """−E(x) histograms of `reference` vs each `compare` source: KL, AUROC, counts; optional JSON and PNG."""
-    if not compare:
-        raise JEMError("Nothing to compare: give at least one dataset, image folder or raster to compare with.")
-    if bins < 2:
-        raise JEMError(f"bins must be at least 2 (got {bins}).")
+                 reference_split: str = "train", statistic: str = DEFAULT_STATISTIC, bins: int = 50,
+                 stretch: str = "auto", progress: ProgressFn | None = None,
+                 should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
+    """Familiarity histograms of `reference` vs each `compare` source: KL, AUROC, intervals; optional JSON, PNG."""
+    check_parameters(compare, bins, statistic)
     check_output_folders(json_path, plot_path)
     progress = progress or no_progress
     loaded = as_loaded(model, device)
@@ -248,9 +369,10 @@ def ood_analysis(model: str | os.PathLike | LoadedModel, reference: str | os.Pat
     dataset = load_reference(reference, loaded)
     check_band_count(dataset.images, loaded.meta.band_names, "the reference dataset")
     indices, split = reference_indices(dataset, loaded, reference_split)
+    check_reference_count(len(indices), split)
     name = Path(dataset.paths[0]).parent.parent.name if dataset.paths else "reference"
     ref = ScoreSet(name, "class-folder", str(reference) if not isinstance(reference, SceneDataset) else name,
-                   neg_energy(loaded, dataset.images[indices], batch_size, should_stop))
+                   *embed(loaded, dataset.images[indices], batch_size, should_stop))
     others = []
     for i, item in enumerate(compare):
         def step_progress(fraction: float, message: str, i: int = i) -> None:
@@ -259,10 +381,10 @@ def ood_analysis(model: str | os.PathLike | LoadedModel, reference: str | os.Pat
         step_progress(0.0, f"scoring {item[0] if isinstance(item, tuple) else Path(item).name}")
         others.append(score_compare(item, loaded, batch_size, stretch, step_progress, should_stop))
     unique_names(others, {ref.name})
-    result = summarise(ref, split, others, bins)
+    result = summarise(ref, split, others, bins, statistic)
     with written_together(plot_path, json_path):
         if plot_path is not None:
-            plot_histograms(result, plot_path, f"−E(x) of {ref.name} vs other data")
+            plot_histograms(result, plot_path, f"{ref.name} vs other data")
         if json_path is not None:
             text = json.dumps(result, indent=2)
             atomic_write(json_path, lambda tmp: Path(tmp).write_text(text), suffix=".json")

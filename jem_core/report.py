@@ -163,9 +163,10 @@ def build_report(model: str | os.PathLike | LoadedModel, out_html: str | os.Path
                                   reference_split="train", should_stop=should_stop)
             numbers["ood"] = {k: {m: v[m] for m in ("count", "kl_to_reference", "auroc")}
                               for k, v in result["compare"].items()}
-            sections.append("<h2>Out-of-distribution: −E(x) histograms</h2>")
+            sections.append("<h2>Out-of-distribution: familiarity histograms</h2>")
             sections.append(f'<p class="note">Reference: the training split ({result["reference"]["count"]} images). '
-                            f'{esc(result["kl_definition"])}; {esc(result["auroc_definition"])}.</p>')
+                            f'Score: {esc(result["score"])}. {esc(result["kl_definition"])}; '
+                            f'{esc(result["auroc_definition"])}.</p>')
             sections.append(table(["data", "kind", "images / patches", "KL to reference", "AUROC"],
                                   [(k, v["kind"], v["count"], v["kl_to_reference"], v["auroc"])
                                    for k, v in result["compare"].items()]))

@@ -117,7 +117,7 @@ def write_bad_models(root: Path, good: Path) -> dict[str, Path]:
             "model: missing file": root / "missing.pt"}
 
 
-def write_class_folder(root: Path, classes: int = 2, per_class: int = 4, bands: int = 3, size: int = PATCH) -> Path:
+def write_class_folder(root: Path, classes: int = 2, per_class: int = 10, bands: int = 3, size: int = PATCH) -> Path:
     from tests.conftest import make_class_folder
 
     return make_class_folder(root, classes=classes, per_class=per_class, size=size, bands=bands,

@@ -15,7 +15,7 @@ from jem_core.cli import main as cli_main
 from jem_core.data import load_class_folder
 from jem_core.generation import sample_grid
 from jem_core.model_file import load_model
-from jem_core.ood import ood_analysis, source_kind
+from jem_core.ood import BOOTSTRAP_ROUNDS, neighbour_familiarity, ood_analysis, source_kind
 from jem_core.pseudo_labels import SelfAdaptiveThreshold, consistency_loss
 from jem_core.sampler import SGLDConfig
 from jem_core.training import TrainConfig, strong_augment, train
@@ -71,19 +71,28 @@ def test_ood_analysis_scores_every_kind_of_source(trained, tmp_path):
                                                             trained["raster"]],
                           json_path=tmp_path / "ood.json", plot_path=tmp_path / "ood.png",
                           progress=lambda f, m: messages.append(f))
-    assert result["reference"]["split"] == "test" and result["reference"]["count"] == 6  # 20 % of 30
+    assert result["reference"]["split"] == "train" and result["reference"]["count"] == 21  # 70 % of 30
+    assert result["statistic"] == "features" and set(result["statistics"]) == {"features", "energy"}
     compare = result["compare"]
     assert list(compare) == ["scenes (2)", "noise", "scene.tif"]
     assert compare["scenes (2)"]["count"] == 30 and compare["noise"]["count"] == 6
     assert compare["scene.tif"]["count"] == 5  # 3 × 2 patches, the nodata one skipped
     assert [compare[n]["kind"] for n in compare] == ["class-folder", "image-folder", "raster"]
-    for entry in compare.values():
-        assert entry["kl_to_reference"] >= 0 and 0 <= entry["auroc"] <= 1
-    # The same data as the reference overlaps it far more than uniform noise does.
-    assert compare["scenes (2)"]["kl_to_reference"] < compare["noise"]["kl_to_reference"]
+    for block in result["statistics"].values():
+        for entry in block["compare"].values():
+            assert entry["kl_to_reference"] >= 0 and 0 <= entry["auroc"] <= 1
+            low, high = entry["auroc_interval"]
+            assert 0 <= low <= high <= 1 and entry["kl_interval"][0] <= entry["kl_interval"][1]
+    # The same data as the reference overlaps it far more than uniform noise does, by either score.
+    for block in result["statistics"].values():
+        assert block["compare"]["scenes (2)"]["kl_to_reference"] < block["compare"]["noise"]["kl_to_reference"]
+    assert compare["noise"]["auroc"] == result["statistics"]["features"]["compare"]["noise"]["auroc"]
+    # Every set here is small, and each says so.
+    assert len(result["warnings"]) == 4 and all("biased upwards" in w for w in result["warnings"])
     saved = json.loads((tmp_path / "ood.json").read_text())
     assert saved["compare"]["noise"]["auroc"] == pytest.approx(compare["noise"]["auroc"])
-    assert sum(saved["histograms"]["noise"]) == 6 and len(saved["bins"]) == 51
+    energy = saved["statistics"]["energy"]
+    assert sum(energy["histograms"]["noise"]) == 6 and len(energy["bins"]) == 51
     assert (tmp_path / "ood.png").read_bytes()[:4] == b"\x89PNG"
     assert messages[-1] == 1.0 and messages == sorted(messages)
 
@@ -94,9 +103,9 @@ def test_ood_reference_splits_and_pixels(trained):
     result = ood_analysis(model, trained["data"], [("random", pixels)], reference_split="train")
     assert result["reference"]["split"] == "train" and result["reference"]["count"] == 21
     assert result["compare"]["random"]["count"] == 4
-    other = make_class_folder(trained["root"] / "other_classes", classes=2, per_class=3, size=SIZE, seed=3)
+    other = make_class_folder(trained["root"] / "other_classes", classes=2, per_class=10, size=SIZE, seed=3)
     result = ood_analysis(model, other, [("random", pixels)])
-    assert result["reference"]["split"].startswith("all") and result["reference"]["count"] == 6
+    assert result["reference"]["split"].startswith("all") and result["reference"]["count"] == 20
 
 
 def test_ood_errors_are_clear(trained, tmp_path):
@@ -107,12 +116,40 @@ def test_ood_errors_are_clear(trained, tmp_path):
         source_kind(tmp_path / "empty")
     with pytest.raises(JEMError, match="Nothing to compare"):
         ood_analysis(trained["jem"], trained["data"], [])
+    with pytest.raises(JEMError, match="only 6 images.*split 'train' or 'all'"):
+        ood_analysis(trained["jem"], trained["data"], [trained["root"] / "noise"], reference_split="test")
+    with pytest.raises(JEMError, match="Unknown OOD statistic 'density'. Choose one of: features, energy"):
+        ood_analysis(trained["jem"], trained["data"], [trained["root"] / "noise"], statistic="density")
     with pytest.raises(JEMError, match="bands"):
         ood_analysis(trained["jem"], trained["data"], [("gray", torch.zeros(2, 1, SIZE, SIZE))])
     with pytest.raises(Cancelled):
         ood_analysis(trained["jem"], trained["data"], [trained["root"] / "noise"], json_path=tmp_path / "x.json",
                      should_stop=lambda: True)
     assert not (tmp_path / "x.json").exists()
+
+
+def test_neighbour_familiarity_is_minus_the_distance_to_the_kth_neighbour():
+    bank = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.6, 0.8], [0.0, 1.0]]), dim=1)
+    query = torch.tensor([[1.0, 0.0]])
+    # Cosine distances from (1, 0): 0, 0.2, 0.4, 1.
+    assert neighbour_familiarity(bank, query, rank=2).item() == pytest.approx(-0.2)
+    assert neighbour_familiarity(bank, query, rank=9).item() == pytest.approx(-1.0)  # capped at the bank size
+    # The bank scored against itself skips each image's own zero distance.
+    left_out = neighbour_familiarity(bank, bank, rank=1, leave_one_out=True)
+    assert left_out.tolist() == pytest.approx([-0.2, -0.04, -0.04, -0.2])
+    far = torch.tensor([[-1.0, 0.0]])
+    assert neighbour_familiarity(bank, far, rank=1) < neighbour_familiarity(bank, query, rank=1)
+
+
+def test_ood_interval_covers_the_estimate_and_is_reproducible(trained):
+    model = load_model(trained["jem"])
+    pixels = torch.rand(40, 3, SIZE, SIZE) * 255
+    first = ood_analysis(model, trained["data"], [("random", pixels)])
+    again = ood_analysis(model, trained["data"], [("random", pixels)])
+    entry = first["compare"]["random"]
+    assert entry["auroc_interval"][0] <= entry["auroc"] <= entry["auroc_interval"][1]
+    assert entry == again["compare"]["random"]
+    assert str(BOOTSTRAP_ROUNDS) in first["interval_definition"]
 
 
 # ---------------------------------------------------------------- generation
@@ -230,8 +267,15 @@ def test_cli_ood_sample_and_report(trained, tmp_path, capsys):
                    "--plot", str(tmp_path / "ood.png"), "--bins", "20"])
     assert rc == 0
     result = json.loads((tmp_path / "ood.json").read_text())
-    assert set(result["compare"]) == {"noise", "scene.tif"} and len(result["bins"]) == 21
-    assert "AUROC" in capsys.readouterr().out
+    assert set(result["compare"]) == {"noise", "scene.tif"} and len(result["statistics"]["energy"]["bins"]) == 21
+    printed = capsys.readouterr()
+    assert "features: feature familiarity" in printed.out and "energy: −E(x)" in printed.out
+    assert printed.out.count("AUROC") == 4 and "warning: noise has only 6 images" in printed.err
+    rc = cli_main(["ood", str(trained["jem"]), "--reference", str(trained["data"]), "--compare",
+                   str(trained["root"] / "noise"), "--statistic", "energy", "--json", str(tmp_path / "e.json")])
+    energy = json.loads((tmp_path / "e.json").read_text())
+    assert rc == 0 and energy["statistic"] == "energy"
+    assert energy["compare"]["noise"]["auroc"] == result["statistics"]["energy"]["compare"]["noise"]["auroc"]
     rc = cli_main(["sample", str(trained["jem"]), "--out", str(tmp_path / "s.png"), "--per-class", "1",
                    "--steps", "2", "--no-unconditional", "--json", str(tmp_path / "s.json")])
     assert rc == 0 and json.loads((tmp_path / "s.json").read_text())["steps"] == 2

@@ -4,27 +4,43 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..ood import REFERENCE_SPLITS
+from ..ood import (
+    BOOTSTRAP_ROUNDS,
+    DEFAULT_STATISTIC,
+    MIN_REFERENCE_IMAGES,
+    NEIGHBOUR_RANK,
+    REFERENCE_SPLITS,
+    STATISTICS,
+)
 from .common import ProgressBar, add_device_option, log
 
 
 def register(subparsers) -> None:
-    o = subparsers.add_parser("ood", help="−E(x) histograms of the training data vs other data: KL and AUROC",
-                              description="Compare the −E(x) = logsumexp f(x) histogram of a reference dataset with "
-                                          "those of other datasets, image folders or rasters (cut into the model's "
-                                          "patches): KL divergence to the reference and AUROC of −E(x) as an OOD "
-                                          "score.")
+    o = subparsers.add_parser("ood", help="is other imagery like the training data? familiarity histograms, KL, "
+                                          "AUROC",
+                              description="Compare the familiarity histogram of a reference dataset (by default the "
+                                          "model's training split) with those of other datasets, image folders or "
+                                          "rasters (cut into the model's patches): KL divergence to the reference "
+                                          "and AUROC, each with a bootstrap interval "
+                                          f"({BOOTSTRAP_ROUNDS} resamples). Two scores are computed and plotted: "
+                                          f"'features', −(cosine distance to the {NEIGHBOUR_RANK}th nearest reference "
+                                          "image in the model's features), and 'energy', the paper's −E(x) = "
+                                          "logsumexp f(x). On AID vs Sentinel-2 and Landsat scenes only the first "
+                                          "ranks the foreign imagery as less familiar (docs/science.md).")
     o.add_argument("model", type=Path, metavar="MODEL")
     o.add_argument("--reference", type=Path, required=True, metavar="DATA_DIR",
                    help="class-folder dataset the model was trained on")
     o.add_argument("--compare", type=Path, nargs="+", required=True, metavar="PATH",
                    help="class-folder dataset, folder of images, or raster; several allowed")
-    o.add_argument("--reference-split", default="test", choices=REFERENCE_SPLITS,
-                   help="which reference images: the held-out test split by the model's seed (default), the "
-                        "training split (the paper's reference) or all")
+    o.add_argument("--reference-split", default="train", choices=REFERENCE_SPLITS,
+                   help="which reference images: the training split by the model's seed (the paper's reference; "
+                        f"default), the held-out test split, or all; at least {MIN_REFERENCE_IMAGES} images")
+    o.add_argument("--statistic", default=DEFAULT_STATISTIC, choices=STATISTICS,
+                   help="the score whose KL and AUROC are printed first (default: %(default)s; both are in the "
+                        "JSON and the plot)")
     o.add_argument("--json", type=Path, help="write the numbers (per PATH: KL, AUROC, counts) here")
     o.add_argument("--plot", type=Path, help="write the histogram plot PNG here")
-    o.add_argument("--bins", type=int, default=50)
+    o.add_argument("--bins", type=int, default=50, help="histogram bins (default: %(default)s)")
     o.add_argument("--stretch", default="auto", help="rasters only, as in `jem map`: auto, none, percentile[:2,98], "
                                                       "linear:MIN,MAX (default: auto)")
     o.add_argument("--batch-size", type=int, default=256)
@@ -73,12 +89,19 @@ def run_ood(args: argparse.Namespace) -> int:
 
     result = ood_analysis(args.model, args.reference, args.compare, json_path=args.json, plot_path=args.plot,
                           batch_size=args.batch_size, device=args.device, reference_split=args.reference_split,
-                          bins=args.bins, stretch=args.stretch, progress=ProgressBar("ood"))
+                          statistic=args.statistic, bins=args.bins, stretch=args.stretch, progress=ProgressBar("ood"))
     ref = result["reference"]
-    print(f"reference {ref['name']} ({ref['split']}, {ref['count']} images): mean −E(x) {ref['mean']:.3f}")
-    for name, c in result["compare"].items():
-        print(f"{name:30s} {c['kind']:13s} n={c['count']:6d}  mean −E(x) {c['mean']:8.3f}  "
-              f"KL {c['kl_to_reference']:7.3f}  AUROC {c['auroc']:.3f}")
+    print(f"reference {ref['name']} ({ref['split']}, {ref['count']} images); KL and AUROC with 95 % bootstrap "
+          "intervals")
+    statistics = [result["statistic"]] + [s for s in STATISTICS if s != result["statistic"]]
+    for statistic in statistics:
+        print(f"{statistic}: {result['statistics'][statistic]['definition']}")
+        for name, c in result["statistics"][statistic]["compare"].items():
+            print(f"  {name:30s} {result['compare'][name]['kind']:13s} n={result['compare'][name]['count']:6d}  "
+                  f"KL {c['kl_to_reference']:7.3f} [{c['kl_interval'][0]:.3f}, {c['kl_interval'][1]:.3f}]  "
+                  f"AUROC {c['auroc']:.3f} [{c['auroc_interval'][0]:.3f}, {c['auroc_interval'][1]:.3f}]")
+    for warning in result["warnings"]:
+        log(f"warning: {warning}")
     return 0
 
 

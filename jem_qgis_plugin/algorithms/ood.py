@@ -1,4 +1,4 @@
-"""`jem:ood`: is new imagery like the training data?  −E(x) histograms, KL divergences and AUROC."""
+"""`jem:ood`: is new imagery like the training data?  Familiarity histograms, KL divergences and AUROC."""
 from __future__ import annotations
 
 import base64
@@ -24,21 +24,26 @@ from ..lazy_torch import core_constant
 from .base import JemAlgorithm, progress_reporter
 
 REFERENCE_SPLITS: list[str] = list(core_constant("ood", "REFERENCE_SPLITS"))
+STATISTICS: list[str] = list(core_constant("ood", "STATISTICS"))
+DEFAULT_STATISTIC: str = core_constant("ood", "DEFAULT_STATISTIC")
 
 
 class OodAlgorithm(JemAlgorithm):
     ALGORITHM_ID = "ood"
     DISPLAY_NAME = "Out-of-distribution analysis"
     ICON = "ood.svg"
-    HELP = ("Scores images with the model's −E(x) = logsumexp f(x) (an unnormalised log-density: high for "
-            "images like the training data) and compares the histogram of a <b>reference</b> class-folder "
-            "dataset with those of other data: <b>rasters</b> (cut into non-overlapping patches of the model's "
-            "size, nodata skipped) and <b>folders</b> (class-folder datasets or plain image folders; several "
-            "separated by <i>;</i>).<br><br>"
+    HELP = ("Scores every image with a familiarity score (high for images like the training data) and compares "
+            "the histogram of a <b>reference</b> class-folder dataset with those of other data: <b>rasters</b> "
+            "(cut into non-overlapping patches of the model's size, nodata skipped) and <b>folders</b> "
+            "(class-folder datasets or plain image folders; several separated by <i>;</i>).<br><br>"
+            "<b>Score</b> <i>features</i> (default): minus the distance to the 10th nearest reference image in the "
+            "model's features; <i>energy</i>: the paper's −E(x) = logsumexp f(x). Both are plotted. On AID vs "
+            "Sentinel-2 and Landsat scenes only <i>features</i> ranks the foreign imagery as less familiar.<br><br>"
             "For each compared source the report gives KL(compare ‖ reference) of the histograms (0: same "
-            "distribution; about 23 when they do not overlap at all) and the AUROC of −E(x) separating the two "
-            "(0.5: indistinguishable, 1: fully separated). A high KL warns that maps of that imagery "
-            "extrapolate. <b>Reference split</b> <i>test</i> uses the images training held out.")
+            "distribution; about 23 when they do not overlap at all) and the AUROC separating the two (0.5: "
+            "indistinguishable, 1: fully separated), each with a 95 % bootstrap interval. A high KL warns that "
+            "maps of that imagery extrapolate. <b>Reference images</b> default to the model's training split "
+            "(the paper's reference); at least 50 are needed.")
 
     def initAlgorithm(self, config=None) -> None:  # noqa: N802 (QGIS API name)
         self.add_model_parameter()
@@ -46,6 +51,8 @@ class OodAlgorithm(JemAlgorithm):
                                                      "training data)", behavior=QgsProcessingParameterFile.Folder))
         self.addParameter(QgsProcessingParameterEnum("REFERENCE_SPLIT", "Reference images", options=REFERENCE_SPLITS,
                                                      defaultValue=REFERENCE_SPLITS[0], usesStaticStrings=True))
+        self.addParameter(QgsProcessingParameterEnum("STATISTIC", "Score", options=STATISTICS,
+                                                     defaultValue=DEFAULT_STATISTIC, usesStaticStrings=True))
         self.addParameter(QgsProcessingParameterMultipleLayers("COMPARE_RASTERS", "Rasters to compare",
                                                                QgsProcessing.TypeRaster, optional=True))
         self.addParameter(QgsProcessingParameterString("COMPARE_FOLDERS", "Folders to compare (separated by ;)",
@@ -86,12 +93,15 @@ class OodAlgorithm(JemAlgorithm):
             compare, json_path=json_path or None, plot_path=plot_path or None,
             batch_size=self.parameterAsInt(parameters, "BATCH_SIZE", context), device=self.device(parameters, context),
             reference_split=self.parameterAsEnumString(parameters, "REFERENCE_SPLIT", context),
+            statistic=self.parameterAsEnumString(parameters, "STATISTIC", context),
             bins=self.parameterAsInt(parameters, "BINS", context),
             stretch=self.parameterAsString(parameters, "STRETCH", context).strip() or "auto",
             progress=progress_reporter(feedback), should_stop=feedback.isCanceled)
         summary = summary_lines(result)
         for line in summary:
             feedback.pushInfo(line)
+        for warning in result["warnings"]:
+            feedback.reportError(f"Warning: {warning}", fatalError=False)
         outputs: dict[str, Any] = {"SUMMARY": "\n".join(summary)}
         for name, path in (("OUTPUT_PLOT", plot_path), ("OUTPUT_JSON", json_path)):
             if path:
@@ -104,11 +114,11 @@ class OodAlgorithm(JemAlgorithm):
 
 def summary_lines(result: dict[str, Any]) -> list[str]:
     ref = result["reference"]
-    lines = [f"reference {ref['name']} ({ref['split']}, {ref['count']} images): "
-             f"−E(x) {ref['mean']:.2f} ± {ref['std']:.2f}"]
+    lines = [f"reference {ref['name']} ({ref['split']}, {ref['count']} images); score: {result['score']}"]
     for name, c in result["compare"].items():
-        lines.append(f"{name} ({c['kind']}, {c['count']} images): −E(x) {c['mean']:.2f} ± {c['std']:.2f}, "
-                     f"KL to reference {c['kl_to_reference']:.3f}, AUROC {c['auroc']:.3f}")
+        lines.append(f"{name} ({c['kind']}, {c['count']} images): KL to reference {c['kl_to_reference']:.3f} "
+                     f"[{c['kl_interval'][0]:.3f}, {c['kl_interval'][1]:.3f}], AUROC {c['auroc']:.3f} "
+                     f"[{c['auroc_interval'][0]:.3f}, {c['auroc_interval'][1]:.3f}]")
     return lines
 
 
@@ -119,15 +129,18 @@ def write_report(path: str, result: dict[str, Any], plot: Path) -> None:
     ref = result["reference"]
     rows = "".join(
         f"<tr><td>{html.escape(name)}</td><td>{html.escape(c['kind'])}</td><td>{c['count']}</td>"
-        f"<td>{c['mean']:.2f} ± {c['std']:.2f}</td><td>{c['kl_to_reference']:.3f}</td><td>{c['auroc']:.3f}</td></tr>"
+        f"<td>{c['mean']:.3f} ± {c['std']:.3f}</td><td>{c['kl_to_reference']:.3f} [{c['kl_interval'][0]:.3f}, "
+        f"{c['kl_interval'][1]:.3f}]</td><td>{c['auroc']:.3f} [{c['auroc_interval'][0]:.3f}, "
+        f"{c['auroc_interval'][1]:.3f}]</td></tr>"
         for name, c in result["compare"].items())
     image = base64.b64encode(plot.read_bytes()).decode("ascii")
     page = (f"<html><head><meta charset='utf-8'><title>JEM-EO OOD analysis</title></head><body>"
-            f"<h2>Out-of-distribution analysis: −E(x)</h2>"
+            f"<h2>Out-of-distribution analysis</h2><p>Score: {html.escape(result['score'])}.</p>"
             f"<p>Reference <b>{html.escape(ref['name'])}</b> ({html.escape(ref['split'])}, {ref['count']} images): "
-            f"−E(x) {ref['mean']:.2f} ± {ref['std']:.2f}</p>"
+            f"score {ref['mean']:.3f} ± {ref['std']:.3f}</p>"
             f"<table border='1' cellpadding='4' cellspacing='0'><tr><th>compared with</th><th>kind</th>"
-            f"<th>images</th><th>−E(x) mean ± std</th><th>KL(compare ‖ reference)</th><th>AUROC</th></tr>{rows}"
-            f"</table><p>{html.escape(result['kl_definition'])}; {html.escape(result['auroc_definition'])}.</p>"
+            f"<th>images</th><th>score mean ± std</th><th>KL(compare ‖ reference) [95 %]</th><th>AUROC [95 %]</th>"
+            f"</tr>{rows}</table><p>{html.escape(result['kl_definition'])}; "
+            f"{html.escape(result['auroc_definition'])}; intervals: {html.escape(result['interval_definition'])}.</p>"
             f"<img src='data:image/png;base64,{image}'/></body></html>")
     atomic_write(path, lambda tmp: Path(tmp).write_text(page, encoding="utf-8"), suffix=".html")
