@@ -316,8 +316,9 @@ def describe_run(run: Run, config: TrainConfig, train_images: int, iters_per_pas
     processes = f", {run.parts.ctx.world_size} processes" if run.parts.ctx.active else ""
     return (f"{mode}: {run.loaded.spec.arch} on {run.parts.device}, {train_images} train images "
             f"({len(run.labelled)} labelled), {validation}, {len(run.test)} test, {iters_per_pass} iterations/epoch"
-            f"{processes}; run of {' or '.join(limits)}, whichever comes first, warm-up over its first "
-            f"{WARMUP_FRACTION:.0%}")
+            f"{processes}; run of {' or '.join(limits)}{', whichever comes first' if len(limits) > 1 else ''}, "
+            f"warm-up over its first {WARMUP_FRACTION:.0%}" + (f", CE alone for its first {config.ce_warmup:.0%}"
+                                                              if config.ce_warmup and not config.baseline else ""))
 
 
 def run_loop(run: Run, config: TrainConfig, state: LoopState, best_model: dict[str, torch.Tensor] | None,
