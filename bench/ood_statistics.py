@@ -8,10 +8,15 @@ the held-out test split of the same classes (in-domain), OSCD Sentinel-2 Beirut 
 Candidates (higher = more familiar):
   energy        −E(x) = logsumexp f(x), the paper's score
   knn-K         −(cosine distance to the K-th nearest training image) in the penultimate features
+                (Sun et al. 2022; a training image leaves itself out)
   mahalanobis   −min over classes of the Mahalanobis distance to the class means (shared covariance,
-                Lee et al. 2018), in the same unit-length features
+                Lee et al. 2018), in the unit-length penultimate features
+  png           PNG bits per pixel of the 8-bit patch (input complexity alone)
   energy+png    z(−E(x)) + z(PNG bits per pixel), an input-complexity correction after Serrà et al. 2020
                 (z: standardised on the training split)
+  layers-S-K    −Mahalanobis² of the per-channel mean and std of the stem's and every block's output to
+                one Gaussian of the training split's, covariance shrunk by S towards its diagonal,
+                cross-fitted over K folds; layers-0.01-5 is what `jem ood` reports by default
 For each: KL(set ‖ training split) of the histograms and AUROC (training split positive), with bootstrap
 intervals, as `jem ood` reports them.  Then runs `jem ood` itself (its default statistic) and writes
 its JSON and plot.
@@ -43,7 +48,7 @@ from aid_table import oscd_rgb  # noqa: E402
 from jem_core.data import load_class_folder, training_split  # noqa: E402
 from jem_core.files import write_json  # noqa: E402
 from jem_core.model_file import load_model  # noqa: E402
-from jem_core.ood import embed, neighbour_familiarity, pair_numbers  # noqa: E402
+from jem_core.ood import cross_fitted_familiarity, pair_numbers  # noqa: E402
 from jem_core.raster_io import choose_stretch, open_raster  # noqa: E402
 from jem_core.windowing import iter_patches  # noqa: E402
 
@@ -85,30 +90,50 @@ def png_bits_per_pixel(pixels: torch.Tensor) -> torch.Tensor:
     return torch.tensor(sizes, dtype=torch.float64)
 
 
+@torch.no_grad()
+def network_outputs(loaded, pixels: torch.Tensor, batch_size: int = 256) -> dict[str, torch.Tensor]:
+    """Unit-length pooled features, −E(x) and layer statistics of raw pixels."""
+    parts = []
+    for start in range(0, len(pixels), batch_size):
+        pooled, layers = loaded.model.features.layer_statistics(loaded.normalise(pixels[start:start + batch_size]))
+        parts.append((torch.nn.functional.normalize(pooled, dim=1), torch.logsumexp(loaded.model.head(pooled), 1),
+                      layers))
+    return {"features": torch.cat([p[0] for p in parts]).double(), "energy": torch.cat([p[1] for p in parts]).double(),
+            "layers": torch.cat([p[2] for p in parts]).double()}
+
+
+def knn_familiarity(bank: torch.Tensor, queries: torch.Tensor, rank: int, leave_one_out: bool) -> torch.Tensor:
+    distances = 1 - queries @ bank.T
+    return -distances.topk(rank + int(leave_one_out), dim=1, largest=False).values[:, -1]
+
+
 def mahalanobis_familiarity(train_features: torch.Tensor, train_labels: torch.Tensor,
                             features: torch.Tensor) -> torch.Tensor:
-    train, features = train_features.double(), features.double()
     classes = train_labels.unique()
-    means = torch.stack([train[train_labels == c].mean(0) for c in classes])
-    centred = train - means[torch.searchsorted(classes, train_labels)]
-    precision = torch.linalg.pinv(centred.T @ centred / len(train))
+    means = torch.stack([train_features[train_labels == c].mean(0) for c in classes])
+    centred = train_features - means[torch.searchsorted(classes, train_labels)]
+    precision = torch.linalg.pinv(centred.T @ centred / len(train_features))
     distances = torch.stack([((features - m) @ precision * (features - m)).sum(1) for m in means], 1)
     return -distances.min(1).values
 
 
 def candidate_scores(sets: dict[str, dict], reference: str, train_labels: torch.Tensor) -> dict[str, dict]:
     ref = sets[reference]
-    scores: dict[str, dict] = {"energy": {}, "mahalanobis": {}, "energy+png": {}}
+    names = list(sets)
+    scores: dict[str, dict] = {"energy": {n: s["energy"] for n, s in sets.items()}}
     for rank in (1, 10, 50):
-        scores[f"knn-{rank}"] = {name: neighbour_familiarity(ref["features"], s["features"], rank,
-                                                             leave_one_out=name == reference)
-                                 for name, s in sets.items()}
-    mean_e, std_e = ref["energy"].mean(), ref["energy"].std()
-    mean_c, std_c = ref["png"].mean(), ref["png"].std()
-    for name, s in sets.items():
-        scores["energy"][name] = s["energy"]
-        scores["mahalanobis"][name] = mahalanobis_familiarity(ref["features"], train_labels, s["features"])
-        scores["energy+png"][name] = (s["energy"] - mean_e) / std_e + (s["png"] - mean_c) / std_c
+        scores[f"knn-{rank}"] = {n: knn_familiarity(ref["features"], s["features"], rank, n == reference)
+                                 for n, s in sets.items()}
+    scores["mahalanobis"] = {n: mahalanobis_familiarity(ref["features"], train_labels, s["features"])
+                             for n, s in sets.items()}
+    scores["png"] = {n: s["png"] for n, s in sets.items()}
+    mean_e, std_e, mean_c, std_c = ref["energy"].mean(), ref["energy"].std(), ref["png"].mean(), ref["png"].std()
+    scores["energy+png"] = {n: (s["energy"] - mean_e) / std_e + (s["png"] - mean_c) / std_c for n, s in sets.items()}
+    others = [n for n in names if n != reference]
+    for shrinkage, folds in ((0.01, 2), (0.01, 5), (0.01, 10), (0.1, 5), (0.5, 5)):
+        ref_scores, other_scores = cross_fitted_familiarity(ref["layers"], [sets[n]["layers"] for n in others],
+                                                            torch.Generator().manual_seed(0), shrinkage, folds)
+        scores[f"layers-{shrinkage:g}-{folds}"] = {reference: ref_scores, **dict(zip(others, other_scores))}
     return scores
 
 
@@ -139,8 +164,7 @@ def main() -> None:
                   **{name: raster_pixels(path, loaded) for name, path in rasters.items()}}
         sets = {}
         for name, images in pixels.items():
-            features, energy = embed(loaded, images, 256)
-            sets[name] = {"features": features, "energy": energy, "png": png_bits_per_pixel(images)}
+            sets[name] = {**network_outputs(loaded, images), "png": png_bits_per_pixel(images)}
         scores = candidate_scores(sets, "AID train", dataset.labels[split.train])
         generator = torch.Generator().manual_seed(0)
         table = {}

@@ -134,6 +134,17 @@ class WideResNet(nn.Module):
         out = F.leaky_relu(self.final_norm(self.blocks(self.stem(x))), 0.2)
         return F.adaptive_avg_pool2d(out, 1).flatten(1)
 
+    def layer_statistics(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """forward(x), and the per-channel spatial mean and std of the stem's and every block's output
+        (N, 2 × all their channels): the image statistics the network's filters see."""
+        x = self.stem(x)
+        statistics = [x.mean((2, 3)), x.std((2, 3))]
+        for block in self.blocks:
+            x = block(x)
+            statistics += [x.mean((2, 3)), x.std((2, 3))]
+        pooled = F.adaptive_avg_pool2d(F.leaky_relu(self.final_norm(x), 0.2), 1).flatten(1)
+        return pooled, torch.cat(statistics, 1)
+
 
 class JEM(nn.Module):
     """Wide-ResNet + linear head: logits f(x), energy E(x) = -logsumexp f(x)."""
@@ -148,17 +159,13 @@ class JEM(nn.Module):
         self.autocast_dtype: torch.dtype | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.penultimate(x))
-
-    def penultimate(self, x: torch.Tensor) -> torch.Tensor:
-        """The pooled features the linear head reads, float32 (logits, energies and losses stay float32)."""
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         if self.autocast_dtype is None:
-            return self.features(x)
+            return self.head(self.features(x))
         with torch.autocast(x.device.type, dtype=self.autocast_dtype):
             features = self.features(x)
-        return features.float()
+        return self.head(features.float())  # logits, energies and losses stay float32
 
     @staticmethod
     def energy_from_logits(logits: torch.Tensor) -> torch.Tensor:

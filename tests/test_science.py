@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -13,9 +14,10 @@ import torch
 from jem_core import Cancelled, JEMError
 from jem_core.cli import main as cli_main
 from jem_core.data import load_class_folder
+from jem_core.distances import auroc
 from jem_core.generation import sample_grid
 from jem_core.model_file import load_model
-from jem_core.ood import BOOTSTRAP_ROUNDS, neighbour_familiarity, ood_analysis, source_kind
+from jem_core.ood import BOOTSTRAP_ROUNDS, cross_fitted_familiarity, gaussian_familiarity, ood_analysis, source_kind
 from jem_core.pseudo_labels import SelfAdaptiveThreshold, consistency_loss
 from jem_core.sampler import SGLDConfig
 from jem_core.training import TrainConfig, strong_augment, train
@@ -72,7 +74,7 @@ def test_ood_analysis_scores_every_kind_of_source(trained, tmp_path):
                           json_path=tmp_path / "ood.json", plot_path=tmp_path / "ood.png",
                           progress=lambda f, m: messages.append(f))
     assert result["reference"]["split"] == "train" and result["reference"]["count"] == 21  # 70 % of 30
-    assert result["statistic"] == "features" and set(result["statistics"]) == {"features", "energy"}
+    assert result["statistic"] == "layers" and set(result["statistics"]) == {"layers", "energy"}
     compare = result["compare"]
     assert list(compare) == ["scenes (2)", "noise", "scene.tif"]
     assert compare["scenes (2)"]["count"] == 30 and compare["noise"]["count"] == 6
@@ -86,7 +88,7 @@ def test_ood_analysis_scores_every_kind_of_source(trained, tmp_path):
     # The same data as the reference overlaps it far more than uniform noise does, by either score.
     for block in result["statistics"].values():
         assert block["compare"]["scenes (2)"]["kl_to_reference"] < block["compare"]["noise"]["kl_to_reference"]
-    assert compare["noise"]["auroc"] == result["statistics"]["features"]["compare"]["noise"]["auroc"]
+    assert compare["noise"]["auroc"] == result["statistics"]["layers"]["compare"]["noise"]["auroc"]
     # Every set here is small, and each says so.
     assert len(result["warnings"]) == 4 and all("biased upwards" in w for w in result["warnings"])
     saved = json.loads((tmp_path / "ood.json").read_text())
@@ -118,7 +120,7 @@ def test_ood_errors_are_clear(trained, tmp_path):
         ood_analysis(trained["jem"], trained["data"], [])
     with pytest.raises(JEMError, match="only 6 images.*split 'train' or 'all'"):
         ood_analysis(trained["jem"], trained["data"], [trained["root"] / "noise"], reference_split="test")
-    with pytest.raises(JEMError, match="Unknown OOD statistic 'density'. Choose one of: features, energy"):
+    with pytest.raises(JEMError, match="Unknown OOD statistic 'density'. Choose one of: layers, energy"):
         ood_analysis(trained["jem"], trained["data"], [trained["root"] / "noise"], statistic="density")
     with pytest.raises(JEMError, match="bands"):
         ood_analysis(trained["jem"], trained["data"], [("gray", torch.zeros(2, 1, SIZE, SIZE))])
@@ -128,17 +130,25 @@ def test_ood_errors_are_clear(trained, tmp_path):
     assert not (tmp_path / "x.json").exists()
 
 
-def test_neighbour_familiarity_is_minus_the_distance_to_the_kth_neighbour():
-    bank = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.6, 0.8], [0.0, 1.0]]), dim=1)
-    query = torch.tensor([[1.0, 0.0]])
-    # Cosine distances from (1, 0): 0, 0.2, 0.4, 1.
-    assert neighbour_familiarity(bank, query, rank=2).item() == pytest.approx(-0.2)
-    assert neighbour_familiarity(bank, query, rank=9).item() == pytest.approx(-1.0)  # capped at the bank size
-    # The bank scored against itself skips each image's own zero distance.
-    left_out = neighbour_familiarity(bank, bank, rank=1, leave_one_out=True)
-    assert left_out.tolist() == pytest.approx([-0.2, -0.04, -0.04, -0.2])
-    far = torch.tensor([[-1.0, 0.0]])
-    assert neighbour_familiarity(bank, far, rank=1) < neighbour_familiarity(bank, query, rank=1)
+def test_gaussian_familiarity_is_minus_the_squared_mahalanobis_distance():
+    fit = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 2.0], [0.0, -2.0]], dtype=torch.float64)
+    # Mean 0, covariance diag(2/3, 8/3): (1, 1) is 1.5 + 0.375 = 1.875 away.
+    assert gaussian_familiarity(fit, torch.tensor([[1.0, 1.0]], dtype=torch.float64), 0.0).item() == \
+        pytest.approx(-1.875)
+    # A constant channel does not make the covariance singular.
+    flat = torch.cat([fit, torch.ones(4, 1, dtype=torch.float64)], 1)
+    assert torch.isfinite(gaussian_familiarity(flat, flat)).all()
+
+
+def test_cross_fitting_scores_in_domain_like_the_reference_and_shifted_data_lower():
+    generator = torch.Generator().manual_seed(1)
+    reference = torch.randn(400, 6, generator=generator, dtype=torch.float64)
+    same = torch.randn(300, 6, generator=generator, dtype=torch.float64)
+    shifted = torch.randn(300, 6, generator=generator, dtype=torch.float64) * 2 + 1
+    ref_scores, (same_scores, shifted_scores) = cross_fitted_familiarity(reference, [same, shifted],
+                                                                         torch.Generator().manual_seed(0))
+    assert auroc(ref_scores, same_scores) == pytest.approx(0.5, abs=0.06)
+    assert auroc(ref_scores, shifted_scores) > 0.9
 
 
 def test_ood_interval_covers_the_estimate_and_is_reproducible(trained):
@@ -269,8 +279,9 @@ def test_cli_ood_sample_and_report(trained, tmp_path, capsys):
     result = json.loads((tmp_path / "ood.json").read_text())
     assert set(result["compare"]) == {"noise", "scene.tif"} and len(result["statistics"]["energy"]["bins"]) == 21
     printed = capsys.readouterr()
-    assert "features: feature familiarity" in printed.out and "energy: −E(x)" in printed.out
-    assert printed.out.count("AUROC") == 4 and "warning: noise has only 6 images" in printed.err
+    assert "layers: layer familiarity" in printed.out and "energy: −E(x)" in printed.out
+    assert len(re.findall(r"AUROC \d\.\d{3} \[", printed.out)) == 4  # 2 sources × 2 scores, with intervals
+    assert "warning: noise has only 6 images" in printed.err
     rc = cli_main(["ood", str(trained["jem"]), "--reference", str(trained["data"]), "--compare",
                    str(trained["root"] / "noise"), "--statistic", "energy", "--json", str(tmp_path / "e.json")])
     energy = json.loads((tmp_path / "e.json").read_text())

@@ -8,7 +8,6 @@ from ..ood import (
     BOOTSTRAP_ROUNDS,
     DEFAULT_STATISTIC,
     MIN_REFERENCE_IMAGES,
-    NEIGHBOUR_RANK,
     REFERENCE_SPLITS,
     STATISTICS,
 )
@@ -23,10 +22,11 @@ def register(subparsers) -> None:
                                           "rasters (cut into the model's patches): KL divergence to the reference "
                                           "and AUROC, each with a bootstrap interval "
                                           f"({BOOTSTRAP_ROUNDS} resamples). Two scores are computed and plotted: "
-                                          f"'features', −(cosine distance to the {NEIGHBOUR_RANK}th nearest reference "
-                                          "image in the model's features), and 'energy', the paper's −E(x) = "
-                                          "logsumexp f(x). On AID vs Sentinel-2 and Landsat scenes only the first "
-                                          "ranks the foreign imagery as less familiar (docs/science.md).")
+                                          "'layers', how far the image's per-channel statistics in the network's "
+                                          "early and middle layers lie from the reference's (Mahalanobis), and "
+                                          "'energy', the paper's −E(x) = logsumexp f(x). On AID vs Sentinel-2 and "
+                                          "Landsat scenes only the first ranks the foreign imagery as less "
+                                          "familiar (docs/science.md).")
     o.add_argument("model", type=Path, metavar="MODEL")
     o.add_argument("--reference", type=Path, required=True, metavar="DATA_DIR",
                    help="class-folder dataset the model was trained on")
