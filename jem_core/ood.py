@@ -2,7 +2,7 @@
 
 Two familiarity scores per image, both higher for images like the reference (the training data):
 
-  layers    −(squared Mahalanobis distance) of the image's layer statistics — the per-channel spatial
+  layers    −ln(squared Mahalanobis distance) of the image's layer statistics — the per-channel spatial
             mean and std of the network's stem and of every residual block (Lee et al. 2018 use such
             multi-layer features) — to a Gaussian fitted on the reference's (covariance shrunk by
             SHRINKAGE towards its diagonal).  Cross-fitted: the reference is cut into FOLDS parts, each
@@ -90,7 +90,7 @@ MIN_REFERENCE_IMAGES = 20  # fewer are refused: each half would fit its Gaussian
 FEW_IMAGES = 200  # fewer (reference or compared) get a warning: the KL is biased upwards, the interval wide
 BOOTSTRAP_ROUNDS = 200
 DEFINITIONS = {
-    "layers": "layer familiarity: −(squared Mahalanobis distance of the per-channel mean and std of the "
+    "layers": "layer familiarity: −ln(squared Mahalanobis distance of the per-channel mean and std of the "
               "network's stem and block outputs to a Gaussian fitted on the reference, cross-fitted over "
               f"{FOLDS} parts of it)",
     "energy": "−E(x) = logsumexp_y f(x)[y], the JEM's unnormalised log-density (the paper's score)",
@@ -131,33 +131,34 @@ def embed(loaded: LoadedModel, pixels: torch.Tensor, batch_size: int,
     return torch.cat(statistics), torch.cat(energy)
 
 
-def gaussian_familiarity(fit: torch.Tensor, queries: torch.Tensor, shrinkage: float = SHRINKAGE) -> torch.Tensor:
-    """−(squared Mahalanobis distance) of each query row to the Gaussian of the `fit` rows, its covariance
+def mahalanobis_squared(fit: torch.Tensor, queries: torch.Tensor, shrinkage: float = SHRINKAGE) -> torch.Tensor:
+    """Squared Mahalanobis distance of each query row to the Gaussian of the `fit` rows, its covariance
     shrunk towards its diagonal (plus a tiny ridge, so constant channels do not make it singular)."""
     mean = fit.mean(0)
     covariance = torch.cov((fit - mean).T).reshape(fit.shape[1], fit.shape[1])
     diagonal = covariance.diagonal()
     covariance = (1 - shrinkage) * covariance + torch.diag(shrinkage * diagonal + 1e-9 * (diagonal.mean() + 1e-12))
     centred = queries - mean
-    return -(centred * torch.linalg.solve(covariance, centred.T).T).sum(1)
+    return (centred * torch.linalg.solve(covariance, centred.T).T).sum(1)
 
 
 def cross_fitted_familiarity(reference: torch.Tensor, others: Sequence[torch.Tensor], generator: torch.Generator,
                              shrinkage: float = SHRINKAGE,
                              folds: int = FOLDS) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Layer familiarity of the reference and of every other set, so that no image is scored by a Gaussian
-    fitted on it: the reference is cut into `folds` parts, each part is scored by the Gaussian of the
-    others, and each image of another set by the Gaussian of one of those complements, drawn at random."""
+    """Layer familiarity −ln(Mahalanobis²) of the reference and of every other set (the log makes the long
+    tail of far-away images readable in a histogram; AUROC does not change), so that no image is scored by
+    a Gaussian fitted on it: the reference is cut into `folds` parts, each part is scored by the Gaussian of
+    the others, and each image of another set by the Gaussian of one of those complements, drawn at random."""
     fold_of = torch.randperm(len(reference), generator=generator) % folds
     assignments = [torch.randint(folds, (len(other),), generator=generator) for other in others]
     scores = torch.empty(len(reference), dtype=torch.float64)
     scored_others = [torch.empty(len(other), dtype=torch.float64) for other in others]
     for fold in range(folds):
         fit = reference[fold_of != fold]
-        scores[fold_of == fold] = gaussian_familiarity(fit, reference[fold_of == fold], shrinkage)
+        scores[fold_of == fold] = mahalanobis_squared(fit, reference[fold_of == fold], shrinkage)
         for other, assigned, result in zip(others, assignments, scored_others):
-            result[assigned == fold] = gaussian_familiarity(fit, other[assigned == fold], shrinkage)
-    return scores, scored_others
+            result[assigned == fold] = mahalanobis_squared(fit, other[assigned == fold], shrinkage)
+    return -scores.clamp_min(1e-12).log(), [-result.clamp_min(1e-12).log() for result in scored_others]
 
 
 def reference_indices(dataset: SceneDataset, loaded: LoadedModel, split: str) -> tuple[torch.Tensor, str]:
@@ -325,7 +326,8 @@ def summarise(reference: ScoreSet, split: str, others: Sequence[ScoreSet], bins:
     }
 
 
-PLOT_LABELS = {"layers": "layer familiarity  (−Mahalanobis² to the reference's layer statistics; higher = "
+PLOT_TITLES = {"layers": "layer familiarity", "energy": "−E(x), the paper's score"}
+PLOT_LABELS = {"layers": "layer familiarity  (−ln Mahalanobis² to the reference's layer statistics; higher = "
                          "more alike)",
                "energy": "−E(x) = logsumexp f(x)   (higher = more like the reference)"}
 
@@ -351,7 +353,7 @@ def plot_histograms(result: dict[str, Any], path: str | os.PathLike, title: str)
                 ax.step(edges[:-1], density, where="post", linewidth=1.5,
                         label=f"{source} (n={int(counts.sum())}): KL {c['kl_to_reference']:.2f}, "
                               f"AUROC {c['auroc']:.3f}")
-        ax.set(xlabel=PLOT_LABELS[name], ylabel="density", title=title)
+        ax.set(xlabel=PLOT_LABELS[name], ylabel="density", title=f"{title}: {PLOT_TITLES[name]}")
         ax.legend(fontsize=8)
     save_figure(fig, path)
 

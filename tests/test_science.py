@@ -17,7 +17,7 @@ from jem_core.data import load_class_folder
 from jem_core.distances import auroc
 from jem_core.generation import sample_grid
 from jem_core.model_file import load_model
-from jem_core.ood import BOOTSTRAP_ROUNDS, cross_fitted_familiarity, gaussian_familiarity, ood_analysis, source_kind
+from jem_core.ood import BOOTSTRAP_ROUNDS, cross_fitted_familiarity, mahalanobis_squared, ood_analysis, source_kind
 from jem_core.pseudo_labels import SelfAdaptiveThreshold, consistency_loss
 from jem_core.sampler import SGLDConfig
 from jem_core.training import TrainConfig, strong_augment, train
@@ -130,14 +130,14 @@ def test_ood_errors_are_clear(trained, tmp_path):
     assert not (tmp_path / "x.json").exists()
 
 
-def test_gaussian_familiarity_is_minus_the_squared_mahalanobis_distance():
+def test_mahalanobis_squared_by_hand():
     fit = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 2.0], [0.0, -2.0]], dtype=torch.float64)
     # Mean 0, covariance diag(2/3, 8/3): (1, 1) is 1.5 + 0.375 = 1.875 away.
-    assert gaussian_familiarity(fit, torch.tensor([[1.0, 1.0]], dtype=torch.float64), 0.0).item() == \
-        pytest.approx(-1.875)
+    assert mahalanobis_squared(fit, torch.tensor([[1.0, 1.0]], dtype=torch.float64), 0.0).item() == \
+        pytest.approx(1.875)
     # A constant channel does not make the covariance singular.
     flat = torch.cat([fit, torch.ones(4, 1, dtype=torch.float64)], 1)
-    assert torch.isfinite(gaussian_familiarity(flat, flat)).all()
+    assert torch.isfinite(mahalanobis_squared(flat, flat)).all()
 
 
 def test_cross_fitting_scores_in_domain_like_the_reference_and_shifted_data_lower():
