@@ -77,9 +77,6 @@ class TrainConfig:
     baseline: bool = False
     weight_ce: float = 1.0
     weight_gen: float = 1.0
-    # Share of the run (iterations or time, as the schedule counts it) trained with CE alone before the
-    # energy term and its SGLD chains start: cheap iterations first, the density model on a trained classifier.
-    ce_warmup: float = 0.0
     energy_reg: float = 0.1
     input_noise: float = 0.03
     augment: bool = True
@@ -169,8 +166,6 @@ def check_config(config: TrainConfig, dataset: SceneDataset) -> None:
     threshold = config.consistency_threshold
     if config.consistency_weight < 0 or threshold is not None and not 0.0 < threshold <= 1.0:
         raise JEMError("--consistency must be ≥ 0 and --consistency-threshold in (0, 1] (or omitted: adaptive).")
-    if not 0.0 <= config.ce_warmup < 1.0:
-        raise JEMError(f"--ce-warmup is a share of the run in [0, 1) (got {config.ce_warmup}).")
     if config.image_size < 8:
         raise JEMError(f"--image-size must be at least 8 px (got {config.image_size}).")
     if dataset.images.shape[-1] != config.image_size:
@@ -317,8 +312,7 @@ def describe_run(run: Run, config: TrainConfig, train_images: int, iters_per_pas
     return (f"{mode}: {run.loaded.spec.arch} on {run.parts.device}, {train_images} train images "
             f"({len(run.labelled)} labelled), {validation}, {len(run.test)} test, {iters_per_pass} iterations/epoch"
             f"{processes}; run of {' or '.join(limits)}{', whichever comes first' if len(limits) > 1 else ''}, "
-            f"warm-up over its first {WARMUP_FRACTION:.0%}" + (f", CE alone for its first {config.ce_warmup:.0%}"
-                                                              if config.ce_warmup and not config.baseline else ""))
+            f"warm-up over its first {WARMUP_FRACTION:.0%}")
 
 
 def run_loop(run: Run, config: TrainConfig, state: LoopState, best_model: dict[str, torch.Tensor] | None,
@@ -356,11 +350,10 @@ def run_loop(run: Run, config: TrainConfig, state: LoopState, best_model: dict[s
             next_fraction = run_progress(state.iteration + 1, run.total_iters, elapsed, run.budget_s)
             for group in optimiser.param_groups:
                 group["lr"] = learning_rate(config, state.iteration, fraction, next_fraction) * state.lr_scale
-            losses = training_step(step_model, sampler if fraction >= config.ce_warmup else None, optimiser,
-                                   run.inputs, run.train_labels, labelled_stream, data_stream, config,
-                                   run.adaptive_threshold)
+            losses = training_step(step_model, sampler, optimiser, run.inputs, run.train_labels, labelled_stream,
+                                   data_stream, config, run.adaptive_threshold)
             if sampler is not None:
-                losses["saturation"] = float(sampler.last_saturation) if fraction >= config.ce_warmup else 0.0
+                losses["saturation"] = float(sampler.last_saturation)
             losses = dict(zip(losses, distributed.average(list(losses.values()), ctx, device)))
             reason = divergence_reason(losses, config, grad_norms)
             if reason is not None:

@@ -67,32 +67,3 @@ def test_default_jem_train_on_about_100_images_learns_well_above_chance(tmp_path
     assert metrics["iterations"] == DEFAULT_ITERATIONS
     assert metrics["accuracy"] >= 0.75 and metrics["warnings"] == []
 
-
-def test_ce_warmup_trains_without_the_energy_term_for_its_share_of_the_run(tmp_path, monkeypatch):
-    from jem_core import training
-    from jem_core.data import load_class_folder
-    from jem_core.sampler import SGLDConfig
-
-    dataset = load_class_folder(make_class_folder(tmp_path / "scenes", classes=2, per_class=8, size=16), 16)
-    sampling: list[bool] = []
-    original_step = training.training_step
-
-    def recording_step(model, sampler, *args, **kwargs):
-        sampling.append(sampler is not None)
-        return original_step(model, sampler, *args, **kwargs)
-
-    monkeypatch.setattr(training, "training_step", recording_step)
-    config = TrainConfig(arch="wrn-10-1", image_size=16, iterations=8, ce_warmup=0.5, batch_size=4,
-                         sgld_batch_size=4, sgld=SGLDConfig(buffer_size=16, steps=1), device="cpu")
-    training.train(dataset, config)
-    assert sampling == [False] * 4 + [True] * 4
-
-
-def test_ce_warmup_must_be_a_share_of_the_run(tmp_path):
-    from jem_core import JEMError
-    from jem_core.data import load_class_folder
-    from jem_core.training import train
-
-    dataset = load_class_folder(make_class_folder(tmp_path / "scenes", classes=2, per_class=4, size=16), 16)
-    with pytest.raises(JEMError, match="--ce-warmup is a share of the run"):
-        train(dataset, TrainConfig(image_size=16, ce_warmup=1.0))

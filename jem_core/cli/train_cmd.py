@@ -50,9 +50,6 @@ def register(subparsers) -> None:
     p.add_argument("--reinit-prob", type=float, default=sgld.reinit_prob)
     p.add_argument("--energy-reg", type=float, default=defaults.energy_reg)
     p.add_argument("--weight-gen", type=float, default=defaults.weight_gen)
-    p.add_argument("--ce-warmup", type=float, default=defaults.ce_warmup, metavar="SHARE",
-                   help="share of the run trained with cross-entropy alone before the energy term starts "
-                        "(default: %(default)s)")
     p.add_argument("--consistency", type=float, nargs="?", const=1.0, default=defaults.consistency_weight,
                    metavar="WEIGHT", help="JEM + consistency: pseudo-labels on unlabelled images "
                                           "(weight of the term; the bare flag means 1.0; default: %(default)s, off)")
@@ -102,8 +99,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
                        batch_size=args.batch_size,
                        sgld_batch_size=args.sgld_batch_size, lr=args.lr,
                        labels_per_class=args.labels_per_class or None, baseline=args.baseline,
-                       energy_reg=args.energy_reg, weight_gen=args.weight_gen, ce_warmup=args.ce_warmup,
-                       patience=args.patience,
+                       energy_reg=args.energy_reg, weight_gen=args.weight_gen, patience=args.patience,
                        consistency_weight=args.consistency, consistency_threshold=args.consistency_threshold,
                        seed=args.seed, device=args.device, sgld=sgld, max_recoveries=args.max_recoveries,
                        speed=SpeedOptions(channels_last=not args.no_channels_last, amp=args.amp, compile=args.compile,
