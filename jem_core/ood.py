@@ -86,7 +86,7 @@ STATISTICS = ("layers", "energy")
 DEFAULT_STATISTIC = "layers"
 SHRINKAGE = 0.01  # chosen among 0.01, 0.1, 0.5 on the same comparison, then checked on two other models
 FOLDS = 5  # cross-fitting: each Gaussian is fitted on 4/5 of the reference
-MIN_REFERENCE_IMAGES = 20  # fewer are refused: each half would fit its Gaussian on under 10 images
+MIN_REFERENCE_IMAGES = 20  # fewer are refused: each fold's Gaussian would rest on under 16 images
 FEW_IMAGES = 200  # fewer (reference or compared) get a warning: the KL is biased upwards, the interval wide
 BOOTSTRAP_ROUNDS = 200
 DEFINITIONS = {
@@ -116,7 +116,7 @@ class ScoreSet:
 @torch.no_grad()
 def embed(loaded: LoadedModel, pixels: torch.Tensor, batch_size: int,
           should_stop: Callable[[], bool] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Layer statistics (N, D) and −E(x) (N,) of raw pixels in the model's value range (float32 throughout)."""
+    """Layer statistics (N, D) and −E(x) (N,) of raw pixels in the model's value range, computed in float32."""
     device = next(loaded.model.parameters()).device
     loaded.model.eval()
     statistics, energy = [], []
