@@ -40,6 +40,7 @@ RESULTS = ROOT / "docs" / "results" / "aid_table"
 IMAGES = ROOT / "docs" / "img"
 SCIENCE_MD = ROOT / "docs" / "science.md"
 TRAINING_AID_MD = ROOT / "docs" / "training_aid.md"
+PERFORMANCE_MD = ROOT / "docs" / "performance.md"
 METHODS = {
     "ce": {"baseline": True},
     "jem": {},
@@ -153,6 +154,7 @@ def run_analyse(args: argparse.Namespace) -> None:
             reliability_diagram(curves, IMAGES / f"aid_reliability_{setting}.png")
     validation_curves(runs, IMAGES / "aid_val_curves.png")
     write_tables(runs, samples)
+    replace_between_markers(PERFORMANCE_MD, "minutes-table", minutes_table(runs))
 
 
 def compute_samples(args: argparse.Namespace) -> dict:
@@ -200,6 +202,24 @@ def validation_curves(runs: dict[tuple[str, str], list[dict]], path: Path) -> No
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     save_figure(fig, path)
+
+
+MINUTE_MARKS = (2.5, 5, 10, 15, 20)
+
+
+def minutes_table(runs: dict[tuple[str, str], list[dict]]) -> str:
+    """Best validation accuracy reached by each minute mark, per run."""
+    lines = ["| labels / class | method | seed | " + " | ".join(f"val by {m:g} min" for m in MINUTE_MARKS)
+             + " | iterations | test acc |", "|---|---|---|" + "---|" * len(MINUTE_MARKS) + "---|---|"]
+    for setting in SETTINGS:
+        for method in METHODS:
+            for run in runs.get((setting, method), []):
+                best = [max([h["val_accuracy"] for h in run["history"] if h["minutes"] <= mark], default=None)
+                        for mark in MINUTE_MARKS]
+                lines.append(f"| {setting} | {METHOD_NAMES[method]} | {run['seed']} | "
+                             + " | ".join("–" if b is None else f"{b:.1%}" for b in best)
+                             + f" | {run['iterations']} | {run['accuracy']:.1%} |")
+    return "\n".join(lines)
 
 
 def fmt(value: float | None, spec: str) -> str:
