@@ -198,7 +198,7 @@ def validation_curves(runs: dict[tuple[str, str], list[dict]], path: Path) -> No
                         color=colours[method], linestyle="-" if i == 0 else "--", linewidth=1.2,
                         label=f"{METHOD_NAMES[method]}, seed {run['seed']}")
         ax.set(xlabel="training minutes (one CPU thread)", ylabel="validation accuracy (%)",
-               title=f"AID, 30 classes, 64 px, {setting} labels / class")
+               title=f"AID, 30 classes, 64 px, {setting} label{'' if setting == '1' else 's'} / class")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     save_figure(fig, path)
