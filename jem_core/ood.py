@@ -8,8 +8,9 @@ Two familiarity scores per image, both higher for images like the reference (the
             SHRINKAGE towards its diagonal).  Cross-fitted: the reference is cut into FOLDS parts, each
             scored by the Gaussian of the other parts, and every compared image by one of those Gaussians
             at random, so reference and in-domain images are scored alike.  The default: on AID it ranks
-            Sentinel-2 and Landsat patches below the held-out AID images (AUROC 0.86–0.98 for three
-            models), where −E(x) ranks them above (bench/ood_statistics.py, docs/science.md).
+            Sentinel-2 and Landsat patches below the held-out AID images (AUROC 0.84–0.97 for a
+            3-minute model, 0.88–0.96 for a 20-minute one), where −E(x) ranks them above
+            (bench/ood_statistics.py, docs/science.md).
   energy    −E(x) = logsumexp_y f(x)[y], the JEM's unnormalised log-density: the paper's score, always
             computed and plotted beside the other.
 
