@@ -267,11 +267,17 @@ def add_scores(reference: ScoreSet, others: Sequence[ScoreSet]) -> None:
         s.scores = {"energy": s.energy, "layers": scores}
 
 
+def score_range(*scores: torch.Tensor) -> tuple[float, float]:
+    """The histogram range of these scores (one unit wide when they are all equal)."""
+    everything = torch.cat(scores)
+    low, high = float(everything.min()), float(everything.max())
+    return low, (high if high > low else low + 1.0)
+
+
 def pair_numbers(reference: torch.Tensor, other: torch.Tensor, bins: int,
                  generator: torch.Generator) -> dict[str, Any]:
     """Mean, std, KL and AUROC of one compared set against the reference, with bootstrap intervals."""
-    low, high = float(min(reference.min(), other.min())), float(max(reference.max(), other.max()))
-    high = high if high > low else low + 1.0
+    low, high = score_range(reference, other)
 
     def kl(ref: torch.Tensor, cmp: torch.Tensor) -> float:
         return histogram_kl(torch.histc(cmp, bins, low, high), torch.histc(ref, bins, low, high))
@@ -294,9 +300,7 @@ def pair_numbers(reference: torch.Tensor, other: torch.Tensor, bins: int,
 def statistic_block(name: str, reference: ScoreSet, others: Sequence[ScoreSet], bins: int) -> dict[str, Any]:
     generator = torch.Generator().manual_seed(0)  # the same intervals for the same data
     ref_scores = reference.scores[name]
-    everything = torch.cat([ref_scores] + [s.scores[name] for s in others])
-    low, high = float(everything.min()), float(everything.max())
-    high = high if high > low else low + 1.0
+    low, high = score_range(ref_scores, *[s.scores[name] for s in others])
     return {
         "definition": DEFINITIONS[name],
         "reference": {"mean": float(ref_scores.mean()), "std": float(ref_scores.std())},
