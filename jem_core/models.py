@@ -131,8 +131,11 @@ class WideResNet(nn.Module):
         self.out_features = in_planes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.leaky_relu(self.final_norm(self.blocks(self.stem(x))), 0.2)
-        return F.adaptive_avg_pool2d(out, 1).flatten(1)
+        return self.pool(self.blocks(self.stem(x)))
+
+    def pool(self, block_output: torch.Tensor) -> torch.Tensor:
+        """The last block's output → the pooled features the head reads."""
+        return F.adaptive_avg_pool2d(F.leaky_relu(self.final_norm(block_output), 0.2), 1).flatten(1)
 
     def layer_statistics(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """forward(x), and the per-channel spatial mean and std of the stem's and every block's output
@@ -142,8 +145,7 @@ class WideResNet(nn.Module):
         for block in self.blocks:
             x = block(x)
             statistics += [x.mean((2, 3)), x.std((2, 3))]
-        pooled = F.adaptive_avg_pool2d(F.leaky_relu(self.final_norm(x), 0.2), 1).flatten(1)
-        return pooled, torch.cat(statistics, 1)
+        return self.pool(x), torch.cat(statistics, 1)
 
 
 class JEM(nn.Module):

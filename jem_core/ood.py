@@ -337,12 +337,17 @@ PLOT_LABELS = {"layers": "layer familiarity  (−ln Mahalanobis² to the referen
                "energy": "−E(x) = logsumexp f(x)   (higher = more like the reference)"}
 
 
+def statistics_in_order(chosen: str) -> list[str]:
+    """Every score, the chosen one first."""
+    return [chosen] + [name for name in STATISTICS if name != chosen]
+
+
 def plot_histograms(result: dict[str, Any], path: str | os.PathLike, title: str) -> None:
     """Both scores side by side: the chosen one first, −E(x) as in the paper."""
     from .plots import pyplot, save_figure
 
     plt = pyplot()
-    order = [result["statistic"]] + [name for name in STATISTICS if name != result["statistic"]]
+    order = statistics_in_order(result["statistic"])
     fig, axes = plt.subplots(1, len(order), figsize=(7 * len(order), 4))
     for ax, name in zip(axes, order):
         block = result["statistics"][name]

@@ -85,7 +85,7 @@ def register(subparsers) -> None:
 
 
 def run_ood(args: argparse.Namespace) -> int:
-    from ..ood import ood_analysis
+    from ..ood import ood_analysis, statistics_in_order
 
     result = ood_analysis(args.model, args.reference, args.compare, json_path=args.json, plot_path=args.plot,
                           batch_size=args.batch_size, device=args.device, reference_split=args.reference_split,
@@ -93,8 +93,7 @@ def run_ood(args: argparse.Namespace) -> int:
     ref = result["reference"]
     print(f"reference {ref['name']} ({ref['split']}, {ref['count']} images); KL and AUROC with 95 % bootstrap "
           "intervals")
-    statistics = [result["statistic"]] + [s for s in STATISTICS if s != result["statistic"]]
-    for statistic in statistics:
+    for statistic in statistics_in_order(result["statistic"]):
         print(f"{statistic}: {result['statistics'][statistic]['definition']}")
         for name, c in result["statistics"][statistic]["compare"].items():
             print(f"  {name:30s} {result['compare'][name]['kind']:13s} n={result['compare'][name]['count']:6d}  "

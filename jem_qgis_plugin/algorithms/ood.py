@@ -26,6 +26,7 @@ from .base import JemAlgorithm, progress_reporter
 REFERENCE_SPLITS: list[str] = list(core_constant("ood", "REFERENCE_SPLITS"))
 STATISTICS: list[str] = list(core_constant("ood", "STATISTICS"))
 DEFAULT_STATISTIC: str = core_constant("ood", "DEFAULT_STATISTIC")
+MIN_REFERENCE_IMAGES: int = core_constant("ood", "MIN_REFERENCE_IMAGES")
 
 
 class OodAlgorithm(JemAlgorithm):
@@ -45,7 +46,7 @@ class OodAlgorithm(JemAlgorithm):
             "distribution; about 23 when they do not overlap at all) and the AUROC separating the two (0.5: "
             "indistinguishable, 1: fully separated), each with a 95 % bootstrap interval. A high KL warns that "
             "maps of that imagery extrapolate. <b>Reference images</b> default to the model's training split "
-            "(the paper's reference); at least 50 are needed.")
+            f"(the paper's reference); at least {MIN_REFERENCE_IMAGES} are needed.")
 
     def initAlgorithm(self, config=None) -> None:  # noqa: N802 (QGIS API name)
         self.add_model_parameter()
