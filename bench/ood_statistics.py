@@ -16,7 +16,8 @@ Candidates (higher = more familiar):
                 (z: standardised on the training split)
   layers-S-K    −Mahalanobis² of the per-channel mean and std of the stem's and every block's output to
                 one Gaussian of the training split's, covariance shrunk by S towards its diagonal,
-                cross-fitted over K folds; layers-0.01-5 is what `jem ood` reports by default
+                cross-fitted over K folds; S = auto (chosen by held-out likelihood on the training split,
+                jem_core.ood.choose_shrinkage) with K = 5 is what `jem ood` reports by default
 For each: KL(set ‖ training split) of the histograms and AUROC (training split positive), with bootstrap
 intervals, as `jem ood` reports them.  Then runs `jem ood` itself (its default statistic) and writes
 its JSON and plot.
@@ -48,7 +49,13 @@ from aid_table import oscd_rgb  # noqa: E402
 from jem_core.data import load_class_folder, training_split  # noqa: E402
 from jem_core.files import write_json  # noqa: E402
 from jem_core.model_file import load_model  # noqa: E402
-from jem_core.ood import cross_fitted_familiarity, pair_numbers  # noqa: E402
+from jem_core.ood import (  # noqa: E402
+    FOLDS,
+    SHRINKAGE_GRID,
+    cross_fitted_familiarity,
+    held_out_log_likelihood,
+    pair_numbers,
+)
 from jem_core.raster_io import choose_stretch, open_raster  # noqa: E402
 from jem_core.windowing import iter_patches  # noqa: E402
 
@@ -117,6 +124,12 @@ def mahalanobis_familiarity(train_features: torch.Tensor, train_labels: torch.Te
     return -distances.min(1).values
 
 
+def shrinkage_likelihoods(reference: torch.Tensor) -> dict[str, float]:
+    """Held-out log-likelihood per image of every SHRINKAGE_GRID value, on the folds `jem ood` uses."""
+    fold_of = torch.randperm(len(reference), generator=torch.Generator().manual_seed(0)) % FOLDS
+    return {f"{s:g}": round(held_out_log_likelihood(reference, fold_of, s), 1) for s in SHRINKAGE_GRID}
+
+
 def candidate_scores(sets: dict[str, dict], reference: str, train_labels: torch.Tensor) -> dict[str, dict]:
     ref = sets[reference]
     names = list(sets)
@@ -130,10 +143,12 @@ def candidate_scores(sets: dict[str, dict], reference: str, train_labels: torch.
     mean_e, std_e, mean_c, std_c = ref["energy"].mean(), ref["energy"].std(), ref["png"].mean(), ref["png"].std()
     scores["energy+png"] = {n: (s["energy"] - mean_e) / std_e + (s["png"] - mean_c) / std_c for n, s in sets.items()}
     others = [n for n in names if n != reference]
-    for shrinkage, folds in ((0.01, 2), (0.01, 5), (0.01, 10), (0.1, 5), (0.5, 5)):
-        ref_scores, other_scores = cross_fitted_familiarity(ref["layers"], [sets[n]["layers"] for n in others],
-                                                            torch.Generator().manual_seed(0), shrinkage, folds)
-        scores[f"layers-{shrinkage:g}-{folds}"] = {reference: ref_scores, **dict(zip(others, other_scores))}
+    for shrinkage, folds in ((None, 5), (0.0, 5), (1e-3, 5), (0.01, 2), (0.01, 5), (0.01, 10), (0.1, 5), (0.5, 5)):
+        ref_scores, other_scores, used = cross_fitted_familiarity(ref["layers"], [sets[n]["layers"] for n in others],
+                                                                  torch.Generator().manual_seed(0), shrinkage, folds)
+        name = f"layers-{'auto' if shrinkage is None else f'{shrinkage:g}'}-{folds}"
+        print(f"{name}: shrinkage {used:g}", flush=True)
+        scores[name] = {reference: ref_scores, **dict(zip(others, other_scores))}
     return scores
 
 
@@ -166,6 +181,8 @@ def main() -> None:
         for name, images in pixels.items():
             sets[name] = {**network_outputs(loaded, images), "png": png_bits_per_pixel(images)}
         scores = candidate_scores(sets, "AID train", dataset.labels[split.train])
+        likelihoods = shrinkage_likelihoods(sets["AID train"]["layers"])
+        print(f"held-out log-likelihood per image by shrinkage: {likelihoods}", flush=True)
         generator = torch.Generator().manual_seed(0)
         table = {}
         print(f"{'score':12s} " + " ".join(f"{n:>30s}" for n in list(pixels)[1:]))
@@ -186,7 +203,8 @@ def main() -> None:
         write_json(args.json, {"command": command_line(), "model": str(model_path),
                                "model_accuracy": loaded.meta.metrics.get("accuracy"),
                                "counts": {name: len(images) for name, images in pixels.items()},
-                               "reference": "AID train (the model's training split)", "scores": table})
+                               "reference": "AID train (the model's training split)",
+                               "shrinkage_held_out_log_likelihood": likelihoods, "scores": table})
 
 
 if __name__ == "__main__":

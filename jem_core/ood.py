@@ -4,12 +4,13 @@ Two familiarity scores per image, both higher for images like the reference (the
 
   layers    −ln(squared Mahalanobis distance) of the image's layer statistics — the per-channel spatial
             mean and std of the network's stem and of every residual block (Lee et al. 2018 use such
-            multi-layer features) — to a Gaussian fitted on the reference's (covariance shrunk by
-            SHRINKAGE towards its diagonal).  Cross-fitted: the reference is cut into FOLDS parts, each
-            scored by the Gaussian of the other parts, and every compared image by one of those Gaussians
-            at random, so reference and in-domain images are scored alike.  The default: on AID it ranks
-            Sentinel-2 and Landsat patches below the held-out AID images (AUROC 0.84–0.97 for a
-            3-minute model, 0.88–0.96 for a 20-minute one), where −E(x) ranks them above
+            multi-layer features) — to a Gaussian fitted on the reference's (its covariance shrunk
+            towards its diagonal by the amount of SHRINKAGE_GRID with the best held-out likelihood on the
+            reference itself, so the compared sets never tune it).  Cross-fitted: the reference is cut
+            into FOLDS parts, each scored by the Gaussian of the other parts, and every compared image
+            by one of those Gaussians at random, so reference and in-domain images are scored alike.
+            The default: on AID it ranks Sentinel-2 and Landsat patches below the held-out AID images
+            (AUROC 0.90–0.97 for a 3-minute model), where −E(x) ranks them above
             (bench/ood_statistics.py, docs/science.md).
   energy    −E(x) = logsumexp_y f(x)[y], the JEM's unnormalised log-density: the paper's score, always
             computed and plotted beside the other.
@@ -85,7 +86,9 @@ REFERENCE_SPLITS = ("train", "test", "all")
 STATISTICS = ("layers", "energy")
 # Measured on AID (bench/ood_statistics.py): the default ranks foreign sensors as less familiar.
 DEFAULT_STATISTIC = "layers"
-SHRINKAGE = 0.01  # chosen among 0.01, 0.1, 0.5 on the same comparison, then checked on two other models
+# Covariance shrinkage towards the diagonal, picked per reference by held-out likelihood: none for a
+# large reference, more as it gets smaller relative to the number of statistics.
+SHRINKAGE_GRID = (0.0, 1e-4, 1e-3, 1e-2, 0.1, 0.5)
 FOLDS = 5  # cross-fitting: each Gaussian is fitted on 4/5 of the reference
 MIN_REFERENCE_IMAGES = 20  # fewer are refused: each fold's Gaussian would rest on under 16 images
 FEW_IMAGES = 200  # fewer (reference or compared) get a warning: the KL is biased upwards, the interval wide
@@ -93,7 +96,7 @@ BOOTSTRAP_ROUNDS = 200
 DEFINITIONS = {
     "layers": "layer familiarity: −ln(squared Mahalanobis distance of the per-channel mean and std of the "
               "network's stem and block outputs to a Gaussian fitted on the reference, cross-fitted over "
-              f"{FOLDS} parts of it)",
+              f"{FOLDS} parts of it; covariance shrinkage chosen by held-out likelihood on the reference)",
     "energy": "−E(x) = logsumexp_y f(x)[y], the JEM's unnormalised log-density (the paper's score)",
 }
 KL_DEFINITION = ("KL(compare ‖ reference) of the two histograms on shared equal-width bins over the pair's range, "
@@ -132,25 +135,49 @@ def embed(loaded: LoadedModel, pixels: torch.Tensor, batch_size: int,
     return torch.cat(statistics), torch.cat(energy)
 
 
-def mahalanobis_squared(fit: torch.Tensor, queries: torch.Tensor, shrinkage: float = SHRINKAGE) -> torch.Tensor:
-    """Squared Mahalanobis distance of each query row to the Gaussian of the `fit` rows, its covariance
-    shrunk towards its diagonal (plus a tiny ridge, so constant channels do not make it singular)."""
+def shrunk_gaussian(fit: torch.Tensor, shrinkage: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and covariance of the `fit` rows, the covariance shrunk towards its diagonal (plus a tiny
+    ridge, so constant channels do not make it singular)."""
     mean = fit.mean(0)
     covariance = torch.cov((fit - mean).T).reshape(fit.shape[1], fit.shape[1])
     diagonal = covariance.diagonal()
-    covariance = (1 - shrinkage) * covariance + torch.diag(shrinkage * diagonal + 1e-9 * (diagonal.mean() + 1e-12))
+    ridge = 1e-9 * (diagonal.mean() + 1e-12)
+    return mean, (1 - shrinkage) * covariance + torch.diag(shrinkage * diagonal + ridge)
+
+
+def mahalanobis_squared(fit: torch.Tensor, queries: torch.Tensor, shrinkage: float) -> torch.Tensor:
+    """Squared Mahalanobis distance of each query row to the shrunk Gaussian of the `fit` rows."""
+    mean, covariance = shrunk_gaussian(fit, shrinkage)
     centred = queries - mean
     return (centred * torch.linalg.solve(covariance, centred.T).T).sum(1)
 
 
+def held_out_log_likelihood(reference: torch.Tensor, fold_of: torch.Tensor, shrinkage: float) -> float:
+    """Mean Gaussian log-likelihood (up to a constant) of each reference row under the fit of the other folds."""
+    total = 0.0
+    for fold in fold_of.unique():
+        fit, held = reference[fold_of != fold], reference[fold_of == fold]
+        _, log_det = torch.linalg.slogdet(shrunk_gaussian(fit, shrinkage)[1])
+        total += float((-0.5 * (log_det + mahalanobis_squared(fit, held, shrinkage))).sum())
+    return total / len(reference)
+
+
+def choose_shrinkage(reference: torch.Tensor, fold_of: torch.Tensor) -> float:
+    """The SHRINKAGE_GRID value whose Gaussians best predict the reference's own held-out folds."""
+    return max(SHRINKAGE_GRID, key=lambda shrinkage: held_out_log_likelihood(reference, fold_of, shrinkage))
+
+
 def cross_fitted_familiarity(reference: torch.Tensor, others: Sequence[torch.Tensor], generator: torch.Generator,
-                             shrinkage: float = SHRINKAGE,
-                             folds: int = FOLDS) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                             shrinkage: float | None = None,
+                             folds: int = FOLDS) -> tuple[torch.Tensor, list[torch.Tensor], float]:
     """Layer familiarity −ln(Mahalanobis²) of the reference and of every other set (the log makes the long
     tail of far-away images readable in a histogram; AUROC does not change), so that no image is scored by
     a Gaussian fitted on it: the reference is cut into `folds` parts, each part is scored by the Gaussian of
-    the others, and each image of another set by the Gaussian of one of those complements, drawn at random."""
+    the others, and each image of another set by the Gaussian of one of those complements, drawn at random.
+    Also returns the shrinkage used (None: chosen on the reference's folds, choose_shrinkage)."""
     fold_of = torch.randperm(len(reference), generator=generator) % folds
+    if shrinkage is None:
+        shrinkage = choose_shrinkage(reference, fold_of)
     assignments = [torch.randint(folds, (len(other),), generator=generator) for other in others]
     scores = torch.empty(len(reference), dtype=torch.float64)
     scored_others = [torch.empty(len(other), dtype=torch.float64) for other in others]
@@ -159,7 +186,7 @@ def cross_fitted_familiarity(reference: torch.Tensor, others: Sequence[torch.Ten
         scores[fold_of == fold] = mahalanobis_squared(fit, reference[fold_of == fold], shrinkage)
         for other, assigned, result in zip(others, assignments, scored_others):
             result[assigned == fold] = mahalanobis_squared(fit, other[assigned == fold], shrinkage)
-    return -scores.clamp_min(1e-12).log(), [-result.clamp_min(1e-12).log() for result in scored_others]
+    return -scores.clamp_min(1e-12).log(), [-result.clamp_min(1e-12).log() for result in scored_others], shrinkage
 
 
 def reference_indices(dataset: SceneDataset, loaded: LoadedModel, split: str) -> tuple[torch.Tensor, str]:
@@ -258,13 +285,15 @@ def unique_names(sets: Sequence[ScoreSet], taken: set[str]) -> None:
         taken.add(score_set.name)
 
 
-def add_scores(reference: ScoreSet, others: Sequence[ScoreSet]) -> None:
-    """Both familiarity scores of every set; the layer Gaussians are fitted on the reference."""
-    layers, other_layers = cross_fitted_familiarity(reference.statistics, [s.statistics for s in others],
-                                                    torch.Generator().manual_seed(0))
+def add_scores(reference: ScoreSet, others: Sequence[ScoreSet]) -> float:
+    """Both familiarity scores of every set; the layer Gaussians are fitted on the reference.  Returns
+    their covariance shrinkage."""
+    layers, other_layers, shrinkage = cross_fitted_familiarity(
+        reference.statistics, [s.statistics for s in others], torch.Generator().manual_seed(0))
     reference.scores = {"energy": reference.energy, "layers": layers}
     for s, scores in zip(others, other_layers):
         s.scores = {"energy": s.energy, "layers": scores}
+    return shrinkage
 
 
 def score_range(*scores: torch.Tensor) -> tuple[float, float]:
@@ -313,8 +342,9 @@ def statistic_block(name: str, reference: ScoreSet, others: Sequence[ScoreSet], 
 
 def summarise(reference: ScoreSet, split: str, others: Sequence[ScoreSet], bins: int,
               statistic: str) -> dict[str, Any]:
-    add_scores(reference, others)
+    shrinkage = add_scores(reference, others)
     blocks = {name: statistic_block(name, reference, others, bins) for name in STATISTICS}
+    blocks["layers"]["shrinkage"] = shrinkage
     chosen = blocks[statistic]
     return {
         "reference": {"name": reference.name, "source": reference.source, "split": split,

@@ -17,7 +17,14 @@ from jem_core.data import load_class_folder
 from jem_core.distances import auroc
 from jem_core.generation import sample_grid
 from jem_core.model_file import load_model
-from jem_core.ood import BOOTSTRAP_ROUNDS, cross_fitted_familiarity, mahalanobis_squared, ood_analysis, source_kind
+from jem_core.ood import (
+    BOOTSTRAP_ROUNDS,
+    choose_shrinkage,
+    cross_fitted_familiarity,
+    mahalanobis_squared,
+    ood_analysis,
+    source_kind,
+)
 from jem_core.pseudo_labels import SelfAdaptiveThreshold, consistency_loss
 from jem_core.sampler import SGLDConfig
 from jem_core.training import TrainConfig, strong_augment, train
@@ -137,7 +144,16 @@ def test_mahalanobis_squared_by_hand():
         pytest.approx(1.875)
     # A constant channel does not make the covariance singular.
     flat = torch.cat([fit, torch.ones(4, 1, dtype=torch.float64)], 1)
-    assert torch.isfinite(mahalanobis_squared(flat, flat)).all()
+    assert torch.isfinite(mahalanobis_squared(flat, flat, 0.0)).all()
+
+
+def test_shrinkage_is_chosen_by_held_out_likelihood_on_the_reference():
+    generator = torch.Generator().manual_seed(2)
+    mixing = torch.randn(40, 40, generator=generator, dtype=torch.float64)
+    plenty = torch.randn(4000, 40, generator=generator, dtype=torch.float64) @ mixing  # correlated statistics
+    few = plenty[:30]  # fewer images than statistics: the plain covariance is singular
+    assert choose_shrinkage(plenty, torch.arange(4000) % 5) <= 1e-3
+    assert choose_shrinkage(few, torch.arange(30) % 5) >= 0.1
 
 
 def test_cross_fitting_scores_in_domain_like_the_reference_and_shifted_data_lower():
@@ -145,8 +161,8 @@ def test_cross_fitting_scores_in_domain_like_the_reference_and_shifted_data_lowe
     reference = torch.randn(400, 6, generator=generator, dtype=torch.float64)
     same = torch.randn(300, 6, generator=generator, dtype=torch.float64)
     shifted = torch.randn(300, 6, generator=generator, dtype=torch.float64) * 2 + 1
-    ref_scores, (same_scores, shifted_scores) = cross_fitted_familiarity(reference, [same, shifted],
-                                                                         torch.Generator().manual_seed(0))
+    ref_scores, (same_scores, shifted_scores), _ = cross_fitted_familiarity(reference, [same, shifted],
+                                                                            torch.Generator().manual_seed(0))
     assert auroc(ref_scores, same_scores) == pytest.approx(0.5, abs=0.06)
     assert auroc(ref_scores, shifted_scores) > 0.9
 

@@ -40,7 +40,7 @@ class OodAlgorithm(JemAlgorithm):
             "<b>Score</b> <i>layers</i> (default): how far the image's per-channel statistics in the network's "
             "layers lie from the reference's (a Mahalanobis distance); <i>energy</i>: the paper's −E(x) = "
             "logsumexp f(x). Both are plotted. On AID vs Sentinel-2 and Landsat scenes only <i>layers</i> ranks "
-            "the foreign imagery as less familiar (AUROC 0.84–0.97 for a 3-minute model; −E(x) ranks it as more "
+            "the foreign imagery as less familiar (AUROC 0.90–0.97 for a 3-minute model; −E(x) ranks it as more "
             "familiar).<br><br>"
             "For each compared source the report gives KL(compare ‖ reference) of the histograms (0: same "
             "distribution; about 23 when they do not overlap at all) and the AUROC separating the two (0.5: "
