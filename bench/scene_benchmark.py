@@ -13,6 +13,8 @@ Methods (`--methods`, default: jem jem-scratch ce ce-scratch forest):
     ce-scratch    `jem retrain --baseline --from-scratch`
     forest        random forest (300 trees) on per-patch features: band mean/std/percentiles, 8-bin
                   histograms, gradient magnitude — what dzetsaka / SCP users do
+    forest2       the same forest on the scene read at 1/2 resolution (averaging 2 × 2 pixels), as
+                  `jem retrain` reads it by default: each patch sees as much ground as the JEM's
     NAME=ARGS     any other retrain command line, e.g. `--methods "jem10=--minutes 10"`
 
 `--round N` adds a second labelling round after `jem`: N labels where `jem suggest` points, against N
@@ -49,7 +51,8 @@ sys.path.insert(0, str(REPO / "recipes"))
 from aid_landcover import is_held_out  # noqa: E402  (the recipe is a script folder, not a package)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff"}
-DEFAULT_METHODS = ["jem", "jem-scratch", "ce", "ce-scratch", "forest"]
+DEFAULT_METHODS = ["jem", "jem-scratch", "ce", "ce-scratch", "forest", "forest2"]
+FORESTS = {"forest": 1, "forest2": 2}  # name → the coarsening its patches are read at
 NAMED_METHODS = {"jem": "", "jem-scratch": "--from-scratch", "ce": "--baseline",
                  "ce-scratch": "--baseline --from-scratch"}
 PATCH = 32  # the retrain default patch size; labels and borders are placed for it
@@ -176,6 +179,17 @@ def read_raster(path: Path) -> np.ndarray:
     return gdal.Open(str(path)).ReadAsArray()
 
 
+def on_scene_grid(values: np.ndarray, scene: Scene) -> np.ndarray:
+    """A map written on a coarser grid than the scene (a model that reads the raster at 1/N resolution)
+    brought to the scene's pixels by nearest neighbour; a map on the scene grid is returned as it is."""
+    height, width = scene.truth.shape
+    if values.shape[-2:] == (height, width):
+        return values
+    rows = np.arange(height) * values.shape[-2] // height
+    cols = np.arange(width) * values.shape[-1] // width
+    return values[..., rows[:, None], cols[None, :]]
+
+
 def class_index_map(classes_tif: Path, scene: Scene) -> np.ndarray:
     """The map's class values translated to the scene's class indexes (−1: unmapped or a foreign class)."""
     from osgeo import gdal
@@ -187,7 +201,7 @@ def class_index_map(classes_tif: Path, scene: Scene) -> np.ndarray:
     for value, name in enumerate(names):
         if name in scene.class_names:
             lookup[value] = scene.class_names.index(name)
-    return lookup[values]
+    return on_scene_grid(lookup[values], scene)
 
 
 def score(predicted: np.ndarray, confidences: dict[str, np.ndarray], scene: Scene) -> tuple[float, float, dict]:
@@ -242,8 +256,8 @@ def run_jem(name: str, retrain_args: str, scene: Scene, work: Path, seed: int,
     if mapped.returncode != 0:
         raise SystemExit(f"{name}: jem map failed:\n{mapped.stderr[-2000:]}")
     predicted = class_index_map(outputs["classes"], scene)
-    confidences = candidate_scores(read_raster(outputs["probabilities"]), read_raster(outputs["confidence"]),
-                                   read_raster(outputs["familiarity"]))
+    confidences = candidate_scores(*(on_scene_grid(read_raster(outputs[kind]), scene)
+                                     for kind in ("probabilities", "confidence", "familiarity")))
     accuracy, macro_f1, aurocs = score(predicted, confidences, scene)
     notes = [line for line in retrain.stderr.splitlines() if "warning" in line.lower()]
     return Result(name, 0, seed, accuracy, macro_f1, round(seconds, 1), aurocs, " | ".join(notes)[:300])
@@ -261,15 +275,23 @@ def patch_features(patches: np.ndarray) -> np.ndarray:
     return np.concatenate(stats + [histograms, gradient.mean(1, keepdims=True), gradient.std(1, keepdims=True)], 1)
 
 
-def run_forest(scene: Scene, seed: int) -> Result:
+def run_forest(scene: Scene, seed: int, coarsen: int = 1) -> Result:
     """Random forest on the labelled patches' features; each stride cell averages the probabilities of the
-    patches covering it (as `jem map` averages logits)."""
+    patches covering it (as `jem map` averages logits).  coarsen: read the scene at 1/coarsen resolution
+    (averaging), the labelled patches centred where the labels are."""
     from numpy.lib.stride_tricks import sliding_window_view
     from sklearn.ensemble import RandomForestClassifier
 
     start = time.monotonic()
     image = read_raster(scene.raster)
-    train = np.stack([image[:, r:r + PATCH, c:c + PATCH] for r, c, _ in scene.label_windows])
+    if coarsen > 1:
+        bands, height, width = image.shape
+        image = image[:, :height // coarsen * coarsen, :width // coarsen * coarsen].reshape(
+            bands, height // coarsen, coarsen, width // coarsen, coarsen).mean((2, 4))
+    limit = image.shape[1] - PATCH
+    corners = [(min(max(round((r + PATCH / 2) / coarsen - PATCH / 2), 0), limit),
+                min(max(round((c + PATCH / 2) / coarsen - PATCH / 2), 0), limit)) for r, c, _ in scene.label_windows]
+    train = np.stack([image[:, r:r + PATCH, c:c + PATCH] for r, c in corners])
     forest = RandomForestClassifier(n_estimators=300, random_state=seed, n_jobs=-1)
     forest.fit(patch_features(train), [c for _, _, c in scene.label_windows])
     size = image.shape[1]
@@ -290,9 +312,11 @@ def run_forest(scene: Scene, seed: int) -> Result:
     pixels = cells.repeat(MAP_STRIDE, 0).repeat(MAP_STRIDE, 1)[:size, :size]
     missing = size - pixels.shape[0]  # a margin narrower than a stride: the nearest cells cover it
     pixels = np.pad(pixels, ((0, missing), (0, missing), (0, 0)), mode="edge")
+    pixels = on_scene_grid(pixels.transpose(2, 0, 1), scene)
     seconds = time.monotonic() - start
-    accuracy, macro_f1, aurocs = score(pixels.argmax(2), {"confidence": pixels.max(2)}, scene)
-    return Result("forest", 0, seed, accuracy, macro_f1, round(seconds, 1), aurocs)
+    accuracy, macro_f1, aurocs = score(pixels.argmax(0), {"confidence": pixels.max(0)}, scene)
+    return Result("forest" if coarsen == 1 else f"forest{coarsen}", 0, seed, accuracy, macro_f1, round(seconds, 1),
+                  aurocs)
 
 
 # ------------------------------------------------------------------------------------------ a labelling round
@@ -345,7 +369,7 @@ def parse_methods(items: list[str]) -> dict[str, str | None]:
     methods: dict[str, str | None] = {}
     for item in items:
         name, _, args = item.partition("=")
-        if name == "forest":
+        if name in FORESTS:
             methods[name] = None
         elif args or name not in NAMED_METHODS:
             methods[name] = args
@@ -395,7 +419,7 @@ def main() -> None:
                 work.mkdir(parents=True, exist_ok=True)
                 scene = build_scene(args.data, work, args.classes, args.grid, args.tile, k, seed)
                 for name, retrain_args in methods.items():
-                    first = run_forest(scene, seed) if retrain_args is None else \
+                    first = run_forest(scene, seed, FORESTS[name]) if retrain_args is None else \
                         run_jem(name, retrain_args, scene, work, seed)
                     round_results = run_labelling_round(scene, work, seed, args.round) \
                         if name == "jem" and args.round else []

@@ -30,7 +30,9 @@ map_raster(model, inputs, out_classes, out_confidence=None, *, bands=None, strid
               "input": the input grid itself (each cell's value repeated over its pixels).
   target_gsd  resample the raster on read (averaging) to this pixel size, in the raster CRS's units,
               before cutting patches; "input" resolution then means that resampled grid.  Refused
-              (JEMError) for a rotated raster, which has no single pixel size.
+              (JEMError) for a rotated raster, which has no single pixel size.  None: the raster is
+              read as the model was trained — at 1/meta.coarsen of its resolution for a model
+              `jem retrain` made that way (ModelMeta.coarsen), "input" then meaning that coarser grid.
   stretch     how raster values reach the model's value range (meta.value_range):
               "auto" (default): percentile 2–98 per band when the model is 8-bit ([0, 255]) and the
                 raster is not uint8 (e.g. Sentinel-2 reflectance on an AID model), otherwise none;
@@ -142,7 +144,7 @@ def map_raster(model: str | os.PathLike | LoadedModel, inputs: str | os.PathLike
     paths = [Path(p).resolve() for p in targets.values() if p is not None]
     if len(set(paths)) != len(paths):
         raise JEMError("Two outputs have the same path. Give each output its own file name.")
-    with open_raster(inputs, bands, meta.band_names, target_gsd) as source:
+    with open_raster(inputs, bands, meta.band_names, target_gsd, meta.coarsen) as source:
         require_crs(source, "the maps could not be placed on the ground")
         if len(source.band_indexes) != loaded.spec.in_channels:
             raise JEMError(f"The model takes {loaded.spec.in_channels} bands but {len(source.band_indexes)} "

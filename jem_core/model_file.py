@@ -42,6 +42,9 @@ class ModelMeta:
     std: list[float]
     # Pixel value range of the training images (e.g. [0, 255] for 8-bit imagery).
     value_range: list[float] = field(default_factory=lambda: [0.0, 255.0])
+    # The model reads rasters at 1/coarsen of their resolution (set by `jem retrain`; 1 = as they are):
+    # mapping, suggestions and OOD read that way too, so each patch covers what it was trained on.
+    coarsen: int = 1
     train_config: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     created_by: str = f"jem-eo {__version__}"

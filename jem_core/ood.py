@@ -245,7 +245,7 @@ def raster_embedding(path: Path, loaded: LoadedModel, batch_size: int, stretch: 
     from .windowing import iter_patches
 
     parts = []
-    with open_raster(path, expected_bands=loaded.meta.band_names) as source:
+    with open_raster(path, expected_bands=loaded.meta.band_names, coarsen=loaded.meta.coarsen) as source:
         chosen = choose_stretch(source, loaded.meta.value_range, stretch)
         for batch in iter_patches(source, loaded.meta.image_size, batch_size=batch_size, stretch=chosen,
                                   should_stop=should_stop):

@@ -168,13 +168,16 @@ def _resolve_bands(requested: Sequence[str] | None, aliases: list[list[str]], ex
 
 @contextmanager
 def open_raster(inputs: Sequence[str | os.PathLike] | str | os.PathLike, bands: Sequence[str] | None = None,
-                expected_bands: Sequence[str] | None = None, target_gsd: float | None = None) -> Iterator[RasterSource]:
+                expected_bands: Sequence[str] | None = None, target_gsd: float | None = None,
+                coarsen: int = 1) -> Iterator[RasterSource]:
     """Describe the input as one RasterSource; stacks several files through a temporary VRT.
 
     bands: names or 1-based indexes, in the order the model wants them; None picks the model's
     band names when the raster has them, or all bands when the count matches.  expected_bands:
     the model's band names (None: no check).  target_gsd: resample on read to this pixel size
-    (in the raster CRS's units) with averaging.  The temporary VRT is removed on exit.
+    (in the raster CRS's units) with averaging.  coarsen: read at 1/coarsen of the raster's resolution
+    (averaging coarsen × coarsen pixels), as a model retrained that way expects; target_gsd wins when
+    both are given.  The temporary VRT is removed on exit.
     """
     import rasterio
     from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
@@ -216,7 +219,7 @@ def open_raster(inputs: Sequence[str | os.PathLike] | str | os.PathLike, bands: 
                 tmp_dir = tempfile.mkdtemp(prefix="jem-stack-")
                 path = _stack_vrt([paths[i] for i in positions], names, Path(tmp_dir) / "stack.vrt")
                 band_indexes = list(range(1, len(positions) + 1))
-            source = _describe(path, band_indexes, names, description, target_gsd)
+            source = _describe(path, band_indexes, names, description, target_gsd, coarsen)
             if picked:
                 source.notes.append(picked[1])
         yield source
@@ -300,7 +303,7 @@ def _stack_vrt(paths: list[Path], names: list[str], vrt_path: Path) -> str:
 
 
 def _describe(path: str, band_indexes: list[int], names: list[str], description: str,
-              target_gsd: float | None) -> RasterSource:
+              target_gsd: float | None, coarsen: int = 1) -> RasterSource:
     import rasterio
     from rasterio.enums import MaskFlags
 
@@ -318,13 +321,25 @@ def _describe(path: str, band_indexes: list[int], names: list[str], description:
         current = abs(source.transform.a)
         if target_gsd <= 0 or current == 0:
             raise JEMError(f"--target-gsd must be a positive pixel size in the raster's CRS units (got {target_gsd}).")
-        factor = target_gsd / current
-        width, height = int(source.width / factor), int(source.height / factor)
-        transform = source.transform * source.transform.scale(factor)
-        source.resample_to = (transform, width, height)
-        source.transform, source.width, source.height = transform, width, height
-        source.notes.append(f"resampled by averaging from {current:g} to {target_gsd:g} CRS units per pixel")
+        resample(source, target_gsd / current,
+                 f"resampled by averaging from {current:g} to {target_gsd:g} CRS units per pixel")
+    elif coarsen > 1:
+        resample(source, coarsen, f"read at 1/{coarsen} of its resolution, {source.width} × {source.height} px as "
+                                  f"{int(source.width / coarsen)} × {int(source.height / coarsen)} (averaging "
+                                  f"{coarsen} × {coarsen} pixels), as the model was trained")
     return source
+
+
+def resample(source: RasterSource, factor: float, note: str) -> None:
+    """Make the source read with pixels `factor` times larger (averaging on read)."""
+    width, height = int(source.width / factor), int(source.height / factor)
+    if width < 1 or height < 1:
+        raise JEMError(f"'{source.description}' ({source.width} × {source.height} px) is too small to read at "
+                       f"1/{factor:g} of its resolution. Use a larger raster or a finer pixel size.")
+    transform = source.transform * source.transform.scale(factor)
+    source.resample_to = (transform, width, height)
+    source.transform, source.width, source.height = transform, width, height
+    source.notes.append(note)
 
 
 @dataclass

@@ -102,12 +102,14 @@ class PatchAnnotationTool(QgsMapToolEmitPoint):
         return feature
 
 
-def model_class_names(path: str) -> tuple[list[str], int]:
-    """Class names and patch size stored in a JEM model file (imports torch, only when called)."""
-    from jem_core.model_file import read_payload
+def model_class_names(path: str) -> tuple[list[str], int, int]:
+    """Class names and patch size stored in a JEM model file, and the coarsening a retrain from it reads
+    the raster with (imports torch, only when called)."""
+    from jem_core.active import reading_coarsen
+    from jem_core.model_file import ModelMeta, read_payload
 
-    meta = read_payload(path)["meta"]
-    return list(meta["class_names"]), int(meta["image_size"])
+    meta = ModelMeta(**read_payload(path)["meta"])
+    return list(meta.class_names), meta.image_size, reading_coarsen(meta)
 
 
 class AnnotationDock(QgsDockWidget):
@@ -119,6 +121,7 @@ class AnnotationDock(QgsDockWidget):
         self.tool: PatchAnnotationTool | None = None
         self.watched_layer: QgsVectorLayer | None = None
         self.default_model_read = False
+        self.coarsen = 1  # a click labels patch size × this many raster pixels, as the retrain will read them
         self.setObjectName("JemAnnotationDock")
         body = QWidget()
         form = QFormLayout()
@@ -184,7 +187,7 @@ class AnnotationDock(QgsDockWidget):
         """Classes and patch size of the model at path (empty: the bundled one) into the class and size pickers."""
         try:
             path = path or self.model_path()
-            names, size = model_class_names(path)
+            names, size, self.coarsen = model_class_names(path)
         except Exception as error:  # JEMError, or torch missing: say it, keep the dock usable
             self.status.setText(str(error))
             return
@@ -194,7 +197,8 @@ class AnnotationDock(QgsDockWidget):
         if current:
             self.class_combo.setCurrentText(current)
         self.patch_spin.setValue(size)
-        self.status.setText(f"Model '{Path(path).name}': {len(names)} classes; patch size {size} px.")
+        self.status.setText(f"Model '{Path(path).name}': {len(names)} classes; patch size {size} px; a label "
+                            f"covers {size * self.coarsen} × {size * self.coarsen} raster pixels.")
 
     def new_layer(self) -> None:
         raster = self.raster_combo.currentLayer()
@@ -225,7 +229,8 @@ class AnnotationDock(QgsDockWidget):
             return
         if layer is not self.watched_layer:
             self.watch_layer(layer)
-        self.tool = PatchAnnotationTool(canvas, raster, layer, self.patch_spin.value(), self.class_combo.currentText)
+        footprint = self.patch_spin.value() * self.coarsen
+        self.tool = PatchAnnotationTool(canvas, raster, layer, footprint, self.class_combo.currentText)
         self.tool.message.connect(self.status.setText)
         self.tool.deactivated.connect(lambda: self.annotate_button.setChecked(False))
         canvas.setMapTool(self.tool)

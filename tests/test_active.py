@@ -10,12 +10,14 @@ import torch
 
 from jem_core import JEMError
 from jem_core.active import (
+    RETRAIN_DEFAULTS,
     Annotation,
     cell_centres,
     fit_head,
     open_patch_reader,
     patches_from_annotations,
     percentile_rank,
+    reading_coarsen,
     retrain,
     sample_unlabelled_patches,
     spread_selection,
@@ -252,6 +254,30 @@ def test_retrain_learns_the_two_halves(tmp_path, scene):
     assert result.labelled_accuracy == 1.0
 
 
+def test_retrain_reads_coarser_and_the_model_maps_and_suggests_the_same_way(tmp_path, scene):
+    import rasterio
+
+    from jem_core.mapping import map_raster
+
+    lines: list[str] = []
+    retrain([scene], two_class_annotations(), out_model=tmp_path / "m.pt", config=tiny_config(epochs=1),
+            unlabelled_count=8, log=lines.append)
+    assert any("at 1/2 of their resolution" in line for line in lines)
+    model = load_model(tmp_path / "m.pt")
+    assert model.meta.coarsen == RETRAIN_DEFAULTS.coarsen == 2
+    # The 96 px, 10 m scene is mapped on its 48 px, 20 m reading, and suggested patches cover 2 × 16 px.
+    map_raster(model, scene, tmp_path / "classes.tif", stride=PATCH // 2, resolution="input")
+    with rasterio.open(tmp_path / "classes.tif") as mapped:
+        assert (mapped.width, mapped.height, mapped.transform.a) == (48, 48, 2 * PIXEL)
+    (first,) = suggest(model, scene, 1)
+    assert first.bounds[2] - first.bounds[0] == pytest.approx(2 * PATCH * PIXEL)
+    # A second round from it keeps its reading unless told otherwise; a model read as-is gets the default.
+    assert reading_coarsen(model.meta) == 2 and reading_coarsen(model.meta, 1) == 1
+    assert reading_coarsen(None) == reading_coarsen(ModelMeta(["a"], ["red"], PATCH, [0.0], [1.0])) == 2
+    with pytest.raises(JEMError, match="whole number ≥ 1"):
+        reading_coarsen(None, 0)
+
+
 def test_uncertainty_scores():
     logits = torch.tensor([[0.0, 0.0, 0.0], [10.0, 0.0, 0.0], [3.0, 3.0, -5.0]])
     s = uncertainty_scores(logits)
@@ -279,7 +305,7 @@ def test_spread_selection_goes_round_the_predicted_classes():
 
 def test_suggest_returns_spread_scored_patches(tmp_path, scene):
     result = retrain([scene], two_class_annotations(), out_model=tmp_path / "m.pt", config=tiny_config(epochs=1),
-                     unlabelled_count=8)
+                     unlabelled_count=8, coarsen=1)
     suggestions = suggest(tmp_path / "m.pt", scene, 4, min_distance=2 * PATCH, balance_classes=False)
     assert [s.rank for s in suggestions] == [1, 2, 3, 4]
     assert [s.score for s in suggestions] == sorted((s.score for s in suggestions), reverse=True)

@@ -147,7 +147,12 @@ def test_retrain_and_suggest_through_processing(provider, canvas, raster, tmp_pa
     second = run("jem:retrain", {"INPUT": raster, "ANNOTATIONS": points, "CLASS_FIELD": "landcover",
                                  "MODEL": first["OUTPUT_MODEL"], **FAST, "NEW_MODEL": False, "KEEP_MODEL_CLASSES": True,
                                  "OUTPUT_MODEL": str(tmp_path / "m2.pt")})
-    assert load_model(second["OUTPUT_MODEL"]).meta.class_names == ["field", "town", "water"]
+    second_model = load_model(second["OUTPUT_MODEL"])
+    assert second_model.meta.class_names == ["field", "town", "water"]
+    # Both rounds read the raster at 1/2 resolution (the default, kept by the second round from the first's
+    # model), so the suggestions' footprints cover 2 × PATCH raster pixels.
+    footprint = 2 * PATCH * PIXEL
+    assert second_model.meta.coarsen == 2
 
     result = run("jem:suggest", {"INPUT": raster, "MODEL": second["OUTPUT_MODEL"], "COUNT": 3, "DEVICE": "cpu",
                                  "OUTPUT": str(tmp_path / "suggestions.gpkg")})
@@ -161,11 +166,11 @@ def test_retrain_and_suggest_through_processing(provider, canvas, raster, tmp_pa
         assert 0 <= feature["unfamiliarity"] <= 1 and 0 <= feature["uncertainty"] <= 1
         assert feature["predicted_class"] in ("field", "town", "water")
         box = feature.geometry().boundingBox()
-        assert box.width() == pytest.approx(PATCH * PIXEL)
+        assert box.width() == pytest.approx(footprint)
         assert not feature["class"], "the class is left for the analyst"
     centres = [f.geometry().centroid().asPoint() for f in rows]
     spacing = min(a.distance(b) for i, a in enumerate(centres) for b in centres[i + 1:])
-    assert spacing >= PATCH * PIXEL, "suggestions must not overlap"
+    assert spacing >= footprint, "suggestions must not overlap"
 
 
 def memory_layer(geometry_type: str, rows: list[tuple[str | None, QgsGeometry]],
@@ -210,8 +215,12 @@ def test_retrain_bad_annotations_give_one_clear_message(provider, raster, tmp_pa
 def test_large_polygon_labels_every_patch_inside(provider, raster, tmp_path):
     layer = memory_layer("Polygon", [("field", square(0, 0, side=2 * PATCH)), ("town", square(60, 10))])
     result = run("jem:retrain", {"INPUT": raster, "ANNOTATIONS": layer, "CLASS_FIELD": "class", **FAST,
-                                 "OUTPUT_MODEL": str(tmp_path / "m.pt")})
+                                 "COARSEN": 1, "OUTPUT_MODEL": str(tmp_path / "m.pt")})
     assert result["LABELLED"] == 5 * 9  # 2 × 2 cells + 1, each with its 8 shifted neighbours
+    # Read at 1/2 resolution (the default), a patch covers 2 × PATCH raster pixels: one cell each.
+    coarser = run("jem:retrain", {"INPUT": raster, "ANNOTATIONS": layer, "CLASS_FIELD": "class", **FAST,
+                                  "OUTPUT_MODEL": str(tmp_path / "m2.pt")})
+    assert coarser["LABELLED"] == 2 * 9
 
 
 def test_dock_loads_model_classes_and_activates_the_tool(qgis_iface, canvas, raster, tmp_path):
@@ -235,7 +244,8 @@ def test_dock_loads_model_classes_and_activates_the_tool(qgis_iface, canvas, ras
         dock.class_combo.setCurrentText("wetland")  # a new class, typed in
         dock.annotate_button.setChecked(True)
         tool = canvas.mapTool()
-        assert isinstance(tool, PatchAnnotationTool) and tool.patch_size == 24
+        # A click labels what the retrain reads as one patch: 24 px at 1/2 resolution, 48 raster pixels.
+        assert isinstance(tool, PatchAnnotationTool) and tool.patch_size == 2 * 24
         click(canvas, tool, 50, 50)
         assert [f["class"] for f in layer.getFeatures()] == ["wetland"]
         dock.annotate_button.setChecked(False)

@@ -353,6 +353,8 @@ def test_dock_defaults_to_the_bundled_model_and_its_patch_size(dock):
     dock.show()
     meta = load_model(base_model_path()).meta
     assert dock.patch_spin.value() == meta.image_size == 32
+    # A click labels the 64 × 64 raster pixels the retrain reads as one 32 px patch (at 1/2 resolution).
+    assert dock.coarsen == 2 and "covers 64 × 64 raster pixels" in dock.status.text()
     assert [dock.class_combo.itemText(i) for i in range(dock.class_combo.count())] == meta.class_names
     assert dock.layer_combo.minimumContentsLength() >= 20  # room for the layer's name
 

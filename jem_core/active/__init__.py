@@ -21,6 +21,7 @@ from .retrain import (
     RetrainResult,
     default_start_model,
     fit_head,
+    reading_coarsen,
     retrain,
     retrain_config,
     retrain_on_patches,
@@ -37,6 +38,6 @@ from .suggest import (
 
 __all__ = ["MIN_VALID_FRACTION", "Annotation", "PatchReader", "PatchWindow", "RasterInput", "annotation_points",
            "cell_centres", "open_patch_reader", "patches_from_annotations", "sample_unlabelled_patches",
-           "RETRAIN_DEFAULTS", "RetrainDefaults", "RetrainResult", "default_start_model", "fit_head", "retrain",
-           "retrain_config", "retrain_on_patches", "SUGGESTION_FIELDS", "Suggestion", "percentile_rank", "priority",
-           "spread_selection", "suggest", "uncertainty_scores"]
+           "RETRAIN_DEFAULTS", "RetrainDefaults", "RetrainResult", "default_start_model", "fit_head",
+           "reading_coarsen", "retrain", "retrain_config", "retrain_on_patches", "SUGGESTION_FIELDS", "Suggestion",
+           "percentile_rank", "priority", "spread_selection", "suggest", "uncertainty_scores"]

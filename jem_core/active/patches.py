@@ -82,8 +82,11 @@ class PatchReader:
     def __init__(self, sources: list[RasterSource], stretches: list[Stretch], patch_size: int) -> None:
         for source in sources:
             if source.width < patch_size or source.height < patch_size:
-                raise JEMError(f"'{source.description}' is {source.width}×{source.height} px, smaller than one "
-                               f"{patch_size} px patch. Use a larger raster or a model with smaller patches.")
+                coarser = source.resample_to is not None
+                read = f" when read coarser ({source.notes[0]})" if coarser else ""
+                finer = ", a finer reading (jem retrain --coarsen 1)" if coarser else ""
+                raise JEMError(f"'{source.description}' is {source.width}×{source.height} px{read}, smaller than one "
+                               f"{patch_size} px patch. Use a larger raster{finer} or a model with smaller patches.")
         self.sources, self.stretches, self.patch_size = sources, stretches, patch_size
         self._stack = ExitStack()
         self._datasets = [self._stack.enter_context(source.open()) for source in sources]
@@ -132,12 +135,15 @@ class PatchReader:
 
 def open_patch_reader(stack: ExitStack, rasters: Sequence[RasterInput], patch_size: int,
                       bands: Sequence[str] | None, model_meta: ModelMeta | None,
-                      stretch: str = "auto") -> PatchReader:
-    """Every raster opened with the model's bands and stretch (no model: bands as they are, no stretch)."""
+                      stretch: str = "auto", coarsen: int | None = None) -> PatchReader:
+    """Every raster opened with the model's bands and stretch (no model: bands as they are, no stretch),
+    at 1/coarsen of its resolution (None: the model's ModelMeta.coarsen, 1 without a model)."""
     if not rasters:
         raise JEMError("No raster given. Pass at least one raster to read the annotated patches from.")
     expected = model_meta.band_names if model_meta is not None else None
-    sources = [stack.enter_context(open_raster(path, bands, expected)) for path in rasters]
+    if coarsen is None:
+        coarsen = model_meta.coarsen if model_meta is not None else 1
+    sources = [stack.enter_context(open_raster(path, bands, expected, coarsen=coarsen)) for path in rasters]
     counts = {len(s.band_indexes) for s in sources}
     if len(counts) > 1:
         raise JEMError("The rasters have different band counts (" + ", ".join(
@@ -187,7 +193,7 @@ def describe_extents(reader: PatchReader) -> str:
 def patches_from_annotations(rasters: Sequence[RasterInput], annotations: Sequence[Annotation], patch_size: int,
                              bands: Sequence[str] | None = None, model_meta: ModelMeta | None = None,
                              class_names: Sequence[str] | None = None, stretch: str = "auto",
-                             shift: int = 0) -> SceneDataset:
+                             shift: int = 0, coarsen: int | None = None) -> SceneDataset:
     """The labelled patches under the annotations, as a SceneDataset.
 
     class_names: classes in head order (e.g. a starting model's); annotated classes not in it are
@@ -195,11 +201,12 @@ def patches_from_annotations(rasters: Sequence[RasterInput], annotations: Sequen
     `model_meta.class_names` (a starting model's class may go without new labels).
     shift: each annotation also labels the 8 patches shifted by ±shift pixels around its own (kept
     inside the raster): a click labels the ground around it, not one exact window.
+    coarsen: read the rasters at 1/coarsen of their resolution (None: the model's; open_patch_reader).
     """
     if not annotations:
         raise JEMError("There are no annotations. Label at least one patch of each class, then retrain.")
     with ExitStack() as stack:
-        reader = open_patch_reader(stack, rasters, patch_size, bands, model_meta, stretch)
+        reader = open_patch_reader(stack, rasters, patch_size, bands, model_meta, stretch, coarsen)
         windows = annotation_windows(reader, annotations)
         names = list(class_names or [])
         names += sorted({name for _, name in windows} - set(names))
@@ -237,15 +244,16 @@ def shifted(reader: PatchReader, window: PatchWindow, shift: int) -> list[PatchW
 
 def sample_unlabelled_patches(rasters: Sequence[RasterInput], n: int, seed: int, patch_size: int,
                               bands: Sequence[str] | None = None, model_meta: ModelMeta | None = None,
-                              stretch: str = "auto", should_stop: StopFn | None = None) -> torch.Tensor:
+                              stretch: str = "auto", should_stop: StopFn | None = None,
+                              coarsen: int | None = None) -> torch.Tensor:
     """n patches (n, bands, size, size) spread over the scene: rasters share n by area, each raster is
     covered by a jittered grid (one random position per grid cell); patches mostly nodata are skipped
-    and replaced by random positions."""
+    and replaced by random positions.  coarsen: as in patches_from_annotations."""
     if n < 1:
         raise JEMError(f"The number of unlabelled patches must be at least 1 (got {n}).")
     rng = np.random.default_rng(seed)
     with ExitStack() as stack:
-        reader = open_patch_reader(stack, rasters, patch_size, bands, model_meta, stretch)
+        reader = open_patch_reader(stack, rasters, patch_size, bands, model_meta, stretch, coarsen)
         areas = np.array([s.width * s.height for s in reader.sources], dtype=float)
         shares = np.floor(n * areas / areas.sum()).astype(int)
         shares[np.argmax(areas)] += n - shares.sum()

@@ -3,7 +3,9 @@ the same rasters (plus, optionally, a class-folder dataset) the unlabelled set, 
 through `training.train`.
 
 By default the run starts from the bundled base model when the raster's bands fit it, lasts a time
-budget (RETRAIN_DEFAULTS.minutes) and the new model's classes are the classes labelled this round;
+budget (RETRAIN_DEFAULTS.minutes), reads the rasters at 1/RETRAIN_DEFAULTS.coarsen of their
+resolution (each patch sees that much more ground; the model remembers it, so mapping and suggestions
+read the same way) and the new model's classes are the classes labelled this round;
 `keep_model_classes` keeps the starting model's other classes too.  A starting model's head is fitted
 to the new class list by name: rows of classes it knows are copied, new classes get fresh rows.
 """
@@ -20,7 +22,7 @@ import torch
 from .. import JEMError, ProgressFn, StopFn
 from ..bundled import base_model_path
 from ..data import SceneDataset, load_class_folder
-from ..model_file import LoadedModel, as_loaded, load_model
+from ..model_file import LoadedModel, ModelMeta, as_loaded, load_model, save_model
 from ..models import ModelSpec, build_model
 from ..raster_io import open_raster
 from ..training import TrainConfig, train
@@ -38,9 +40,22 @@ class RetrainDefaults:
     arch: str = "wrn-10-2"  # network of a new model
     lr: float = 1e-3
     label_shift_fraction: float = 0.25  # each annotation also labels its neighbours shifted by this × patch
+    coarsen: int = 2  # read the rasters at 1/2 resolution: a 32 px patch sees 64 × 64 raster pixels
 
 
 RETRAIN_DEFAULTS = RetrainDefaults()
+
+
+def reading_coarsen(start_meta: ModelMeta | None, requested: int | None = None) -> int:
+    """How a retrain reads the rasters: as requested; else as a starting model retrained coarser reads
+    them (a second round keeps the first round's scale); else RETRAIN_DEFAULTS.coarsen."""
+    if requested is not None:
+        if requested < 1:
+            raise JEMError(f"coarsen must be a whole number ≥ 1 (1 = read the raster as it is; got {requested}).")
+        return requested
+    if start_meta is not None and start_meta.coarsen > 1:
+        return start_meta.coarsen
+    return RETRAIN_DEFAULTS.coarsen
 
 
 def retrain_config(minutes: float | None = RETRAIN_DEFAULTS.minutes, iterations: int | None = None,
@@ -112,8 +127,8 @@ def retrain(rasters: Sequence[RasterInput], annotations: Sequence[Annotation], *
             extra_dataset: SceneDataset | str | Path | None = None, out_model: str | Path | None = None,
             config: TrainConfig | None = None, bands: Sequence[str] | None = None,
             unlabelled_count: int = RETRAIN_DEFAULTS.unlabelled, stretch: str = "auto",
-            label_shift: int | None = None, progress: ProgressFn | None = None, should_stop: StopFn | None = None,
-            log: Callable[[str], None] | None = None) -> RetrainResult:
+            label_shift: int | None = None, coarsen: int | None = None, progress: ProgressFn | None = None,
+            should_stop: StopFn | None = None, log: Callable[[str], None] | None = None) -> RetrainResult:
     """Semi-supervised JEM on annotated patches (labelled) + patches spread over the rasters (unlabelled).
 
     start_model: a model (or its file) to fine-tune; None trains a new one (default_start_model picks
@@ -122,7 +137,8 @@ def retrain(rasters: Sequence[RasterInput], annotations: Sequence[Annotation], *
     extra_dataset: a class-folder dataset (or its path) whose images join the unlabelled set.
     label_shift: each annotation also labels the patches shifted by ±label_shift px around it
     (default: RETRAIN_DEFAULTS.label_shift_fraction of the patch size; 0: the annotated patch only).
-    The patch size is the starting model's, else config.image_size.
+    coarsen: read the rasters at 1/coarsen of their resolution (None: reading_coarsen's default); the
+    new model stores it.  The patch size is the starting model's, else config.image_size.
     """
     start = as_loaded(start_model) if start_model is not None else None
     config = config or retrain_config()
@@ -131,10 +147,14 @@ def retrain(rasters: Sequence[RasterInput], annotations: Sequence[Annotation], *
     head_order = meta.class_names if meta is not None and keep_model_classes else None
     if label_shift is None:
         label_shift = round(RETRAIN_DEFAULTS.label_shift_fraction * patch_size)
+    coarsen = reading_coarsen(meta, coarsen)
+    if log and coarsen > 1:
+        log(f"reading the rasters at 1/{coarsen} of their resolution: each {patch_size} px patch covers "
+            f"{coarsen * patch_size} × {coarsen * patch_size} raster pixels (--coarsen 1 reads them as they are)")
     labelled = patches_from_annotations(rasters, annotations, patch_size, bands, meta, head_order, stretch,
-                                        label_shift)
+                                        label_shift, coarsen)
     unlabelled = sample_unlabelled_patches(rasters, unlabelled_count, config.seed, patch_size, bands, meta, stretch,
-                                           should_stop)
+                                           should_stop, coarsen)
     if extra_dataset is not None:
         extra = extra_dataset if isinstance(extra_dataset, SceneDataset) else \
             load_class_folder(extra_dataset, patch_size)
@@ -143,17 +163,18 @@ def retrain(rasters: Sequence[RasterInput], annotations: Sequence[Annotation], *
                            f"the raster patches are {unlabelled.shape[1]}-band {patch_size} px. Use matching data.")
         unlabelled = torch.cat([unlabelled, extra.images])
     return retrain_on_patches(labelled, unlabelled, start_model=start, out_model=out_model, config=config,
-                              progress=progress, should_stop=should_stop, log=log)
+                              coarsen=coarsen, progress=progress, should_stop=should_stop, log=log)
 
 
 def retrain_on_patches(labelled: SceneDataset, unlabelled: torch.Tensor, *, start_model: LoadedModel | None = None,
-                       out_model: str | Path | None = None, config: TrainConfig | None = None,
+                       out_model: str | Path | None = None, config: TrainConfig | None = None, coarsen: int = 1,
                        progress: ProgressFn | None = None, should_stop: StopFn | None = None,
                        log: Callable[[str], None] | None = None) -> RetrainResult:
     """Semi-supervised JEM: every labelled image is a training label (no validation split: there are
     too few), the unlabelled images feed the generative term; the last weights are kept.
 
-    A start model's head is fitted to labelled.class_names (fit_head).
+    A start model's head is fitted to labelled.class_names (fit_head).  coarsen: the resolution
+    divisor the patches were read at, stored in the new model (ModelMeta.coarsen).
     """
     log = log or (lambda message: None)
     config = dataclasses.replace(config or retrain_config(), image_size=labelled.images.shape[-1],
@@ -173,8 +194,11 @@ def retrain_on_patches(labelled: SceneDataset, unlabelled: torch.Tensor, *, star
     per_class = ", ".join(f"{n}: {c}" for n, c in zip(labelled.class_names, counts))
     log(f"retraining on {len(labelled)} labelled patches ({per_class}) and {len(unlabelled)} unlabelled images"
         + (f"; new classes: {', '.join(new_classes)}" if new_classes else ""))
-    result = train(labelled, config, out_path=out_model, progress=progress, should_stop=should_stop, log=log,
+    result = train(labelled, config, progress=progress, should_stop=should_stop, log=log,
                    unlabelled=unlabelled, start_model=start)
+    result.loaded.meta.coarsen = coarsen
+    if out_model is not None:
+        save_model(out_model, result.loaded.model, result.loaded.meta)
     # Every labelled patch is a training label (no split), so train's label fit is the fit on the annotations.
     return RetrainResult(result.loaded, list(labelled.class_names), new_classes, without, len(labelled),
                          len(unlabelled), result.metrics["label_fit"], result.metrics,

@@ -17,6 +17,7 @@ from ..active import (
     Annotation,
     annotation_points,
     default_start_model,
+    reading_coarsen,
     retrain,
     retrain_config,
     suggest,
@@ -55,6 +56,11 @@ def register(subparsers) -> None:
     r.add_argument("--label-shift", type=int,
                    help="each annotation also labels the 8 patches shifted by ±this many pixels (default: a quarter "
                         "of the patch size; 0: the annotated patch only)")
+    r.add_argument("--coarsen", type=int, metavar="N",
+                   help="read the raster(s) at 1/N of their resolution, averaging N × N pixels, so each patch sees "
+                        "N times more ground; the model remembers it and `jem map`/`jem suggest` read the same way "
+                        f"(default: a --model retrained with its own N keeps it, else {RETRAIN_DEFAULTS.coarsen}: "
+                        "+6 points over reading as-is on the scene benchmark, docs/labelling.md; 1 = as they are)")
     r.add_argument("--consistency", type=float, nargs="?", const=1.0, default=0.0, metavar="WEIGHT",
                    help="add consistency training on the unlabelled patches: pseudo-labels above FreeMatch's "
                         "self-adaptive thresholds (weight of the term; the bare flag means 1.0; "
@@ -161,18 +167,20 @@ def run_retrain(args: argparse.Namespace) -> int:
     start = load_model(args.model) if args.model else \
         None if args.from_scratch else default_start_model(args.rasters, bands, log)
     patch_size = start.meta.image_size if start else args.image_size
+    coarsen = reading_coarsen(start.meta if start else None, args.coarsen)
     wkt, pixel_x, pixel_y = raster_grid(args.rasters[0])
     if not wkt:
         raise JEMError(no_crs_message(f"Raster '{args.rasters[0]}'", "the annotations cannot be placed on it"))
-    annotations = read_annotations(args.annotations, args.class_field, wkt, pixel_x * patch_size, pixel_y * patch_size)
+    footprint = coarsen * patch_size  # raster pixels a patch covers
+    annotations = read_annotations(args.annotations, args.class_field, wkt, pixel_x * footprint, pixel_y * footprint)
     config = retrain_config(args.minutes or None, args.iterations, arch=args.arch, image_size=patch_size, lr=args.lr,
                             seed=args.seed, device=args.device, baseline=args.baseline,
                             consistency_weight=args.consistency,
                             sgld=SGLDConfig(buffer_size=args.unlabelled))
     result = retrain(args.rasters, annotations, start_model=start, keep_model_classes=args.keep_model_classes,
                      extra_dataset=args.extra_data, out_model=args.out, config=config, bands=bands,
-                     unlabelled_count=args.unlabelled, label_shift=args.label_shift, progress=ProgressBar("retrain"),
-                     log=log)
+                     unlabelled_count=args.unlabelled, label_shift=args.label_shift, coarsen=coarsen,
+                     progress=ProgressBar("retrain"), log=log)
     log(f"classes {', '.join(result.class_names)}; fits {result.labelled_accuracy:.0%} of the "
         f"{result.labelled_count} annotated patches after {result.metrics['iterations']} iterations; model written "
         f"to {args.out}")

@@ -35,7 +35,9 @@ def register(subparsers) -> None:
     p.add_argument("--stride", type=int, help="pixels between patches; divides the patch size (default: patch size)")
     p.add_argument("--resolution", default="patch", choices=RESOLUTIONS,
                    help="patch: one pixel per stride cell; input: the input grid (default: %(default)s)")
-    p.add_argument("--target-gsd", type=float, help="resample to this pixel size (raster CRS units) first")
+    p.add_argument("--target-gsd", type=float,
+                   help="resample to this pixel size (raster CRS units) first (default: read the raster as the model "
+                        "was trained: a model from `jem retrain --coarsen N` reads it at 1/N resolution)")
     p.add_argument("--stretch", default="auto",
                    help="auto | none | percentile[:2,98] | linear:MIN,MAX — raster values → the model's value "
                         "range; auto stretches percentiles 2–98 when an 8-bit model meets non-8-bit data")

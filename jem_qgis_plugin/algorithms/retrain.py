@@ -37,15 +37,16 @@ from .landcover_map import DEFAULT_RESOLUTION, default_stride
 ARCHITECTURES: list[str] = list(core_constant("models", "ARCHITECTURES"))
 # The retrain defaults shared with `jem retrain` (jem_core/active/retrain.py), read without importing torch.
 RETRAIN = SimpleNamespace(**{name: core_constant("active/retrain", f"RetrainDefaults.{name}")
-                             for name in ("minutes", "unlabelled", "image_size", "arch", "lr")})
+                             for name in ("minutes", "unlabelled", "image_size", "arch", "lr", "coarsen")})
 # Retraining takes this share of the progress bar; the optional maps the rest.
 TRAIN_SHARE = 85.0
 
 
 def annotations_from_source(source: QgsProcessingFeatureSource, class_field: str, raster: QgsRasterLayer,
-                            patch_size: int, context: QgsProcessingContext) -> list:
+                            footprint: int, context: QgsProcessingContext) -> list:
     """jem_core Annotations in the raster's CRS: a point labels the patch under it; a polygon every
-    patch-sized cell whose centre lies inside it (at least the patch at its inner point)."""
+    patch-sized cell whose centre lies inside it (at least the patch at its inner point).  footprint:
+    the raster pixels a patch covers (patch size × the reading's coarsening)."""
     from jem_core.active import annotation_points
 
     if source.fields().indexFromName(class_field) < 0:
@@ -53,7 +54,7 @@ def annotations_from_source(source: QgsProcessingFeatureSource, class_field: str
         raise QgsProcessingException(f"The annotation layer has no field '{class_field}' (its fields: {names}). "
                                      "Pick the field that holds the class names as CLASS_FIELD.")
     transform = QgsCoordinateTransform(source.sourceCrs(), raster.crs(), context.transformContext())
-    cell_w, cell_h = raster.rasterUnitsPerPixelX() * patch_size, raster.rasterUnitsPerPixelY() * patch_size
+    cell_w, cell_h = raster.rasterUnitsPerPixelX() * footprint, raster.rasterUnitsPerPixelY() * footprint
     request = QgsFeatureRequest().setInvalidGeometryCheck(QgsFeatureRequest.GeometryNoCheck)
     annotations = []
     for feature in source.getFeatures(request):
@@ -100,7 +101,12 @@ class RetrainAlgorithm(JemAlgorithm):
             "trained at <b>Patch size</b> instead.<br>"
             "<b>Training time</b> (default 3 minutes, measured on two CPU cores: docs/labelling.md) bounds the run; "
             "<b>Unlabelled patches</b> (default 2048) spread over the whole raster are the unlabelled set of "
-            "semi-supervised JEM training. Every annotation is used for training, so the "
+            f"semi-supervised JEM training. The raster is read at 1/{RETRAIN.coarsen} of its resolution (averaging "
+            f"{RETRAIN.coarsen} × {RETRAIN.coarsen} pixels), so a {RETRAIN.image_size} px patch covers "
+            f"{RETRAIN.coarsen * RETRAIN.image_size} × {RETRAIN.coarsen * RETRAIN.image_size} raster pixels (chosen "
+            "on the scene benchmark: docs/labelling.md); <b>Read the raster at 1/N of its resolution</b> (advanced) "
+            "changes it, and the new model remembers it, so its maps and suggestions read the raster the same way. "
+            "Every annotation is used for training, so the "
             "log reports only how well the model fits them (there is no validation split). <b>Retrained model</b> "
             "left empty is saved beside the annotation file as <i>&lt;annotations&gt;_retrained.pt</i> "
             "(_2, _3 … when that exists; beside the raster for a layer without a file). Optional outputs "
@@ -128,6 +134,10 @@ class RetrainAlgorithm(JemAlgorithm):
                 QgsProcessingParameterBoolean("NEW_MODEL", "Train a new model (ignore the starting model)", False),
                 QgsProcessingParameterNumber("ITERATIONS", "Iterations (0: as many as the training time allows)",
                                              QgsProcessingParameterNumber.Integer, 0, minValue=0),
+                QgsProcessingParameterNumber(
+                    "COARSEN", "Read the raster at 1/N of its resolution (0: a retrained starting model's own N, "
+                               f"else {RETRAIN.coarsen}; 1: as it is)",
+                    QgsProcessingParameterNumber.Integer, 0, minValue=0),
                 QgsProcessingParameterNumber("PATCH_SIZE", "Patch size in px (new model only)",
                                              QgsProcessingParameterNumber.Integer, RETRAIN.image_size, minValue=8),
                 QgsProcessingParameterEnum("ARCH", "Architecture (new model only)", options=ARCHITECTURES,
@@ -153,7 +163,7 @@ class RetrainAlgorithm(JemAlgorithm):
 
     def execute(self, parameters: dict[str, Any], context: QgsProcessingContext,
                 feedback: QgsProcessingFeedback) -> dict[str, Any]:
-        from jem_core.active import default_start_model, retrain, retrain_config
+        from jem_core.active import default_start_model, reading_coarsen, retrain, retrain_config
         from jem_core.model_file import load_model
         from jem_core.raster_io import no_crs_message
         from jem_core.sampler import SGLDConfig
@@ -177,8 +187,10 @@ class RetrainAlgorithm(JemAlgorithm):
         start = None if new_model else load_model(chosen) if chosen else \
             default_start_model([raster.source()], bands, feedback.pushInfo)
         patch_size = start.meta.image_size if start else self.parameterAsInt(parameters, "PATCH_SIZE", context)
+        coarsen = reading_coarsen(start.meta if start else None,
+                                  self.parameterAsInt(parameters, "COARSEN", context) or None)
         class_field = self.parameterAsString(parameters, "CLASS_FIELD", context) or "class"
-        annotations = annotations_from_source(source, class_field, raster, patch_size, context)
+        annotations = annotations_from_source(source, class_field, raster, coarsen * patch_size, context)
         feedback.pushInfo(f"{len(annotations)} labelled patches of {patch_size} px from {source.featureCount()} "
                           "features.")
         unlabelled = self.parameterAsInt(parameters, "UNLABELLED", context)
@@ -196,8 +208,8 @@ class RetrainAlgorithm(JemAlgorithm):
                          keep_model_classes=self.parameterAsBool(parameters, "KEEP_MODEL_CLASSES", context),
                          extra_dataset=self.parameterAsFile(parameters, "EXTRA_DATASET", context) or None,
                          out_model=out_model, config=config, bands=bands, unlabelled_count=unlabelled,
-                         progress=progress_reporter(feedback, 0, TRAIN_SHARE), should_stop=feedback.isCanceled,
-                         log=feedback.pushInfo)
+                         coarsen=coarsen, progress=progress_reporter(feedback, 0, TRAIN_SHARE),
+                         should_stop=feedback.isCanceled, log=feedback.pushInfo)
         for warning in result.warnings:
             feedback.reportError(f"Warning: {warning}", fatalError=False)
         feedback.pushInfo(f"Classes: {', '.join(result.class_names)}; the model fits {result.labelled_accuracy:.0%} "
