@@ -60,7 +60,7 @@ def register(subparsers) -> None:
                    help="read the raster(s) at 1/N of their resolution, averaging N × N pixels, so each patch sees "
                         "N times more ground; the model remembers it and `jem map`/`jem suggest` read the same way "
                         f"(default: a --model retrained with its own N keeps it, else {RETRAIN_DEFAULTS.coarsen}: "
-                        "+6 points over reading as-is on the scene benchmark, docs/labelling.md; 1 = as they are)")
+                        "+5 points over reading as-is on the scene benchmark, docs/labelling.md; 1 = as they are)")
     r.add_argument("--consistency", type=float, nargs="?", const=1.0, default=0.0, metavar="WEIGHT",
                    help="add consistency training on the unlabelled patches: pseudo-labels above FreeMatch's "
                         "self-adaptive thresholds (weight of the term; the bare flag means 1.0; "
