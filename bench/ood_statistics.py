@@ -50,11 +50,11 @@ from jem_core.data import load_class_folder, training_split  # noqa: E402
 from jem_core.files import write_json  # noqa: E402
 from jem_core.model_file import load_model  # noqa: E402
 from jem_core.ood import (  # noqa: E402
-    FOLDS,
     SHRINKAGE_GRID,
     cross_fitted_familiarity,
     held_out_log_likelihood,
     pair_numbers,
+    reference_folds,
 )
 from jem_core.raster_io import choose_stretch, open_raster  # noqa: E402
 from jem_core.windowing import iter_patches  # noqa: E402
@@ -126,7 +126,7 @@ def mahalanobis_familiarity(train_features: torch.Tensor, train_labels: torch.Te
 
 def shrinkage_likelihoods(reference: torch.Tensor) -> dict[str, float]:
     """Held-out log-likelihood per image of every SHRINKAGE_GRID value, on the folds `jem ood` uses."""
-    fold_of = torch.randperm(len(reference), generator=torch.Generator().manual_seed(0)) % FOLDS
+    fold_of = reference_folds(len(reference), torch.Generator().manual_seed(0))
     return {f"{s:g}": round(held_out_log_likelihood(reference, fold_of, s), 1) for s in SHRINKAGE_GRID}
 
 

@@ -145,20 +145,25 @@ def shrunk_gaussian(fit: torch.Tensor, shrinkage: float) -> tuple[torch.Tensor, 
     return mean, (1 - shrinkage) * covariance + torch.diag(shrinkage * diagonal + ridge)
 
 
-def mahalanobis_squared(fit: torch.Tensor, queries: torch.Tensor, shrinkage: float) -> torch.Tensor:
-    """Squared Mahalanobis distance of each query row to the shrunk Gaussian of the `fit` rows."""
-    mean, covariance = shrunk_gaussian(fit, shrinkage)
+def squared_distances(gaussian: tuple[torch.Tensor, torch.Tensor], queries: torch.Tensor) -> torch.Tensor:
+    """Squared Mahalanobis distance of each query row to a (mean, covariance) Gaussian."""
+    mean, covariance = gaussian
     centred = queries - mean
     return (centred * torch.linalg.solve(covariance, centred.T).T).sum(1)
+
+
+def reference_folds(count: int, generator: torch.Generator, folds: int = FOLDS) -> torch.Tensor:
+    """The fold (0 … folds − 1) of each of `count` reference rows, balanced and shuffled."""
+    return torch.randperm(count, generator=generator) % folds
 
 
 def held_out_log_likelihood(reference: torch.Tensor, fold_of: torch.Tensor, shrinkage: float) -> float:
     """Mean Gaussian log-likelihood (up to a constant) of each reference row under the fit of the other folds."""
     total = 0.0
     for fold in fold_of.unique():
-        fit, held = reference[fold_of != fold], reference[fold_of == fold]
-        _, log_det = torch.linalg.slogdet(shrunk_gaussian(fit, shrinkage)[1])
-        total += float((-0.5 * (log_det + mahalanobis_squared(fit, held, shrinkage))).sum())
+        gaussian = shrunk_gaussian(reference[fold_of != fold], shrinkage)
+        _, log_det = torch.linalg.slogdet(gaussian[1])
+        total += float((-0.5 * (log_det + squared_distances(gaussian, reference[fold_of == fold]))).sum())
     return total / len(reference)
 
 
@@ -175,17 +180,17 @@ def cross_fitted_familiarity(reference: torch.Tensor, others: Sequence[torch.Ten
     a Gaussian fitted on it: the reference is cut into `folds` parts, each part is scored by the Gaussian of
     the others, and each image of another set by the Gaussian of one of those complements, drawn at random.
     Also returns the shrinkage used (None: chosen on the reference's folds, choose_shrinkage)."""
-    fold_of = torch.randperm(len(reference), generator=generator) % folds
+    fold_of = reference_folds(len(reference), generator, folds)
     if shrinkage is None:
         shrinkage = choose_shrinkage(reference, fold_of)
     assignments = [torch.randint(folds, (len(other),), generator=generator) for other in others]
     scores = torch.empty(len(reference), dtype=torch.float64)
     scored_others = [torch.empty(len(other), dtype=torch.float64) for other in others]
     for fold in range(folds):
-        fit = reference[fold_of != fold]
-        scores[fold_of == fold] = mahalanobis_squared(fit, reference[fold_of == fold], shrinkage)
+        gaussian = shrunk_gaussian(reference[fold_of != fold], shrinkage)  # fitted once per fold
+        scores[fold_of == fold] = squared_distances(gaussian, reference[fold_of == fold])
         for other, assigned, result in zip(others, assignments, scored_others):
-            result[assigned == fold] = mahalanobis_squared(fit, other[assigned == fold], shrinkage)
+            result[assigned == fold] = squared_distances(gaussian, other[assigned == fold])
     return -scores.clamp_min(1e-12).log(), [-result.clamp_min(1e-12).log() for result in scored_others], shrinkage
 
 

@@ -21,9 +21,10 @@ from jem_core.ood import (
     BOOTSTRAP_ROUNDS,
     choose_shrinkage,
     cross_fitted_familiarity,
-    mahalanobis_squared,
     ood_analysis,
+    shrunk_gaussian,
     source_kind,
+    squared_distances,
 )
 from jem_core.pseudo_labels import SelfAdaptiveThreshold, consistency_loss
 from jem_core.sampler import SGLDConfig
@@ -137,14 +138,14 @@ def test_ood_errors_are_clear(trained, tmp_path):
     assert not (tmp_path / "x.json").exists()
 
 
-def test_mahalanobis_squared_by_hand():
+def test_squared_mahalanobis_distance_by_hand():
     fit = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 2.0], [0.0, -2.0]], dtype=torch.float64)
     # Mean 0, covariance diag(2/3, 8/3): (1, 1) is 1.5 + 0.375 = 1.875 away.
-    assert mahalanobis_squared(fit, torch.tensor([[1.0, 1.0]], dtype=torch.float64), 0.0).item() == \
+    assert squared_distances(shrunk_gaussian(fit, 0.0), torch.tensor([[1.0, 1.0]], dtype=torch.float64)).item() == \
         pytest.approx(1.875)
     # A constant channel does not make the covariance singular.
     flat = torch.cat([fit, torch.ones(4, 1, dtype=torch.float64)], 1)
-    assert torch.isfinite(mahalanobis_squared(flat, flat, 0.0)).all()
+    assert torch.isfinite(squared_distances(shrunk_gaussian(flat, 0.0), flat)).all()
 
 
 def test_shrinkage_is_chosen_by_held_out_likelihood_on_the_reference():
