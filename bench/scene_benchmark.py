@@ -6,7 +6,7 @@ labels, and scores every map against the mosaic's known classes:
 
     .venv/bin/python bench/scene_benchmark.py ../shared/data/aid --labels 5 --seeds 0 1 2
 
-Methods (`--methods`, default: jem jem-scratch ce ce-scratch forest):
+Methods (`--methods`, default: jem jem-scratch ce ce-scratch forest forest2):
     jem           `jem retrain` with its defaults (the bundled base model when the bands fit)
     jem-scratch   `jem retrain --from-scratch`
     ce            `jem retrain --baseline` (cross-entropy only, no energy term), same time budget
