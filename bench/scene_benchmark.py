@@ -275,14 +275,13 @@ def patch_features(patches: np.ndarray) -> np.ndarray:
     return np.concatenate(stats + [histograms, gradient.mean(1, keepdims=True), gradient.std(1, keepdims=True)], 1)
 
 
-def run_forest(scene: Scene, seed: int, coarsen: int = 1) -> Result:
-    """Random forest on the labelled patches' features; each stride cell averages the probabilities of the
-    patches covering it (as `jem map` averages logits).  coarsen: read the scene at 1/coarsen resolution
-    (averaging), the labelled patches centred where the labels are."""
+def patch_classifier_probabilities(scene: Scene, classifier, coarsen: int = 1) -> np.ndarray:
+    """(classes, H, W) per-pixel probabilities of a scikit-learn classifier fitted on the labelled patches'
+    features (patch_features); each stride cell averages the probabilities of the patches covering it (as
+    `jem map` averages logits).  coarsen: read the scene at 1/coarsen resolution (averaging), the labelled
+    patches centred where the labels are."""
     from numpy.lib.stride_tricks import sliding_window_view
-    from sklearn.ensemble import RandomForestClassifier
 
-    start = time.monotonic()
     image = read_raster(scene.raster)
     if coarsen > 1:
         bands, height, width = image.shape
@@ -292,15 +291,14 @@ def run_forest(scene: Scene, seed: int, coarsen: int = 1) -> Result:
     corners = [(min(max(round((r + PATCH / 2) / coarsen - PATCH / 2), 0), limit),
                 min(max(round((c + PATCH / 2) / coarsen - PATCH / 2), 0), limit)) for r, c, _ in scene.label_windows]
     train = np.stack([image[:, r:r + PATCH, c:c + PATCH] for r, c in corners])
-    forest = RandomForestClassifier(n_estimators=300, random_state=seed, n_jobs=-1)
-    forest.fit(patch_features(train), [c for _, _, c in scene.label_windows])
+    classifier.fit(patch_features(train), [c for _, _, c in scene.label_windows])
     size = image.shape[1]
     n = (size - PATCH) // MAP_STRIDE + 1
     windows = sliding_window_view(image, (PATCH, PATCH), axis=(1, 2))[:, ::MAP_STRIDE, ::MAP_STRIDE]
     probabilities = np.zeros((n, n, len(scene.class_names)))
     for row in range(n):
-        proba = forest.predict_proba(patch_features(np.ascontiguousarray(windows[:, row].transpose(1, 0, 2, 3))))
-        probabilities[row][:, forest.classes_] = proba
+        proba = classifier.predict_proba(patch_features(np.ascontiguousarray(windows[:, row].transpose(1, 0, 2, 3))))
+        probabilities[row][:, classifier.classes_] = proba
     k = PATCH // MAP_STRIDE
     cells = np.zeros((n + k - 1, n + k - 1, probabilities.shape[2]))
     counts = np.zeros((n + k - 1, n + k - 1, 1))
@@ -312,7 +310,19 @@ def run_forest(scene: Scene, seed: int, coarsen: int = 1) -> Result:
     pixels = cells.repeat(MAP_STRIDE, 0).repeat(MAP_STRIDE, 1)[:size, :size]
     missing = size - pixels.shape[0]  # a margin narrower than a stride: the nearest cells cover it
     pixels = np.pad(pixels, ((0, missing), (0, missing), (0, 0)), mode="edge")
-    pixels = on_scene_grid(pixels.transpose(2, 0, 1), scene)
+    return on_scene_grid(pixels.transpose(2, 0, 1), scene)
+
+
+def random_forest(seed: int):
+    from sklearn.ensemble import RandomForestClassifier
+
+    return RandomForestClassifier(n_estimators=300, random_state=seed, n_jobs=-1)
+
+
+def run_forest(scene: Scene, seed: int, coarsen: int = 1) -> Result:
+    """Random forest (300 trees) on the labelled patches' features, scored like a JEM map."""
+    start = time.monotonic()
+    pixels = patch_classifier_probabilities(scene, random_forest(seed), coarsen)
     seconds = time.monotonic() - start
     accuracy, macro_f1, aurocs = score(pixels.argmax(0), {"confidence": pixels.max(0)}, scene)
     return Result("forest" if coarsen == 1 else f"forest{coarsen}", 0, seed, accuracy, macro_f1, round(seconds, 1),

@@ -1,0 +1,129 @@
+"""Which per-pixel score marks a retrained map's errors best?  Confidence candidates scored on scene
+benchmark runs kept with `--keep`:
+
+    .venv/bin/python bench/scene_benchmark.py ../shared/data/aid --labels 5 --seeds 0 1 2 3 4 5 \\
+        --methods "jem=--minutes 0 --iterations 1100" forest2 --keep build/scenes
+    .venv/bin/python bench/confidence_candidates.py ../shared/data/aid build/scenes --seeds 0 1 2 3 4 5
+
+Each candidate is scored as the scene benchmark scores the confidence layer: the AUROC of correct vs
+wrong scored pixels of the JEM's class map (which no candidate changes).  Candidates:
+
+    max p                 the shipped confidence layer, max p(y|x)
+    smoothed W            p(mapped class) averaged over a W × W scene-pixel box
+    + second opinion      max p + the probability that a classifier of another kind, fitted to the same
+                          labelled patches on colour/texture features (scene_benchmark.patch_features),
+                          gives the mapped class: a logistic regression (C = 0.1, standardised
+                          features) or the benchmark's random forest (300 trees)
+    smoothed 49 + ...     both
+    + reading 1/R         max p + the same model's p(mapped class) with the raster read at 1/R
+                          (`jem map --target-gsd R`; the scene has 1 m pixels)
+
+The scene (classes, grid, tile) must be the one the kept runs were made with (the defaults of both).
+scikit-learn is needed (benchmark only).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # jem_core of this checkout
+from scene_benchmark import (
+    MAP_STRIDE,
+    Scene,
+    build_scene,
+    on_scene_grid,
+    patch_classifier_probabilities,
+    random_forest,
+    read_raster,
+)
+
+SMOOTHING = (33, 49, 65)  # scene pixels: about 1/2, 3/4 and 1 patch at the default 1/2 reading
+READINGS = (1.5, 3.0)
+
+
+def jem_probabilities(work: Path, name: str, scene: Scene, suffix: str = "") -> np.ndarray:
+    """(scene classes, H, W) p(y|x) of a kept JEM map, in the scene's class order."""
+    from osgeo import gdal
+
+    classes = gdal.Open(str(work / f"{name}{suffix}_classes.tif"))
+    names = json.loads(classes.GetMetadataItem("jem_class_names"))
+    probabilities = read_raster(work / f"{name}{suffix}_probabilities.tif").astype(np.float64)
+    return on_scene_grid(probabilities[[names.index(c) for c in scene.class_names]], scene)
+
+
+def reading_probabilities(work: Path, name: str, scene: Scene, reading: float) -> np.ndarray:
+    """The kept model's p(y|x) with the raster read at 1/reading (mapped once, then kept)."""
+    from jem_core.mapping import map_raster
+
+    suffix = f"_read{reading:g}"
+    if not (work / f"{name}{suffix}_probabilities.tif").exists():
+        map_raster(str(work / f"{name}.pt"), str(scene.raster), str(work / f"{name}{suffix}_classes.tif"),
+                   out_probabilities=str(work / f"{name}{suffix}_probabilities.tif"), stride=MAP_STRIDE,
+                   target_gsd=reading, resolution="input")
+    return jem_probabilities(work, name, scene, suffix)
+
+
+def logistic_regression():
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    return make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000))
+
+
+def candidates(p: np.ndarray, work: Path, name: str, scene: Scene, seed: int) -> dict[str, np.ndarray]:
+    from scipy.ndimage import uniform_filter
+
+    mapped = p.argmax(0)[None]
+    of_mapped = lambda q: np.take_along_axis(q, mapped, 0)[0]  # noqa: E731
+    max_p = p.max(0)
+    scores = {"max p": max_p}
+    for width in SMOOTHING:
+        scores[f"smoothed {width}"] = of_mapped(uniform_filter(p, (1, width, width)))
+    opinions = {"logreg": patch_classifier_probabilities(scene, logistic_regression(), 2),
+                "forest": patch_classifier_probabilities(scene, random_forest(seed), 2)}
+    for kind, q in opinions.items():
+        scores[f"+ {kind}"] = max_p + of_mapped(q)
+        scores[f"smoothed 49 + {kind}"] = scores["smoothed 49"] + of_mapped(q)
+    readings = {r: of_mapped(reading_probabilities(work, name, scene, r)) for r in READINGS}
+    for r, q in readings.items():
+        scores[f"+ reading 1/{r:g}"] = max_p + q
+    scores["+ both readings"] = max_p + sum(readings.values())
+    return scores
+
+
+def main() -> None:
+    from sklearn.metrics import roc_auc_score
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("data", type=Path, help="the class-folder dataset the scenes were built from")
+    parser.add_argument("kept", type=Path, help="scene_benchmark.py's --keep folder")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--labels", type=int, default=5, help="labels per class of the kept runs")
+    parser.add_argument("--method", default="jem", help="the kept JEM run's method name (default: %(default)s)")
+    parser.add_argument("--json", type=Path, help="write the AUROCs here")
+    args = parser.parse_args()
+    table: dict[str, list[float]] = {}
+    accuracies = []
+    for seed in args.seeds:
+        work = args.kept / f"k{args.labels}_seed{seed}"
+        scene = build_scene(args.data, work, 10, 12, 150, args.labels, seed)
+        p = jem_probabilities(work, args.method, scene)
+        correct = (p.argmax(0) == scene.truth)[scene.scored]
+        accuracies.append(float(correct.mean()))
+        for candidate, values in candidates(p, work, args.method, scene, seed).items():
+            table.setdefault(candidate, []).append(round(float(roc_auc_score(correct, values[scene.scored])), 3))
+        print(f"seed {seed}: accuracy {correct.mean():.1%}", flush=True)
+    print("| score | AUROC, mean | per seed |\n|---|---|---|")
+    for candidate, values in table.items():
+        print(f"| {candidate} | {np.mean(values):.3f} | {' / '.join(f'{v:.3f}' for v in values)} |")
+    if args.json:
+        args.json.write_text(json.dumps({"seeds": args.seeds, "accuracy": accuracies, "auroc": table}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
