@@ -75,7 +75,8 @@ def logistic_regression():
     return make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000))
 
 
-def candidates(p: np.ndarray, work: Path, name: str, scene: Scene, seed: int) -> dict[str, np.ndarray]:
+def candidates(p: np.ndarray, readings: dict[float, np.ndarray], scene: Scene, seed: int) -> dict[str, np.ndarray]:
+    """p: the JEM map's p(y|x); readings: the same model's p(y|x) at other readings (reading → map)."""
     from scipy.ndimage import uniform_filter
 
     mapped = p.argmax(0)[None]
@@ -89,10 +90,10 @@ def candidates(p: np.ndarray, work: Path, name: str, scene: Scene, seed: int) ->
     for kind, q in opinions.items():
         scores[f"+ {kind}"] = max_p + of_mapped(q)
         scores[f"smoothed 49 + {kind}"] = scores["smoothed 49"] + of_mapped(q)
-    readings = {r: of_mapped(reading_probabilities(work, name, scene, r)) for r in READINGS}
-    for r, q in readings.items():
+    at_readings = {r: of_mapped(q) for r, q in readings.items()}
+    for r, q in at_readings.items():
         scores[f"+ reading 1/{r:g}"] = max_p + q
-    scores["+ both readings"] = max_p + sum(readings.values())
+    scores["+ both readings"] = max_p + sum(at_readings.values())
     return scores
 
 
@@ -108,21 +109,27 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write the AUROCs here")
     args = parser.parse_args()
     table: dict[str, list[float]] = {}
-    accuracies = []
+    accuracies, reading_accuracies = [], []
     for seed in args.seeds:
         work = args.kept / f"k{args.labels}_seed{seed}"
         scene = build_scene(args.data, work, 10, 12, 150, args.labels, seed)
         p = jem_probabilities(work, args.method, scene)
         correct = (p.argmax(0) == scene.truth)[scene.scored]
         accuracies.append(float(correct.mean()))
-        for candidate, values in candidates(p, work, args.method, scene, seed).items():
+        readings = {r: reading_probabilities(work, args.method, scene, r) for r in READINGS}
+        for candidate, values in candidates(p, readings, scene, seed).items():
             table.setdefault(candidate, []).append(round(float(roc_auc_score(correct, values[scene.scored])), 3))
-        print(f"seed {seed}: accuracy {correct.mean():.1%}", flush=True)
+        reading_accuracies.append({r: float((q.argmax(0) == scene.truth)[scene.scored].mean())
+                                   for r, q in readings.items()})
+        at = ", ".join(f"read at 1/{r:g} {a:.1%}" for r, a in reading_accuracies[-1].items())
+        print(f"seed {seed}: map accuracy {correct.mean():.1%} ({at})", flush=True)
     print("| score | AUROC, mean | per seed |\n|---|---|---|")
     for candidate, values in table.items():
         print(f"| {candidate} | {np.mean(values):.3f} | {' / '.join(f'{v:.3f}' for v in values)} |")
     if args.json:
-        args.json.write_text(json.dumps({"seeds": args.seeds, "accuracy": accuracies, "auroc": table}, indent=1))
+        record = {"seeds": args.seeds, "accuracy": accuracies, "accuracy_at_readings": reading_accuracies,
+                  "auroc": table}
+        args.json.write_text(json.dumps(record, indent=1))
 
 
 if __name__ == "__main__":
