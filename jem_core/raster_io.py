@@ -57,8 +57,9 @@ class RasterSource:
     dtype: str
     has_mask: bool
     description: str
-    # Set when the raster is resampled on read to another ground sampling distance.
+    # Set when the raster is resampled on read to another ground sampling distance (see resample).
     resample_to: tuple[Any, int, int] | None = None
+    resampling: str = ""  # how, and the size before and after
     notes: list[str] = field(default_factory=list)
 
     @contextmanager
@@ -324,22 +325,23 @@ def _describe(path: str, band_indexes: list[int], names: list[str], description:
         resample(source, target_gsd / current,
                  f"resampled by averaging from {current:g} to {target_gsd:g} CRS units per pixel")
     elif coarsen > 1:
-        resample(source, coarsen, f"read at 1/{coarsen} of its resolution, {source.width} × {source.height} px as "
-                                  f"{int(source.width / coarsen)} × {int(source.height / coarsen)} (averaging "
-                                  f"{coarsen} × {coarsen} pixels), as the model was trained")
+        resample(source, coarsen, f"read at 1/{coarsen} of its resolution (averaging {coarsen} × {coarsen} pixels), "
+                                  "as the model was trained")
     return source
 
 
-def resample(source: RasterSource, factor: float, note: str) -> None:
-    """Make the source read with pixels `factor` times larger (averaging on read)."""
+def resample(source: RasterSource, factor: float, how: str) -> None:
+    """Make the source read with pixels `factor` times larger (averaging on read); `how` (why and how it
+    is resampled) and the two sizes become source.resampling, one of its notes."""
     width, height = int(source.width / factor), int(source.height / factor)
     if width < 1 or height < 1:
         raise JEMError(f"'{source.description}' ({source.width} × {source.height} px) is too small to read at "
                        f"1/{factor:g} of its resolution. Use a larger raster or a finer pixel size.")
     transform = source.transform * source.transform.scale(factor)
     source.resample_to = (transform, width, height)
+    source.resampling = f"{how}: {source.width} × {source.height} px read as {width} × {height}"
+    source.notes.append(source.resampling)
     source.transform, source.width, source.height = transform, width, height
-    source.notes.append(note)
 
 
 @dataclass

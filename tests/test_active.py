@@ -278,6 +278,14 @@ def test_retrain_reads_coarser_and_the_model_maps_and_suggests_the_same_way(tmp_
         reading_coarsen(None, 0)
 
 
+def test_a_raster_too_small_at_the_coarser_reading_gets_one_message_naming_the_finer_one(tmp_path):
+    small = write_scene(tmp_path / "small.tif", size=24)  # 24 px read at 1/2 = 12 px, under a 16 px patch
+    annotations = [point("field", 6, 12), point("town", 18, 12)]
+    with pytest.raises(JEMError, match=r"12×12 px when read coarser \(read at 1/2 .*: 24 × 24 px read as 12 × 12\)"
+                                       r".*--coarsen 1"):
+        retrain([small], annotations, config=tiny_config(epochs=1), unlabelled_count=8, coarsen=2)
+
+
 def test_uncertainty_scores():
     logits = torch.tensor([[0.0, 0.0, 0.0], [10.0, 0.0, 0.0], [3.0, 3.0, -5.0]])
     s = uncertainty_scores(logits)

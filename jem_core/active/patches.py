@@ -83,7 +83,7 @@ class PatchReader:
         for source in sources:
             if source.width < patch_size or source.height < patch_size:
                 coarser = source.resample_to is not None
-                read = f" when read coarser ({source.notes[0]})" if coarser else ""
+                read = f" when read coarser ({source.resampling})" if coarser else ""
                 finer = ", a finer reading (jem retrain --coarsen 1)" if coarser else ""
                 raise JEMError(f"'{source.description}' is {source.width}×{source.height} px{read}, smaller than one "
                                f"{patch_size} px patch. Use a larger raster{finer} or a model with smaller patches.")
