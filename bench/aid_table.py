@@ -78,7 +78,7 @@ class MaskRateRecorder:
 def run_train(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     args.models.mkdir(parents=True, exist_ok=True)
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    args.results.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
     dataset = load_class_folder(DATA / "aid", 64)
     print(f"AID loaded: {len(dataset)} images, {dataset.num_classes} classes, {time.monotonic() - start:.0f} s",
@@ -87,7 +87,7 @@ def run_train(args: argparse.Namespace) -> None:
         for method in args.methods.split(","):
             config = TrainConfig(time_budget_min=args.budget_min, patience=None, seed=args.seed,
                                  labels_per_class=None if setting == "all" else int(setting),
-                                 sgld=SGLDConfig(buffer_size=args.buffer_size),
+                                 sgld=SGLDConfig(buffer_size=args.buffer_size, steps=args.sgld_steps),
                                  consistency_threshold=args.threshold, **METHODS[method])
             print(f"--- {setting} labels/class, {METHOD_NAMES[method]}", flush=True)
             name = f"{setting}_{method}_s{args.seed}"
@@ -100,10 +100,11 @@ def run_train(args: argparse.Namespace) -> None:
                           mean_mask_rate=float(np.mean(recorder.rates)) if recorder.rates else 0.0,
                           consistency_threshold=args.threshold if method == "jem+cons" else None,
                           history=result.history, command=command_line(),
-                          buffer_size=args.buffer_size, torch_threads=torch.get_num_threads(),
+                          buffer_size=args.buffer_size, sgld_steps=args.sgld_steps,
+                          torch_threads=torch.get_num_threads(),
                           note="wrn-10-2, stem stride 2, 64 px, other settings the defaults of jem train; "
                                "1 CPU thread, one run per core")
-            write_json(RESULTS / f"{name}.json", record)
+            write_json(args.results / f"{name}.json", record)
             print(f"=> test acc {m['accuracy']:.1%} ECE {m['ece']:.3f} in {m['iterations']} iterations "
                   f"(mask rate {record['mean_mask_rate']:.2f})", flush=True)
 
@@ -292,6 +293,10 @@ def main() -> None:
                    help="fixed pseudo-label threshold for JEM + consistency (default: FreeMatch's adaptive ones)")
     t.add_argument("--seed", type=int, default=0, help="split, labelled subset and initialisation")
     t.add_argument("--buffer-size", type=int, default=SGLDConfig().buffer_size, help="SGLD replay buffer")
+    t.add_argument("--sgld-steps", type=int, default=SGLDConfig().steps, help="SGLD steps per iteration")
+    t.add_argument("--results", type=Path, default=RESULTS,
+                   help="folder for the per-run JSON (default: the tables' own; put variants elsewhere, e.g. "
+                        "docs/results/aid_variants, so the tables keep showing the defaults)")
     t.set_defaults(run=run_train)
     a = sub.add_parser("analyse")
     a.add_argument("--per-class", type=int, default=3)
