@@ -18,7 +18,7 @@ wrong scored pixels of the JEM's class map (which no candidate changes).  Candid
     + reading 1/R         max p + the same model's p(mapped class) with the raster read at 1/R
                           (`jem map --target-gsd R`; the scene has 1 m pixels)
 
-The scene (classes, grid, tile) must be the one the kept runs were made with (the defaults of both).
+The kept runs must use scene_benchmark's default mosaic (SCENE_CLASSES, SCENE_GRID, SCENE_TILE).
 scikit-learn is needed (benchmark only).
 """
 from __future__ import annotations
@@ -33,13 +33,19 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # jem_core of this checkout
 from scene_benchmark import (
     MAP_STRIDE,
+    SCENE_CLASSES,
+    SCENE_GRID,
+    SCENE_TILE,
     Scene,
     build_scene,
+    map_class_names,
     on_scene_grid,
     patch_classifier_probabilities,
     random_forest,
     read_raster,
 )
+
+from jem_core.active.retrain import RETRAIN_DEFAULTS  # noqa: E402
 
 SMOOTHING = (33, 49, 65)  # scene pixels: about 1/2, 3/4 and 1 patch at the default 1/2 reading
 READINGS = (1.5, 3.0)
@@ -47,10 +53,7 @@ READINGS = (1.5, 3.0)
 
 def jem_probabilities(work: Path, name: str, scene: Scene, suffix: str = "") -> np.ndarray:
     """(scene classes, H, W) p(y|x) of a kept JEM map, in the scene's class order."""
-    from osgeo import gdal
-
-    classes = gdal.Open(str(work / f"{name}{suffix}_classes.tif"))
-    names = json.loads(classes.GetMetadataItem("jem_class_names"))
+    names = map_class_names(work / f"{name}{suffix}_classes.tif")
     probabilities = read_raster(work / f"{name}{suffix}_probabilities.tif").astype(np.float64)
     return on_scene_grid(probabilities[[names.index(c) for c in scene.class_names]], scene)
 
@@ -85,8 +88,9 @@ def candidates(p: np.ndarray, readings: dict[float, np.ndarray], scene: Scene, s
     scores = {"max p": max_p}
     for width in SMOOTHING:
         scores[f"smoothed {width}"] = of_mapped(uniform_filter(p, (1, width, width)))
-    opinions = {"logreg": patch_classifier_probabilities(scene, logistic_regression(), 2),
-                "forest": patch_classifier_probabilities(scene, random_forest(seed), 2)}
+    reading = RETRAIN_DEFAULTS.coarsen  # the second opinion reads the scene as the JEM did
+    opinions = {"logreg": patch_classifier_probabilities(scene, logistic_regression(), reading),
+                "forest": patch_classifier_probabilities(scene, random_forest(seed), reading)}
     for kind, q in opinions.items():
         scores[f"+ {kind}"] = max_p + of_mapped(q)
         scores[f"smoothed 49 + {kind}"] = scores["smoothed 49"] + of_mapped(q)
@@ -112,7 +116,7 @@ def main() -> None:
     accuracies, reading_accuracies = [], []
     for seed in args.seeds:
         work = args.kept / f"k{args.labels}_seed{seed}"
-        scene = build_scene(args.data, work, 10, 12, 150, args.labels, seed)
+        scene = build_scene(args.data, work, SCENE_CLASSES, SCENE_GRID, SCENE_TILE, args.labels, seed)
         p = jem_probabilities(work, args.method, scene)
         correct = (p.argmax(0) == scene.truth)[scene.scored]
         accuracies.append(float(correct.mean()))

@@ -55,6 +55,7 @@ DEFAULT_METHODS = ["jem", "jem-scratch", "ce", "ce-scratch", "forest", "forest2"
 FORESTS = {"forest": 1, "forest2": 2}  # name → the coarsening its patches are read at
 NAMED_METHODS = {"jem": "", "jem-scratch": "--from-scratch", "ce": "--baseline",
                  "ce-scratch": "--baseline --from-scratch"}
+SCENE_CLASSES, SCENE_GRID, SCENE_TILE = 10, 12, 150  # the default mosaic: 10 classes, 12 × 12 tiles of 150 px
 PATCH = 32  # the retrain default patch size; labels and borders are placed for it
 MAP_STRIDE = 8  # a quarter of the patch, the mapping default
 PIXEL_SIZE = 1.0  # metres; AID's own ground sampling distance is 0.5–8 m
@@ -190,15 +191,18 @@ def on_scene_grid(values: np.ndarray, scene: Scene) -> np.ndarray:
     return values[..., rows[:, None], cols[None, :]]
 
 
-def class_index_map(classes_tif: Path, scene: Scene) -> np.ndarray:
-    """The map's class values translated to the scene's class indexes (−1: unmapped or a foreign class)."""
+def map_class_names(classes_tif: Path) -> list[str]:
+    """The class names a `jem map` class raster carries (value i is names[i]; also its probability bands' order)."""
     from osgeo import gdal
 
-    dataset = gdal.Open(str(classes_tif))
-    names = json.loads(dataset.GetMetadataItem("jem_class_names"))
-    values = dataset.ReadAsArray().astype(np.int64)
+    return json.loads(gdal.Open(str(classes_tif)).GetMetadataItem("jem_class_names"))
+
+
+def class_index_map(classes_tif: Path, scene: Scene) -> np.ndarray:
+    """The map's class values translated to the scene's class indexes (−1: unmapped or a foreign class)."""
+    values = read_raster(classes_tif).astype(np.int64)
     lookup = np.full(256, -1)
-    for value, name in enumerate(names):
+    for value, name in enumerate(map_class_names(classes_tif)):
         if name in scene.class_names:
             lookup[value] = scene.class_names.index(name)
     return on_scene_grid(lookup[values], scene)
@@ -409,9 +413,9 @@ def main() -> None:
     parser.add_argument("data", type=Path, help="class-folder dataset, e.g. ../shared/data/aid")
     parser.add_argument("--labels", type=int, nargs="+", default=[5], help="labels per class (default: %(default)s)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="(default: %(default)s)")
-    parser.add_argument("--classes", type=int, default=10, help="(default: %(default)s)")
-    parser.add_argument("--grid", type=int, default=12, help="tiles per side (default: %(default)s)")
-    parser.add_argument("--tile", type=int, default=150, help="tile side in pixels (default: %(default)s)")
+    parser.add_argument("--classes", type=int, default=SCENE_CLASSES, help="(default: %(default)s)")
+    parser.add_argument("--grid", type=int, default=SCENE_GRID, help="tiles per side (default: %(default)s)")
+    parser.add_argument("--tile", type=int, default=SCENE_TILE, help="tile side in pixels (default: %(default)s)")
     parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, help="(default: %(default)s)")
     parser.add_argument("--round", type=int, default=0, metavar="N",
                         help="also a second labelling round after `jem` (which must be among the methods): N labels "
