@@ -6,7 +6,8 @@
            docs/results/aid_table/<setting>_<method>_s<seed>.json (test accuracy, NLL, ECE, reliability
            bins, iterations, seconds, pseudo-label mask rate, validation history).
   analyse  From those JSONs: the table (mean and per-seed figures, JEM − CE per seed) written into
-           docs/science.md between the aid-table markers, reliability diagrams (seed 0) and the
+           docs/science.md between the aid-table markers, each variant run (a --results folder under
+           docs/results/aid_variants/) beside the default run of its seed, reliability diagrams (seed 0) and the
            validation-accuracy-vs-minutes curves; SGLD sample grids when supervised ("all") models exist.
 
 Usage (one thread per run; two runs may share the 2-core machine, one per core, see docs/science.md):
@@ -37,6 +38,7 @@ from jem_core.training import TrainConfig
 
 DATA = Path("../shared/data")
 RESULTS = ROOT / "docs" / "results" / "aid_table"
+VARIANTS = ROOT / "docs" / "results" / "aid_variants"  # one folder per variant, e.g. sgld2 (see --results)
 IMAGES = ROOT / "docs" / "img"
 SCIENCE_MD = ROOT / "docs" / "science.md"
 TRAINING_AID_MD = ROOT / "docs" / "training_aid.md"
@@ -88,7 +90,8 @@ def run_train(args: argparse.Namespace) -> None:
             config = TrainConfig(time_budget_min=args.budget_min, patience=None, seed=args.seed,
                                  labels_per_class=None if setting == "all" else int(setting),
                                  sgld=SGLDConfig(buffer_size=args.buffer_size, steps=args.sgld_steps),
-                                 consistency_threshold=args.threshold, **METHODS[method])
+                                 consistency_threshold=args.threshold, weight_gen=args.weight_gen,
+                                 **METHODS[method])
             print(f"--- {setting} labels/class, {METHOD_NAMES[method]}", flush=True)
             name = f"{setting}_{method}_s{args.seed}"
             with MaskRateRecorder() as recorder:
@@ -100,7 +103,7 @@ def run_train(args: argparse.Namespace) -> None:
                           mean_mask_rate=float(np.mean(recorder.rates)) if recorder.rates else 0.0,
                           consistency_threshold=args.threshold if method == "jem+cons" else None,
                           history=result.history, command=command_line(),
-                          buffer_size=args.buffer_size, sgld_steps=args.sgld_steps,
+                          buffer_size=args.buffer_size, sgld_steps=args.sgld_steps, weight_gen=args.weight_gen,
                           torch_threads=torch.get_num_threads(),
                           note="wrn-10-2, stem stride 2, 64 px, other settings the defaults of jem train; "
                                "1 CPU thread, one run per core")
@@ -132,10 +135,10 @@ def oscd_rgb(city: str, out_dir: Path) -> Path:
     return out
 
 
-def load_runs() -> dict[tuple[str, str], list[dict]]:
+def load_runs(folder: Path = RESULTS) -> dict[tuple[str, str], list[dict]]:
     """(setting, method) → the runs of every seed, by seed."""
     runs: dict[tuple[str, str], list[dict]] = {}
-    for path in sorted(RESULTS.glob("*_s*.json")):
+    for path in sorted(folder.glob("*_s*.json")):
         record = json.loads(path.read_text())
         record["seed"] = int(path.stem.rsplit("_s", 1)[1])
         runs.setdefault((record["setting"], record["method"]), []).append(record)
@@ -155,6 +158,7 @@ def run_analyse(args: argparse.Namespace) -> None:
             reliability_diagram(curves, IMAGES / f"aid_reliability_{setting}.png")
     validation_curves(runs, IMAGES / "aid_val_curves.png")
     write_tables(runs, samples)
+    replace_between_markers(SCIENCE_MD, "aid-variants", variants_table(runs))
     replace_between_markers(PERFORMANCE_MD, "minutes-table", minutes_table(runs))
 
 
@@ -220,6 +224,22 @@ def minutes_table(runs: dict[tuple[str, str], list[dict]]) -> str:
                 lines.append(f"| {setting} | {METHOD_NAMES[method]} | {run['seed']} | "
                              + " | ".join("–" if b is None else f"{b:.1%}" for b in best)
                              + f" | {run['iterations']} | {run['accuracy']:.1%} |")
+    return "\n".join(lines)
+
+
+def variants_table(runs: dict[tuple[str, str], list[dict]]) -> str:
+    """Each variant run beside the default run of the same setting, method and seed, and the CE baseline."""
+    lines = ["| variant | labels / class | method | seed | test acc | ECE | iterations | − default, same seed "
+             "| − CE, same seed |", "|---|---|---|---|---|---|---|---|---|"]
+    for folder in sorted(p for p in VARIANTS.iterdir() if p.is_dir()) if VARIANTS.is_dir() else []:
+        for (setting, method), records in sorted(load_runs(folder).items(), key=lambda kv: SETTINGS.index(kv[0][0])):
+            for run in records:
+                default = {r["seed"]: r["accuracy"] for r in runs.get((setting, method), [])}.get(run["seed"])
+                ce = {r["seed"]: r["accuracy"] for r in runs.get((setting, "ce"), [])}.get(run["seed"])
+                gaps = [None if base is None else 100 * (run["accuracy"] - base) for base in (default, ce)]
+                lines.append(f"| {folder.name} | {setting} | {METHOD_NAMES[method]} | {run['seed']} "
+                             f"| {run['accuracy']:.1%} | {run['ece']:.3f} | {run['iterations']} "
+                             f"| {fmt(gaps[0], '+.1f')} | {fmt(gaps[1], '+.1f')} |")
     return "\n".join(lines)
 
 
@@ -294,6 +314,8 @@ def main() -> None:
     t.add_argument("--seed", type=int, default=0, help="split, labelled subset and initialisation")
     t.add_argument("--buffer-size", type=int, default=SGLDConfig().buffer_size, help="SGLD replay buffer")
     t.add_argument("--sgld-steps", type=int, default=SGLDConfig().steps, help="SGLD steps per iteration")
+    t.add_argument("--weight-gen", type=float, default=TrainConfig().weight_gen,
+                   help="weight of the generative (energy) term")
     t.add_argument("--results", type=Path, default=RESULTS,
                    help="folder for the per-run JSON (default: the tables' own; put variants elsewhere, e.g. "
                         "docs/results/aid_variants, so the tables keep showing the defaults)")
