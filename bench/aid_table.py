@@ -1,8 +1,9 @@
 """The JEM-for-EO paper's Table IV rows for AID at 64x64 px, on a CPU budget.
 
   train    For one or more labels-per-class settings (all, 20, 3, 1), methods (JEM, CE baseline,
-           JEM + consistency; on request the paper's configuration scaled down, "paper") and one seed, train the default network of `jem train` for a fixed wall-clock
-           budget (default 20 minutes) on ONE CPU thread, save the model under --models and write
+           JEM + consistency; on request the paper's configuration scaled down, "paper") and one seed,
+           train the default network of `jem train` for a fixed wall-clock budget (default 20 minutes)
+           on ONE CPU thread, save the model under --models and write
            docs/results/aid_table/<setting>_<method>_s<seed>.json (test accuracy, NLL, ECE, reliability
            bins, iterations, seconds, pseudo-label mask rate, validation history).
   analyse  From those JSONs: the table (mean and per-seed figures, JEM − CE per seed) written into
