@@ -110,13 +110,19 @@ def run_train(args: argparse.Namespace) -> None:
                           mean_mask_rate=float(np.mean(recorder.rates)) if recorder.rates else 0.0,
                           consistency_threshold=args.threshold if method == "jem+cons" else None,
                           history=result.history, command=command_line(),
-                          buffer_size=args.buffer_size, sgld_steps=config.sgld.steps, weight_gen=args.weight_gen,
-                          torch_threads=torch.get_num_threads(),
-                          note="wrn-10-2, stem stride 2, 64 px, other settings the defaults of jem train; "
-                               "1 CPU thread, one run per core")
+                          buffer_size=config.sgld.buffer_size, sgld_steps=config.sgld.steps,
+                          weight_gen=config.weight_gen, torch_threads=torch.get_num_threads(),
+                          note=describe_network(config) + ", other settings the defaults of jem train; "
+                                                          "1 CPU thread, one run per core")
             write_json(args.results / f"{name}.json", record)
             print(f"=> test acc {m['accuracy']:.1%} ECE {m['ece']:.3f} in {m['iterations']} iterations "
                   f"(mask rate {record['mean_mask_rate']:.2f})", flush=True)
+
+
+def describe_network(config: TrainConfig) -> str:
+    sgld = config.sgld
+    return (f"{config.arch}, stem stride {config.stem_stride}, {config.image_size} px, lr {config.lr:g}, "
+            f"{sgld.steps} SGLD steps ({sgld.init} start)")
 
 
 def stretch_to_8bit(band: np.ndarray) -> np.ndarray:
@@ -234,16 +240,20 @@ def minutes_table(runs: dict[tuple[str, str], list[dict]]) -> str:
     return "\n".join(lines)
 
 
+def accuracy_by_seed(runs: dict[tuple[str, str], list[dict]], setting: str, method: str) -> dict[int, float]:
+    return {r["seed"]: r["accuracy"] for r in runs.get((setting, method), [])}
+
+
 def variants_table(runs: dict[tuple[str, str], list[dict]]) -> str:
     """Each variant run beside the default run of the same setting, method and seed, and the CE baseline."""
     lines = ["| variant | labels / class | method | seed | test acc | ECE | iterations | − default, same seed "
              "| − CE, same seed |", "|---|---|---|---|---|---|---|---|---|"]
     for folder in sorted(p for p in VARIANTS.iterdir() if p.is_dir()) if VARIANTS.is_dir() else []:
         for (setting, method), records in sorted(load_runs(folder).items(), key=lambda kv: SETTINGS.index(kv[0][0])):
+            default, ce = accuracy_by_seed(runs, setting, method), accuracy_by_seed(runs, setting, "ce")
             for run in records:
-                default = {r["seed"]: r["accuracy"] for r in runs.get((setting, method), [])}.get(run["seed"])
-                ce = {r["seed"]: r["accuracy"] for r in runs.get((setting, "ce"), [])}.get(run["seed"])
-                gaps = [None if base is None else 100 * (run["accuracy"] - base) for base in (default, ce)]
+                gaps = [100 * (run["accuracy"] - base[run["seed"]]) if run["seed"] in base else None
+                        for base in (default, ce)]
                 lines.append(f"| {folder.name} | {setting} | {METHOD_NAMES[method]} | {run['seed']} "
                              f"| {run['accuracy']:.1%} | {run['ece']:.3f} | {run['iterations']} "
                              f"| {fmt(gaps[0], '+.1f')} | {fmt(gaps[1], '+.1f')} |")
@@ -274,7 +284,7 @@ def write_tables(runs: dict[tuple[str, str], list[dict]], samples: dict) -> None
     lines += ["", "Difference to the CE baseline on the same seed (split, labelled images, initialisation):", "",
               "| labels / class | method | JEM-side − CE, per seed | mean |", "|---|---|---|---|"]
     for setting in SETTINGS:
-        ce = {r["seed"]: r["accuracy"] for r in runs.get((setting, "ce"), [])}
+        ce = accuracy_by_seed(runs, setting, "ce")
         for method in ("jem", "jem+cons"):
             gaps = [100 * (r["accuracy"] - ce[r["seed"]]) for r in runs.get((setting, method), []) if r["seed"] in ce]
             if gaps:
