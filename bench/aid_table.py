@@ -98,7 +98,7 @@ def run_train(args: argparse.Namespace) -> None:
             config = TrainConfig(time_budget_min=args.budget_min, patience=None, seed=args.seed,
                                  labels_per_class=None if setting == "all" else int(setting),
                                  sgld=SGLDConfig(**sgld), consistency_threshold=args.threshold,
-                                 weight_gen=args.weight_gen, **options)
+                                 weight_gen=args.weight_gen, consistency_rampup=args.consistency_rampup, **options)
             print(f"--- {setting} labels/class, {METHOD_NAMES[method]}", flush=True)
             name = f"{setting}_{method}_s{args.seed}"
             with MaskRateRecorder() as recorder:
@@ -111,7 +111,8 @@ def run_train(args: argparse.Namespace) -> None:
                           consistency_threshold=args.threshold if method == "jem+cons" else None,
                           history=result.history, command=command_line(),
                           buffer_size=config.sgld.buffer_size, sgld_steps=config.sgld.steps,
-                          weight_gen=config.weight_gen, torch_threads=torch.get_num_threads(),
+                          weight_gen=config.weight_gen, consistency_rampup=config.consistency_rampup,
+                          torch_threads=torch.get_num_threads(),
                           note=describe_network(config) + ", other settings the defaults of jem train; "
                                                           "1 CPU thread, one run per core")
             write_json(args.results / f"{name}.json", record)
@@ -245,15 +246,18 @@ def accuracy_by_seed(runs: dict[tuple[str, str], list[dict]], setting: str, meth
 
 
 def variants_table(runs: dict[tuple[str, str], list[dict]]) -> str:
-    """Each variant run beside the default run of the same setting, method and seed, and the CE baseline."""
+    """Each variant run beside the default run of the same setting, method and seed, and the CE baseline
+    (the variant's own CE run of that seed when the folder has one, e.g. a longer budget; else the default)."""
     lines = ["| variant | labels / class | method | seed | test acc | ECE | iterations | − default, same seed "
              "| − CE, same seed |", "|---|---|---|---|---|---|---|---|---|"]
     for folder in sorted(p for p in VARIANTS.iterdir() if p.is_dir()) if VARIANTS.is_dir() else []:
-        for (setting, method), records in sorted(load_runs(folder).items(), key=lambda kv: SETTINGS.index(kv[0][0])):
-            default, ce = accuracy_by_seed(runs, setting, method), accuracy_by_seed(runs, setting, "ce")
+        variant_runs = load_runs(folder)
+        for (setting, method), records in sorted(variant_runs.items(), key=lambda kv: SETTINGS.index(kv[0][0])):
+            default = accuracy_by_seed(runs, setting, method)
+            ce = accuracy_by_seed(runs, setting, "ce") | accuracy_by_seed(variant_runs, setting, "ce")
             for run in records:
                 gaps = [100 * (run["accuracy"] - base[run["seed"]]) if run["seed"] in base else None
-                        for base in (default, ce)]
+                        for base in (default, {} if method == "ce" else ce)]
                 lines.append(f"| {folder.name} | {setting} | {METHOD_NAMES[method]} | {run['seed']} "
                              f"| {run['accuracy']:.1%} | {run['ece']:.3f} | {run['iterations']} "
                              f"| {fmt(gaps[0], '+.1f')} | {fmt(gaps[1], '+.1f')} |")
@@ -333,6 +337,8 @@ def main() -> None:
     t.add_argument("--sgld-steps", type=int, default=SGLDConfig().steps, help="SGLD steps per iteration")
     t.add_argument("--weight-gen", type=float, default=TrainConfig().weight_gen,
                    help="weight of the generative (energy) term")
+    t.add_argument("--consistency-rampup", type=float, default=TrainConfig().consistency_rampup,
+                   help="JEM + consistency: fraction of the run over which the consistency weight rises from 0")
     t.add_argument("--results", type=Path, default=RESULTS,
                    help="folder for the per-run JSON (default: the tables' own; put variants elsewhere, e.g. "
                         "docs/results/aid_variants, so the tables keep showing the defaults)")

@@ -99,6 +99,9 @@ class TrainConfig:
     # their weakly augmented view, where that view is confident.  0 = off.
     consistency_weight: float = 0.0
     consistency_threshold: Optional[float] = None  # None: FreeMatch's self-adaptive class-wise thresholds
+    # The consistency weight rises linearly from 0 over this first fraction of the run (0: full from the
+    # start), so the first, mostly wrong pseudo-labels count little.
+    consistency_rampup: float = 0.0
     sgld: SGLDConfig = field(default_factory=SGLDConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -166,6 +169,8 @@ def check_config(config: TrainConfig, dataset: SceneDataset) -> None:
     threshold = config.consistency_threshold
     if config.consistency_weight < 0 or threshold is not None and not 0.0 < threshold <= 1.0:
         raise JEMError("--consistency must be ≥ 0 and --consistency-threshold in (0, 1] (or omitted: adaptive).")
+    if not 0.0 <= config.consistency_rampup <= 1.0:
+        raise JEMError("--consistency-rampup is a fraction of the run: give a value in [0, 1].")
     if config.image_size < 8:
         raise JEMError(f"--image-size must be at least 8 px (got {config.image_size}).")
     if dataset.images.shape[-1] != config.image_size:
@@ -351,7 +356,7 @@ def run_loop(run: Run, config: TrainConfig, state: LoopState, best_model: dict[s
             for group in optimiser.param_groups:
                 group["lr"] = learning_rate(config, state.iteration, fraction, next_fraction) * state.lr_scale
             losses = training_step(step_model, sampler, optimiser, run.inputs, run.train_labels, labelled_stream,
-                                   data_stream, config, run.adaptive_threshold)
+                                   data_stream, config, run.adaptive_threshold, consistency_ramp(config, fraction))
             if sampler is not None:
                 losses["saturation"] = float(sampler.last_saturation)
             losses = dict(zip(losses, distributed.average(list(losses.values()), ctx, device)))
@@ -445,13 +450,20 @@ def check_extras(dataset: SceneDataset, unlabelled: torch.Tensor | None, start_m
                        "first (jem_core.active.fit_head) or start without a model.")
 
 
+def consistency_ramp(config: TrainConfig, progress: float) -> float:
+    """How much of the consistency weight applies at this point of the run (the ramp-up)."""
+    return min(1.0, progress / config.consistency_rampup) if config.consistency_rampup > 0 else 1.0
+
+
 def training_step(model, sampler: SGLDSampler | None, optimiser: torch.optim.Optimizer, inputs: torch.Tensor,
                   labels: torch.Tensor, labelled_stream: BatchStream, data_stream: BatchStream,
-                  config: TrainConfig, adaptive: SelfAdaptiveThreshold | None = None) -> dict[str, float]:
+                  config: TrainConfig, adaptive: SelfAdaptiveThreshold | None = None,
+                  consistency_scale: float = 1.0) -> dict[str, float]:
     """One optimiser step; labelled, data, strong-view and SGLD images share one forward pass.
 
     The data batch (all training images, labelled or not) feeds the generative term and, with
-    consistency on, is also the weak view whose confident predictions become pseudo-labels.
+    consistency on, is also the weak view whose confident predictions become pseudo-labels;
+    consistency_scale multiplies that term's weight (its ramp-up).
     """
     labelled_idx = labelled_stream.next().to(inputs.device)
     x_labelled = inputs[labelled_idx]
@@ -475,7 +487,7 @@ def training_step(model, sampler: SGLDSampler | None, optimiser: torch.optim.Opt
     gen = gap = consistency = mask_rate = zero
     if consistency_on:
         consistency, mask_rate = consistency_loss(chunks[1], chunks[2], config.consistency_threshold, adaptive)
-        loss = loss + config.consistency_weight * consistency
+        loss = loss + consistency_scale * config.consistency_weight * consistency
     if sampler is not None:
         energy_data = -torch.logsumexp(chunks[1], 1)
         energy_sgld = -torch.logsumexp(chunks[-1], 1)

@@ -266,8 +266,14 @@ def test_consistency_training_runs_for_jem_and_baseline(trained):
         moved = max((a - b).abs().max().item() for a, b in zip(result.loaded.model.state_dict().values(),
                                                                 vanishing.loaded.model.state_dict().values()))
         assert moved > 1e-4, f"consistency term had no effect (baseline={baseline})"
+    # The ramp-up reaches the step: ramped over the whole run, the term weighs less and the weights differ.
+    ramped = train(dataset, replace(config, consistency_rampup=1.0))
+    assert max((a - b).abs().max().item() for a, b in zip(result.loaded.model.state_dict().values(),
+                                                          ramped.loaded.model.state_dict().values())) > 1e-6
     with pytest.raises(JEMError, match="consistency"):
         train(dataset, tiny_config(consistency_threshold=0.0))
+    with pytest.raises(JEMError, match="rampup"):
+        train(dataset, tiny_config(consistency_rampup=1.5))
 
 
 # ---------------------------------------------------------------- report and CLI
@@ -327,3 +333,14 @@ def test_train_cli_consistency_flag():
     config = config_from_args(parse(["train", "d", "--out", "m.pt", "--consistency", "0.5",
                                      "--consistency-threshold", "0.8"]))
     assert (config.consistency_weight, config.consistency_threshold) == (0.5, 0.8)
+    assert config.consistency_rampup == TrainConfig().consistency_rampup
+    config = config_from_args(parse(["train", "d", "--out", "m.pt", "--consistency", "--consistency-rampup", "0.4"]))
+    assert config.consistency_rampup == 0.4
+
+
+def test_consistency_rampup_scales_the_term_with_the_run():
+    from jem_core.training import consistency_ramp
+
+    ramped = TrainConfig(consistency_weight=1.0, consistency_rampup=0.5)
+    assert [consistency_ramp(ramped, p) for p in (0.0, 0.25, 0.5, 0.9)] == [0.0, 0.5, 1.0, 1.0]
+    assert consistency_ramp(TrainConfig(consistency_weight=1.0), 0.0) == 1.0  # no ramp: full from the start

@@ -56,6 +56,9 @@ def register(subparsers) -> None:
     p.add_argument("--consistency-threshold", type=float, default=defaults.consistency_threshold,
                    help="fixed confidence a weak view needs to become a pseudo-label (FixMatch: 0.95); default: "
                         "FreeMatch's self-adaptive class-wise thresholds")
+    p.add_argument("--consistency-rampup", type=float, default=defaults.consistency_rampup, metavar="FRACTION",
+                   help="the consistency weight rises linearly from 0 over this first fraction of the run "
+                        "(default: %(default)s)")
     p.add_argument("--patience", type=int, default=defaults.patience,
                    help=f"early-stopping patience in epochs, with at least {MIN_VAL_FOR_SELECTION} validation images "
                         "(default: %(default)s)")
@@ -101,6 +104,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
                        labels_per_class=args.labels_per_class or None, baseline=args.baseline,
                        energy_reg=args.energy_reg, weight_gen=args.weight_gen, patience=args.patience,
                        consistency_weight=args.consistency, consistency_threshold=args.consistency_threshold,
+                       consistency_rampup=args.consistency_rampup,
                        seed=args.seed, device=args.device, sgld=sgld, max_recoveries=args.max_recoveries,
                        speed=SpeedOptions(channels_last=not args.no_channels_last, amp=args.amp, compile=args.compile,
                                           split_batches=not args.no_batch_split))
