@@ -93,7 +93,7 @@ def run_train(args: argparse.Namespace) -> None:
           flush=True)
     for setting in args.settings.split(","):
         for method in args.methods.split(","):
-            options = dict(METHODS[method])
+            options = dict(METHODS[method]) | ({"lr": args.lr} if args.lr is not None else {})
             sgld = {"buffer_size": args.buffer_size, "steps": args.sgld_steps, **options.pop("sgld", {})}
             config = TrainConfig(time_budget_min=args.budget_min, patience=None, seed=args.seed,
                                  labels_per_class=None if setting == "all" else int(setting),
@@ -112,7 +112,7 @@ def run_train(args: argparse.Namespace) -> None:
                           history=result.history, command=command_line(),
                           buffer_size=config.sgld.buffer_size, sgld_steps=config.sgld.steps,
                           weight_gen=config.weight_gen, consistency_rampup=config.consistency_rampup,
-                          torch_threads=torch.get_num_threads(),
+                          lr=config.lr, torch_threads=torch.get_num_threads(),
                           note=describe_network(config) + ", other settings the defaults of jem train; "
                                                           "1 CPU thread, one run per core")
             write_json(args.results / f"{name}.json", record)
@@ -339,6 +339,8 @@ def main() -> None:
                    help="weight of the generative (energy) term")
     t.add_argument("--consistency-rampup", type=float, default=TrainConfig().consistency_rampup,
                    help="JEM + consistency: fraction of the run over which the consistency weight rises from 0")
+    t.add_argument("--lr", type=float, default=None,
+                   help=f"peak learning rate (default: each method's own, {TrainConfig().lr:g} for all but 'paper')")
     t.add_argument("--results", type=Path, default=RESULTS,
                    help="folder for the per-run JSON (default: the tables' own; put variants elsewhere, e.g. "
                         "docs/results/aid_variants, so the tables keep showing the defaults)")
