@@ -31,6 +31,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from weight_average_probe import WeightAverageProbe
+
 from jem_core import training
 from jem_core.data import load_class_folder
 from jem_core.files import write_json
@@ -101,7 +103,7 @@ def run_train(args: argparse.Namespace) -> None:
                                  weight_gen=args.weight_gen, consistency_rampup=args.consistency_rampup, **options)
             print(f"--- {setting} labels/class, {METHOD_NAMES[method]}", flush=True)
             name = f"{setting}_{method}_s{args.seed}"
-            with MaskRateRecorder() as recorder:
+            with MaskRateRecorder() as recorder, WeightAverageProbe(args.ema_probe) as probe:
                 result = training.train(dataset, config, out_path=args.models / f"{name}.pt",
                                         log=lambda m: print(m, flush=True))
             m = result.metrics
@@ -113,11 +115,15 @@ def run_train(args: argparse.Namespace) -> None:
                           buffer_size=config.sgld.buffer_size, sgld_steps=config.sgld.steps,
                           weight_gen=config.weight_gen, consistency_rampup=config.consistency_rampup,
                           lr=config.lr, torch_threads=torch.get_num_threads(),
+                          **({"weight_average_probe": probe.results()} if args.ema_probe else {}),
                           note=describe_network(config) + ", other settings the defaults of jem train; "
                                                           "1 CPU thread, one run per core")
             write_json(args.results / f"{name}.json", record)
             print(f"=> test acc {m['accuracy']:.1%} ECE {m['ece']:.3f} in {m['iterations']} iterations "
                   f"(mask rate {record['mean_mask_rate']:.2f})", flush=True)
+            for decay, scores in probe.results().items():
+                print(f"   weight average {decay}: test acc {scores.get('accuracy', float('nan')):.1%} "
+                      f"(best val round {scores['best_round']})", flush=True)
 
 
 def describe_network(config: TrainConfig) -> str:
@@ -341,6 +347,9 @@ def main() -> None:
                    help="JEM + consistency: fraction of the run over which the consistency weight rises from 0")
     t.add_argument("--lr", type=float, default=None,
                    help=f"peak learning rate (default: each method's own, {TrainConfig().lr:g} for all but 'paper')")
+    t.add_argument("--ema-probe", type=lambda text: [float(d) for d in text.split(",")], default=[],
+                   help="also score exponential moving averages of the weights with these decays, e.g. 0.99,0.998 "
+                        "(bench/weight_average_probe.py; recorded beside the live run's figures)")
     t.add_argument("--results", type=Path, default=RESULTS,
                    help="folder for the per-run JSON (default: the tables' own; put variants elsewhere, e.g. "
                         "docs/results/aid_variants, so the tables keep showing the defaults)")

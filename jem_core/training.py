@@ -56,8 +56,6 @@ MIN_LABEL_FIT = 0.7
 NEAR_CHANCE_FACTOR = 1.5
 
 
-
-
 @dataclass
 class TrainConfig:
     arch: str = "wrn-10-2"

@@ -1,0 +1,55 @@
+"""The bench's weight-average probe scores averaged weights without changing the live run."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from jem_core import training
+from jem_core.data import load_class_folder
+from jem_core.sampler import SGLDConfig
+from jem_core.training import TrainConfig, train
+from tests.conftest import make_class_folder
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from weight_average_probe import WeightAverageProbe  # noqa: E402
+
+SIZE = 16
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    # 105 validation images: enough for the run to pick its best round, as the AID runs do.
+    return load_class_folder(make_class_folder(tmp_path_factory.mktemp("probe"), classes=3, per_class=70,
+                                               size=SIZE), SIZE)
+
+
+def config() -> TrainConfig:
+    return TrainConfig(arch="wrn-10-1", image_size=SIZE, iterations=6, epoch_iters=2, batch_size=16,
+                       sgld_batch_size=8, val_fraction=0.5, patience=None, seed=3,
+                       sgld=SGLDConfig(buffer_size=60, steps=2))
+
+
+def test_probe_leaves_the_live_run_alone_and_decay_zero_tracks_it(dataset):
+    plain = train(dataset, config())
+    originals = (training.training_step, training.end_of_epoch, training.finish_run)
+    with WeightAverageProbe([0.0, 0.9]) as probe:
+        probed = train(dataset, config())
+    assert (training.training_step, training.end_of_epoch, training.finish_run) == originals
+    assert probed.metrics["accuracy"] == plain.metrics["accuracy"]
+    assert probed.metrics["nll"] == pytest.approx(plain.metrics["nll"], rel=1e-5)
+    for name, value in probed.loaded.model.state_dict().items():
+        torch.testing.assert_close(value, plain.loaded.model.state_dict()[name])
+
+    results = probe.results()
+    live_val = [record["val_accuracy"] for record in probed.history]
+    # Decay 0: the "average" is the live weights after each step, so it validates and tests like them.
+    assert results["0"]["val_history"] == pytest.approx(live_val)
+    assert results["0"]["accuracy"] == pytest.approx(probed.metrics["accuracy"])
+    assert results["0"]["best_round"] == probed.metrics["best_epoch"]
+    # A real average differs from the live weights but is scored the same way.
+    assert len(results["0.9"]["val_history"]) == len(live_val)
+    assert results["0.9"]["val_history"] != pytest.approx(live_val)
+    assert 0.0 <= results["0.9"]["accuracy"] <= 1.0
