@@ -253,21 +253,32 @@ def accuracy_by_seed(runs: dict[tuple[str, str], list[dict]], setting: str, meth
 
 def variants_table(runs: dict[tuple[str, str], list[dict]]) -> str:
     """Each variant run beside the default run of the same setting, method and seed, and the CE baseline
-    (the variant's own CE run of that seed when the folder has one, e.g. a longer budget; else the default)."""
+    (the variant's own CE run of that seed when the folder has one, e.g. a longer budget; else the default).
+    A run with weight averages (--ema-probe) gets a row per average, compared with the CE run's same average."""
     lines = ["| variant | labels / class | method | seed | test acc | ECE | iterations | − default, same seed "
              "| − CE, same seed |", "|---|---|---|---|---|---|---|---|---|"]
     for folder in sorted(p for p in VARIANTS.iterdir() if p.is_dir()) if VARIANTS.is_dir() else []:
         variant_runs = load_runs(folder)
         for (setting, method), records in sorted(variant_runs.items(), key=lambda kv: SETTINGS.index(kv[0][0])):
             default = accuracy_by_seed(runs, setting, method)
-            ce = accuracy_by_seed(runs, setting, "ce") | accuracy_by_seed(variant_runs, setting, "ce")
+            ce = {seed: {"": accuracy} for seed, accuracy in accuracy_by_seed(runs, setting, "ce").items()}
+            for run in variant_runs.get((setting, "ce"), []):
+                ce[run["seed"]] = {name: scores["accuracy"] for name, scores in run_views(run)}
             for run in records:
-                gaps = [100 * (run["accuracy"] - base[run["seed"]]) if run["seed"] in base else None
-                        for base in (default, {} if method == "ce" else ce)]
-                lines.append(f"| {folder.name} | {setting} | {METHOD_NAMES[method]} | {run['seed']} "
-                             f"| {run['accuracy']:.1%} | {run['ece']:.3f} | {run['iterations']} "
-                             f"| {fmt(gaps[0], '+.1f')} | {fmt(gaps[1], '+.1f')} |")
+                for name, scores in run_views(run):
+                    ce_base = None if method == "ce" else ce.get(run["seed"], {}).get(name)
+                    gaps = [None if base is None else 100 * (scores["accuracy"] - base)
+                            for base in (default.get(run["seed"]), ce_base)]
+                    lines.append(f"| {folder.name} | {setting} | {METHOD_NAMES[method]}{name} | {run['seed']} "
+                                 f"| {scores['accuracy']:.1%} | {scores['ece']:.3f} | {run['iterations']} "
+                                 f"| {fmt(gaps[0], '+.1f')} | {fmt(gaps[1], '+.1f')} |")
     return "\n".join(lines)
+
+
+def run_views(run: dict) -> list[tuple[str, dict]]:
+    """The run's own weights ("") and, for an --ema-probe run, each weight average (", EMA 0.99")."""
+    averages = run.get("weight_average_probe", {})
+    return [("", run)] + [(f", EMA {decay}", scores) for decay, scores in averages.items() if "accuracy" in scores]
 
 
 def fmt(value: float | None, spec: str) -> str:
