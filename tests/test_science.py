@@ -256,7 +256,7 @@ def test_consistency_training_runs_for_jem_and_baseline(trained):
     dataset = load_class_folder(trained["data"], SIZE)
     for baseline in (False, True):
         config = tiny_config(epochs=1, labels_per_class=2, baseline=baseline, consistency_weight=1.0,
-                             consistency_threshold=0.3)
+                             consistency_threshold=0.3, consistency_rampup=0.0)
         result = train(dataset, config)
         assert result.metrics["iterations"] >= 1 and result.loaded.meta.train_config["consistency_weight"] == 1.0
         # The term is not zero: the same seeded run with a vanishing weight (same code path, same random
@@ -343,4 +343,4 @@ def test_consistency_rampup_scales_the_term_with_the_run():
 
     ramped = TrainConfig(consistency_weight=1.0, consistency_rampup=0.5)
     assert [consistency_ramp(ramped, p) for p in (0.0, 0.25, 0.5, 0.9)] == [0.0, 0.5, 1.0, 1.0]
-    assert consistency_ramp(TrainConfig(consistency_weight=1.0), 0.0) == 1.0  # no ramp: full from the start
+    assert consistency_ramp(TrainConfig(consistency_weight=1.0, consistency_rampup=0.0), 0.0) == 1.0  # no ramp

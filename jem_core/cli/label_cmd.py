@@ -63,8 +63,8 @@ def register(subparsers) -> None:
                         "+5 points over reading as-is on the scene benchmark, docs/labelling.md; 1 = as they are)")
     r.add_argument("--consistency", type=float, nargs="?", const=1.0, default=0.0, metavar="WEIGHT",
                    help="add consistency training on the unlabelled patches: pseudo-labels above FreeMatch's "
-                        "self-adaptive thresholds (weight of the term; the bare flag means 1.0; "
-                        "default: %(default)s, off)")
+                        "self-adaptive thresholds, the weight rising from 0 over the first half of the run "
+                        "(weight of the term; the bare flag means 1.0; default: %(default)s, off)")
     r.add_argument("--baseline", action="store_true", help="cross-entropy only, no energy term (for comparison)")
     r.add_argument("--image-size", type=int, default=RETRAIN_DEFAULTS.image_size,
                    help="patch size of a new model (default: %(default)s)")
