@@ -10,7 +10,8 @@ Used by `bench/aid_table.py train --ema-probe 0.99,0.998`.
 """
 from __future__ import annotations
 
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
 
@@ -19,6 +20,9 @@ from jem_core.metrics import classification_metrics, predict_logits
 
 
 def clone_weights(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A copy in the weights' own memory format. Not checkpoint.cpu_state: with its plain-format copies as
+    the averages, the live run's later losses moved in the 5th digit (tests/test_weight_average_probe.py
+    then fails; the cause inside the CPU kernels was not traced)."""
     return {name: value.detach().clone() for name, value in weights.items()}
 
 
@@ -72,33 +76,43 @@ class WeightAverageProbe:
                 else:
                     average.copy_(value)
 
-    def scored_with(self, loaded, weights: dict[str, torch.Tensor], images: torch.Tensor, labels: torch.Tensor,
-                    class_names: list[str]) -> dict[str, Any]:
-        """Metrics of the network carrying `weights`; the live weights are put back afterwards."""
-        live = clone_weights(loaded.model.state_dict())
-        loaded.model.load_state_dict(weights)
-        metrics = classification_metrics(predict_logits(loaded, images), labels, class_names)
-        loaded.model.load_state_dict(live)
-        return metrics
-
     def validate(self, loaded, dataset, val: torch.Tensor, epoch: int) -> None:
-        for decay, weights in self.averages.items():
-            accuracy = self.scored_with(loaded, weights, dataset.images[val], dataset.labels[val],
-                                        dataset.class_names)["accuracy"]
-            self.val_history[decay].append(accuracy)
-            if accuracy > self.best[decay]["val_accuracy"]:
-                self.best[decay] = {"val_accuracy": accuracy, "weights": clone_weights(weights), "round": epoch}
+        with live_weights_kept(loaded.model):
+            for decay, weights in self.averages.items():
+                accuracy = scored_with(loaded, weights, dataset.images[val], dataset.labels[val],
+                                       dataset.class_names)["accuracy"]
+                self.val_history[decay].append(accuracy)
+                if accuracy > self.best[decay]["val_accuracy"]:
+                    self.best[decay] = {"val_accuracy": accuracy, "weights": clone_weights(weights), "round": epoch}
 
     def score_test(self, run) -> None:
         images, labels = run.dataset.images[run.test], run.dataset.labels[run.test]
-        for decay, best in self.best.items():
-            if best["weights"] is None:
-                continue
-            metrics = self.scored_with(run.loaded, best["weights"], images, labels, run.dataset.class_names)
-            self.test[decay] = {"accuracy": metrics["accuracy"], "nll": metrics["nll"], "ece": metrics["ece"]}
+        with live_weights_kept(run.loaded.model):
+            for decay, best in self.best.items():
+                if best["weights"] is None:
+                    continue
+                metrics = scored_with(run.loaded, best["weights"], images, labels, run.dataset.class_names)
+                self.test[decay] = {"accuracy": metrics["accuracy"], "nll": metrics["nll"], "ece": metrics["ece"]}
 
     def results(self) -> dict[str, dict[str, Any]]:
         return {f"{decay:g}": {"best_round": self.best[decay]["round"],
                                "best_val_accuracy": self.best[decay]["val_accuracy"],
                                "val_history": self.val_history[decay], **self.test.get(decay, {})}
                 for decay in self.decays}
+
+
+@contextmanager
+def live_weights_kept(model: torch.nn.Module) -> Iterator[None]:
+    """Whatever weights the block loads into the model, it carries its own again afterwards."""
+    live = clone_weights(model.state_dict())
+    try:
+        yield
+    finally:
+        model.load_state_dict(live)
+
+
+def scored_with(loaded, weights: dict[str, torch.Tensor], images: torch.Tensor, labels: torch.Tensor,
+                class_names: list[str]) -> dict[str, Any]:
+    """Metrics of the network carrying `weights` (call inside live_weights_kept)."""
+    loaded.model.load_state_dict(weights)
+    return classification_metrics(predict_logits(loaded, images), labels, class_names)
