@@ -39,7 +39,9 @@ def test_probe_leaves_the_live_run_alone_and_decay_zero_tracks_it(dataset):
         probed = train(dataset, config())
     assert (training.training_step, training.end_of_epoch, training.finish_run) == originals
     assert probed.metrics["accuracy"] == plain.metrics["accuracy"]
-    assert probed.metrics["nll"] == pytest.approx(plain.metrics["nll"], rel=1e-5)
+    # Not bit-equal: the extra tensors the probe allocates can move the CPU kernels' rounding (the CI
+    # machine saw 4e-5 of relative change); a probe that left an average in the model moves it far more.
+    assert probed.metrics["nll"] == pytest.approx(plain.metrics["nll"], rel=1e-3)
     for name, value in probed.loaded.model.state_dict().items():
         torch.testing.assert_close(value, plain.loaded.model.state_dict()[name])
 
