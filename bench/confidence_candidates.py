@@ -17,6 +17,13 @@ wrong scored pixels of the JEM's class map (which no candidate changes).  Candid
     smoothed 49 + ...     both
     + reading 1/R         max p + the same model's p(mapped class) with the raster read at 1/R
                           (`jem map --target-gsd R`; the scene has 1 m pixels)
+    max logit             f_y(x) of the mapped class = log max p + (−E(x)) (Hendrycks et al. 2022): how
+                          much the JEM's joint density p(x, y) favours the pixel, not only p(y|x)
+    + A familiarity       z(max p) + A · z(−E(x)), both standardised over the scored pixels
+
+With `--ensemble NAME` (a second kept retrain of the same scenes, e.g. another `--seed`), the mean of
+the two models' p(y|x) is scored too, on its own class map: its accuracy, the AUROC of its max p and of
+its max p smoothed over 49 × 49 px, and (for reference) the second model alone.
 
 The kept runs must use scene_benchmark's default mosaic (SCENE_CLASSES, SCENE_GRID, SCENE_TILE).
 scikit-learn is needed (benchmark only).
@@ -51,6 +58,11 @@ SMOOTHING = (33, 49, 65)  # scene pixels: about 1/2, 3/4 and 1 patch at the defa
 READINGS = (1.5, 3.0)
 
 
+def jem_familiarity(work: Path, name: str, scene: Scene) -> np.ndarray:
+    """(H, W) −E(x) of a kept JEM map."""
+    return on_scene_grid(read_raster(work / f"{name}_familiarity.tif").astype(np.float64), scene)
+
+
 def jem_probabilities(work: Path, name: str, scene: Scene, suffix: str = "") -> np.ndarray:
     """(scene classes, H, W) p(y|x) of a kept JEM map, in the scene's class order."""
     names = map_class_names(work / f"{name}{suffix}_classes.tif")
@@ -78,8 +90,13 @@ def logistic_regression():
     return make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000))
 
 
-def candidates(p: np.ndarray, readings: dict[float, np.ndarray], scene: Scene, seed: int) -> dict[str, np.ndarray]:
-    """p: the JEM map's p(y|x); readings: the same model's p(y|x) at other readings (reading → map)."""
+FAMILIARITY_WEIGHTS = (0.25, 0.5)
+
+
+def candidates(p: np.ndarray, familiarity: np.ndarray, readings: dict[float, np.ndarray], scene: Scene,
+               seed: int) -> dict[str, np.ndarray]:
+    """p: the JEM map's p(y|x); familiarity: its −E(x); readings: the same model's p(y|x) at other
+    readings (reading → map)."""
     from scipy.ndimage import uniform_filter
 
     mapped = p.argmax(0)[None]
@@ -98,7 +115,27 @@ def candidates(p: np.ndarray, readings: dict[float, np.ndarray], scene: Scene, s
     for r, q in at_readings.items():
         scores[f"+ reading 1/{r:g}"] = max_p + q
     scores["+ both readings"] = max_p + sum(at_readings.values())
+    scores["max logit"] = np.log(np.clip(max_p, 1e-12, None)) + familiarity
+    z = lambda v: (v - v[scene.scored].mean()) / v[scene.scored].std()  # noqa: E731
+    for weight in FAMILIARITY_WEIGHTS:
+        scores[f"+ {weight:g} familiarity"] = z(max_p) + weight * z(familiarity)
     return scores
+
+
+def ensemble_aurocs(p: np.ndarray, q: np.ndarray, scene: Scene) -> dict[str, float]:
+    """Accuracy and confidence AUROCs of the second model alone and of the mean of both models' p(y|x)."""
+    from scipy.ndimage import uniform_filter
+    from sklearn.metrics import roc_auc_score
+
+    record = {}
+    for name, probabilities in (("second model", q), ("ensemble", (p + q) / 2)):
+        mapped = probabilities.argmax(0)
+        correct = (mapped == scene.truth)[scene.scored]
+        smoothed = np.take_along_axis(uniform_filter(probabilities, (1, 49, 49)), mapped[None], 0)[0]
+        record[f"{name} accuracy"] = round(float(correct.mean()), 3)
+        record[f"{name}: max p"] = round(float(roc_auc_score(correct, probabilities.max(0)[scene.scored])), 3)
+        record[f"{name}: smoothed 49"] = round(float(roc_auc_score(correct, smoothed[scene.scored])), 3)
+    return record
 
 
 def main() -> None:
@@ -110,6 +147,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--labels", type=int, default=5, help="labels per class of the kept runs")
     parser.add_argument("--method", default="jem", help="the kept JEM run's method name (default: %(default)s)")
+    parser.add_argument("--ensemble", metavar="NAME", help="a second kept JEM run to average with --method")
     parser.add_argument("--json", type=Path, help="write the AUROCs here")
     args = parser.parse_args()
     table: dict[str, list[float]] = {}
@@ -121,8 +159,12 @@ def main() -> None:
         correct = (p.argmax(0) == scene.truth)[scene.scored]
         accuracies.append(float(correct.mean()))
         readings = {r: reading_probabilities(work, args.method, scene, r) for r in READINGS}
-        for candidate, values in candidates(p, readings, scene, seed).items():
+        familiarity = jem_familiarity(work, args.method, scene)
+        for candidate, values in candidates(p, familiarity, readings, scene, seed).items():
             table.setdefault(candidate, []).append(round(float(roc_auc_score(correct, values[scene.scored])), 3))
+        if args.ensemble:
+            for key, value in ensemble_aurocs(p, jem_probabilities(work, args.ensemble, scene), scene).items():
+                table.setdefault(key, []).append(value)
         reading_accuracies.append({r: float((q.argmax(0) == scene.truth)[scene.scored].mean())
                                    for r, q in readings.items()})
         at = ", ".join(f"read at 1/{r:g} {a:.1%}" for r, a in reading_accuracies[-1].items())
