@@ -85,6 +85,29 @@ class MaskRateRecorder:
         training.training_step = self.original
 
 
+class EnergyEvery:
+    """Variant instrument: the energy term (SGLD chains and the data batch) on every k-th iteration only;
+    the iterations between are cross-entropy steps on the labelled batch, about 4× cheaper. Wraps
+    training.training_step, as MaskRateRecorder does, so jem_core is unchanged until it is measured."""
+
+    def __init__(self, every: int) -> None:
+        self.every = every
+        self.original = training.training_step
+        self.calls = 0
+
+    def __enter__(self) -> "EnergyEvery":
+        def sometimes_energy_step(model, sampler, *args, **kwargs):
+            self.calls += 1
+            return self.original(model, sampler if self.calls % self.every == 0 else None, *args, **kwargs)
+
+        if self.every > 1:
+            training.training_step = sometimes_energy_step
+        return self
+
+    def __exit__(self, *exc) -> None:
+        training.training_step = self.original
+
+
 def run_train(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     args.models.mkdir(parents=True, exist_ok=True)
@@ -103,7 +126,8 @@ def run_train(args: argparse.Namespace) -> None:
                                  weight_gen=args.weight_gen, consistency_rampup=args.consistency_rampup, **options)
             print(f"--- {setting} labels/class, {METHOD_NAMES[method]}", flush=True)
             name = f"{setting}_{method}_s{args.seed}"
-            with MaskRateRecorder() as recorder, WeightAverageProbe(args.ema_probe) as probe:
+            with MaskRateRecorder() as recorder, WeightAverageProbe(args.ema_probe) as probe, \
+                    EnergyEvery(args.energy_every):
                 result = training.train(dataset, config, out_path=args.models / f"{name}.pt",
                                         log=lambda m: print(m, flush=True))
             m = result.metrics
@@ -114,7 +138,7 @@ def run_train(args: argparse.Namespace) -> None:
                           history=result.history, command=command_line(),
                           buffer_size=config.sgld.buffer_size, sgld_steps=config.sgld.steps,
                           weight_gen=config.weight_gen, consistency_rampup=config.consistency_rampup,
-                          lr=config.lr, torch_threads=torch.get_num_threads(),
+                          lr=config.lr, energy_every=args.energy_every, torch_threads=torch.get_num_threads(),
                           **({"weight_average_probe": probe.results()} if args.ema_probe else {}),
                           note=describe_network(config) + ", other settings the defaults of jem train; "
                                                           "1 CPU thread, one run per core")
@@ -358,6 +382,8 @@ def main() -> None:
                    help="JEM + consistency: fraction of the run over which the consistency weight rises from 0")
     t.add_argument("--lr", type=float, default=None,
                    help=f"peak learning rate (default: each method's own, {TrainConfig().lr:g} for all but 'paper')")
+    t.add_argument("--energy-every", type=int, default=1, metavar="K",
+                   help="JEM variant: the energy term on every K-th iteration only, cross-entropy steps between")
     t.add_argument("--ema-probe", type=lambda text: [float(d) for d in text.split(",")], default=[],
                    help="also score exponential moving averages of the weights with these decays, e.g. 0.99,0.998 "
                         "(bench/weight_average_probe.py; recorded beside the live run's figures)")
