@@ -93,18 +93,23 @@ def logistic_regression():
 FAMILIARITY_WEIGHTS = (0.25, 0.5)
 
 
+def smoothed_of_mapped(p: np.ndarray, width: int) -> np.ndarray:
+    """(H, W) p(y|x) of each pixel's mapped class, averaged over a width × width box."""
+    from scipy.ndimage import uniform_filter
+
+    return np.take_along_axis(uniform_filter(p, (1, width, width)), p.argmax(0)[None], 0)[0]
+
+
 def candidates(p: np.ndarray, familiarity: np.ndarray, readings: dict[float, np.ndarray], scene: Scene,
                seed: int) -> dict[str, np.ndarray]:
     """p: the JEM map's p(y|x); familiarity: its −E(x); readings: the same model's p(y|x) at other
     readings (reading → map)."""
-    from scipy.ndimage import uniform_filter
-
     mapped = p.argmax(0)[None]
     of_mapped = lambda q: np.take_along_axis(q, mapped, 0)[0]  # noqa: E731
     max_p = p.max(0)
     scores = {"max p": max_p}
     for width in SMOOTHING:
-        scores[f"smoothed {width}"] = of_mapped(uniform_filter(p, (1, width, width)))
+        scores[f"smoothed {width}"] = smoothed_of_mapped(p, width)
     reading = RETRAIN_DEFAULTS.coarsen  # the second opinion reads the scene as the JEM did
     opinions = {"logreg": patch_classifier_probabilities(scene, logistic_regression(), reading),
                 "forest": patch_classifier_probabilities(scene, random_forest(seed), reading)}
@@ -124,14 +129,12 @@ def candidates(p: np.ndarray, familiarity: np.ndarray, readings: dict[float, np.
 
 def ensemble_aurocs(p: np.ndarray, q: np.ndarray, scene: Scene) -> dict[str, float]:
     """Accuracy and confidence AUROCs of the second model alone and of the mean of both models' p(y|x)."""
-    from scipy.ndimage import uniform_filter
     from sklearn.metrics import roc_auc_score
 
     record = {}
     for name, probabilities in (("second model", q), ("ensemble", (p + q) / 2)):
-        mapped = probabilities.argmax(0)
-        correct = (mapped == scene.truth)[scene.scored]
-        smoothed = np.take_along_axis(uniform_filter(probabilities, (1, 49, 49)), mapped[None], 0)[0]
+        correct = (probabilities.argmax(0) == scene.truth)[scene.scored]
+        smoothed = smoothed_of_mapped(probabilities, 49)
         record[f"{name} accuracy"] = round(float(correct.mean()), 3)
         record[f"{name}: max p"] = round(float(roc_auc_score(correct, probabilities.max(0)[scene.scored])), 3)
         record[f"{name}: smoothed 49"] = round(float(roc_auc_score(correct, smoothed[scene.scored])), 3)
