@@ -151,7 +151,7 @@ def features(model: LoadedModel, pixels: torch.Tensor, batch_size: int) -> torch
     """Penultimate-layer features of pixels (in the model's value range)."""
     device = next(model.model.parameters()).device
     model.model.eval()
-    return torch.cat([model.model.features(model.normalise(pixels[i:i + batch_size].to(device))).double().cpu()
+    return torch.cat([model.model.penultimate(model.normalise(pixels[i:i + batch_size].to(device))).double().cpu()
                       for i in range(0, len(pixels), batch_size)])
 
 

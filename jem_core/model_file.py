@@ -4,9 +4,10 @@ Format (a plain dict, loadable with ``torch.load(path, weights_only=True)``, so 
 never runs code from the file):
 
     format          "jem-eo-model"
-    format_version  FORMAT_VERSION (int)
-    spec            ModelSpec as a dict (architecture, bands count, classes, norm, stem)
-    state_dict      the network's weights
+    format_version  1 for one network, 2 for an ensemble (FORMAT_VERSION is the highest read)
+    spec            ModelSpec as a dict (architecture, bands count, classes, norm, stem; `members` for an
+                    ensemble of that many networks)
+    state_dict      the network's weights (an ensemble's: members.0.…, members.1.…)
     meta            ModelMeta as a dict (class names, band names, image size,
                     normalisation, value range, training config, metrics)
 
@@ -24,10 +25,10 @@ import torch
 
 from . import JEMError, __version__
 from .files import atomic_write
-from .models import JEM, ModelSpec, SpeedOptions, apply_speed_options, build_model
+from .models import Model, ModelSpec, SpeedOptions, apply_speed_options, build_model
 
 FORMAT = "jem-eo-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the spec may say `members` (an ensemble); single-network files are still written as 1
 
 
 @dataclass
@@ -52,7 +53,7 @@ class ModelMeta:
 
 @dataclass
 class LoadedModel:
-    model: JEM
+    model: Model
     meta: ModelMeta
 
     @property
@@ -71,13 +72,14 @@ class LoadedModel:
         return x * std + mean
 
 
-def model_payload(model: JEM, meta: ModelMeta) -> dict[str, Any]:
+def model_payload(model: Model, meta: ModelMeta) -> dict[str, Any]:
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return {"format": FORMAT, "format_version": FORMAT_VERSION, "spec": model.spec.to_dict(),
+    version = FORMAT_VERSION if model.spec.members > 1 else 1
+    return {"format": FORMAT, "format_version": version, "spec": model.spec.to_dict(),
             "state_dict": state, "meta": asdict(meta)}
 
 
-def save_model(path: str | os.PathLike, model: JEM, meta: ModelMeta) -> None:
+def save_model(path: str | os.PathLike, model: Model, meta: ModelMeta) -> None:
     payload = model_payload(model, meta)
     atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
@@ -145,7 +147,7 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> L
     return loaded
 
 
-def ready_for_inference(model: JEM, device: torch.device | str) -> JEM:
+def ready_for_inference(model: Model, device: torch.device | str) -> Model:
     """On device in channels_last: oneDNN's blocked convolutions map ~18 % faster on the build
     machine (docs/mapping.md). float32 is kept, so outputs do not depend on the device's bf16 support."""
     return apply_speed_options(model, SpeedOptions(amp="off"), torch.device(device))

@@ -3,10 +3,14 @@
 The same network is a classifier p(y|x) = softmax(f(x)) and an energy model
 p(x) ∝ exp(-E(x)) with E(x) = -logsumexp_y f(x)[y].  Batch norm is left out because it
 makes E(x) depend on the rest of the batch, which breaks SGLD sampling.
+
+A JEMEnsemble holds several such networks trained apart (`jem retrain` makes two by default) and is
+used wherever a JEM is: its p(y|x) and E(x) are the members' means.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +43,8 @@ class ModelSpec:
     dropout: float = 0.0
     # A stride-2 stem halves every feature map: 64 px inputs then cost what 32 px do.
     stem_stride: int = 1
+    # > 1: that many networks of this spec, trained apart and used as one model (JEMEnsemble).
+    members: int = 1
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHITECTURES:
@@ -51,9 +57,17 @@ class ModelSpec:
             raise JEMError(f"A classifier needs at least two classes (got {self.num_classes}).")
         if self.stem_stride not in (1, 2):
             raise JEMError(f"stem_stride must be 1 or 2 (got {self.stem_stride}).")
+        if self.members < 1:
+            raise JEMError(f"A model needs at least one member network (got {self.members}).")
+
+    def member_spec(self) -> "ModelSpec":
+        return replace(self, members=1)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        values = asdict(self)
+        if self.members == 1:
+            del values["members"]  # single-network files stay readable by JEM-EO versions before ensembles
+        return values
 
 
 @dataclass
@@ -148,7 +162,23 @@ class WideResNet(nn.Module):
         return self.pool(x), torch.cat(statistics, 1)
 
 
-class JEM(nn.Module):
+class EnergyModel(nn.Module):
+    """What every model offers on top of its logits f(x): the energies of p(x) and p(x, y)."""
+
+    @staticmethod
+    def energy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+        return -torch.logsumexp(logits, dim=1)
+
+    def energy(self, x: torch.Tensor) -> torch.Tensor:
+        """E(x) = -log Σ_y exp f(x)[y]; lower energy = more typical of the training data."""
+        return self.energy_from_logits(self(x))
+
+    def class_energy(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """E(x, y) = -f(x)[y], the energy of the joint p(x, y)."""
+        return -self(x).gather(1, y[:, None]).squeeze(1)
+
+
+class JEM(EnergyModel):
     """Wide-ResNet + linear head: logits f(x), energy E(x) = -logsumexp f(x)."""
 
     def __init__(self, spec: ModelSpec) -> None:
@@ -169,36 +199,76 @@ class JEM(nn.Module):
             features = self.features(x)
         return self.head(features.float())  # logits, energies and losses stay float32
 
-    @staticmethod
-    def energy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-        return -torch.logsumexp(logits, dim=1)
+    def penultimate(self, x: torch.Tensor) -> torch.Tensor:
+        """The pooled features the head reads."""
+        return self.features(x)
 
-    def energy(self, x: torch.Tensor) -> torch.Tensor:
-        """E(x) = -log Σ_y exp f(x)[y]; lower energy = more typical of the training data."""
-        return self.energy_from_logits(self(x))
-
-    def class_energy(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """E(x, y) = -f(x)[y], the energy of the joint p(x, y)."""
-        return -self(x).gather(1, y[:, None]).squeeze(1)
+    def familiarity_and_statistics(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """−E(x) (N,) and the layer statistics of WideResNet.layer_statistics (N, D)."""
+        pooled, statistics = self.features.layer_statistics(x)
+        return torch.logsumexp(self.head(pooled), 1), statistics
 
 
-def build_model(spec: ModelSpec) -> JEM:
-    return JEM(spec)
+class JEMEnsemble(EnergyModel):
+    """Member JEMs trained apart, used as one: p(y|x) is the members' mean p(y|x) and E(x) their mean energy.
+
+    Its logits g(x) = log mean_m softmax f_m(x) + mean_m logsumexp f_m(x) carry both: softmax g is the
+    mean p(y|x) (the shift cancels), logsumexp g is the mean −E(x) (the log-probabilities sum to log 1).
+    """
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.members = nn.ModuleList(JEM(spec.member_spec()) for _ in range(spec.members))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = torch.stack([member(x) for member in self.members])  # (members, N, classes)
+        mean_probabilities = torch.logsumexp(F.log_softmax(logits, 2), 0) - math.log(len(self.members))
+        return mean_probabilities + torch.logsumexp(logits, 2).mean(0)[:, None]
+
+    def penultimate(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([member.penultimate(x) for member in self.members], 1)
+
+    def familiarity_and_statistics(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        familiarity, statistics = zip(*(member.familiarity_and_statistics(x) for member in self.members))
+        return torch.stack(familiarity).mean(0), torch.cat(statistics, 1)
 
 
-def apply_speed_options(model: JEM, options: SpeedOptions, device: torch.device) -> JEM:
+Model = JEM | JEMEnsemble
+
+
+def build_model(spec: ModelSpec) -> Model:
+    return JEMEnsemble(spec) if spec.members > 1 else JEM(spec)
+
+
+def networks(model: Model) -> list[JEM]:
+    """The single networks of a model: its members, or the model itself."""
+    return list(model.members) if isinstance(model, JEMEnsemble) else [model]
+
+
+def ensemble_of(members: list[JEM]) -> Model:
+    """One model of trained networks of the same spec (a single network stays itself)."""
+    if len(members) == 1:
+        return members[0]
+    ensemble = JEMEnsemble(replace(members[0].spec, members=len(members)))
+    ensemble.members = nn.ModuleList(members)
+    return ensemble
+
+
+def apply_speed_options(model: Model, options: SpeedOptions, device: torch.device) -> Model:
     """Move the model to device with the chosen memory format, precision and compilation."""
     model.to(device)
     if options.channels_last:
         model.to(memory_format=torch.channels_last)
-    model.channels_last = options.channels_last
-    model.autocast_dtype = options.autocast_dtype(device)
-    if options.compile:
-        model.features.compile(dynamic=False)  # in place: state_dict keys stay the same
+    for network in networks(model):
+        network.channels_last = options.channels_last
+        network.autocast_dtype = options.autocast_dtype(device)
+        if options.compile:
+            network.features.compile(dynamic=False)  # in place: state_dict keys stay the same
     return model
 
 
-def flops_per_image(model: JEM, image_size: int) -> float:
+def flops_per_image(model: Model, image_size: int) -> float:
     """Multiply-adds ×2 of one forward pass, counted from the conv and linear layers."""
     total = 0.0
 

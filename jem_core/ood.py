@@ -126,9 +126,9 @@ def embed(loaded: LoadedModel, pixels: torch.Tensor, batch_size: int,
     statistics, energy = [], []
     for start in range(0, len(pixels), batch_size):
         check_stop(should_stop)
-        pooled, layers = loaded.model.features.layer_statistics(
+        familiarity, layers = loaded.model.familiarity_and_statistics(
             loaded.normalise(pixels[start:start + batch_size].to(device)))
-        energy.append(torch.logsumexp(loaded.model.head(pooled), 1).double().cpu())
+        energy.append(familiarity.double().cpu())
         statistics.append(layers.double().cpu())
     if not statistics:
         return torch.empty(0, 0, dtype=torch.float64), torch.empty(0, dtype=torch.float64)

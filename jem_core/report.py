@@ -81,7 +81,8 @@ def describe_model(name: str, loaded: LoadedModel) -> list[tuple[str, Any]]:
     labels = cfg.get("labels_per_class")
     return [("file", name), ("training", mode),
             ("labels", "all training images" if not labels else f"{labels} per class"),
-            ("architecture", f"{loaded.spec.arch}, stem stride {loaded.spec.stem_stride}, norm {loaded.spec.norm}"),
+            ("architecture", f"{loaded.spec.arch}, stem stride {loaded.spec.stem_stride}, norm {loaded.spec.norm}"
+                             + (f"; {loaded.spec.members} networks averaged" if loaded.spec.members > 1 else "")),
             ("input", f"{loaded.meta.image_size} px, bands {', '.join(loaded.meta.band_names)}, "
                       f"values {loaded.meta.value_range}"),
             ("classes", f"{len(loaded.meta.class_names)}: {', '.join(loaded.meta.class_names)}"),

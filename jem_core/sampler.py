@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from . import JEMError
 from .batch_split import map_slices, slice_count
-from .models import JEM
+from .models import Model
 
 INIT_CHOICES = ("informative", "uniform")
 
@@ -154,7 +154,7 @@ def make_initialiser(config: SGLDConfig, images: torch.Tensor, labels: torch.Ten
 
 
 class SGLDSampler:
-    def __init__(self, model: JEM, config: SGLDConfig, buffer: ReplayBuffer, fused: bool = True,
+    def __init__(self, model: Model, config: SGLDConfig, buffer: ReplayBuffer, fused: bool = True,
                  split: bool = True) -> None:
         self.model = model
         self.config = config
@@ -175,7 +175,7 @@ class SGLDSampler:
         return samples
 
 
-def run_chain(model: JEM, x: torch.Tensor, config: SGLDConfig, y: torch.Tensor | None = None,
+def run_chain(model: Model, x: torch.Tensor, config: SGLDConfig, y: torch.Tensor | None = None,
               steps: int | None = None, fused: bool = True, split: bool = True) -> torch.Tensor:
     """Run SGLD from x; parameters are frozen so no weight gradients are computed.
 
@@ -207,7 +207,7 @@ def run_chain(model: JEM, x: torch.Tensor, config: SGLDConfig, y: torch.Tensor |
         model.train(was_training)
 
 
-def _chain(model: JEM, x: torch.Tensor, config: SGLDConfig, y: torch.Tensor | None, steps: int, fused: bool,
+def _chain(model: Model, x: torch.Tensor, config: SGLDConfig, y: torch.Tensor | None, steps: int, fused: bool,
            generator: torch.Generator | None) -> torch.Tensor:
     x = x.detach().clone()
     with torch.enable_grad():

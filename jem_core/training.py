@@ -441,6 +441,9 @@ def check_extras(dataset: SceneDataset, unlabelled: torch.Tensor | None, start_m
     if unlabelled is not None and tuple(unlabelled.shape[1:]) != shape:
         raise JEMError(f"Unlabelled images are {tuple(unlabelled.shape[1:])} (bands, H, W) but the labelled ones "
                        f"are {shape}; give both the same bands and size.")
+    if start_model is not None and start_model.spec.members > 1:
+        raise JEMError(f"The starting model is an ensemble of {start_model.spec.members} networks; training "
+                       "fine-tunes one network. `jem retrain` fine-tunes each member of an ensemble.")
     if start_model is not None and (start_model.spec.in_channels, start_model.spec.num_classes) != \
             (shape[0], dataset.num_classes):
         raise JEMError(f"The starting model takes {start_model.spec.in_channels} bands and "

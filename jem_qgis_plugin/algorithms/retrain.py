@@ -134,6 +134,9 @@ class RetrainAlgorithm(JemAlgorithm):
                 QgsProcessingParameterBoolean("NEW_MODEL", "Train a new model (ignore the starting model)", False),
                 QgsProcessingParameterNumber("ITERATIONS", "Iterations (0: as many as the training time allows)",
                                              QgsProcessingParameterNumber.Integer, 0, minValue=0),
+                QgsProcessingParameterNumber("MEMBERS", "Networks averaged (each trains for its share of the time)",
+                                             QgsProcessingParameterNumber.Integer, RETRAIN.members, minValue=1,
+                                             maxValue=8),
                 QgsProcessingParameterNumber(
                     "COARSEN", "Read the raster at 1/N of its resolution (0: a retrained starting model's own N, "
                                f"else {RETRAIN.coarsen}; 1: as it is)",
@@ -208,7 +211,8 @@ class RetrainAlgorithm(JemAlgorithm):
                          keep_model_classes=self.parameterAsBool(parameters, "KEEP_MODEL_CLASSES", context),
                          extra_dataset=self.parameterAsFile(parameters, "EXTRA_DATASET", context) or None,
                          out_model=out_model, config=config, bands=bands, unlabelled_count=unlabelled,
-                         coarsen=coarsen, progress=progress_reporter(feedback, 0, TRAIN_SHARE),
+                         coarsen=coarsen, members=self.parameterAsInt(parameters, "MEMBERS", context),
+                         progress=progress_reporter(feedback, 0, TRAIN_SHARE),
                          should_stop=feedback.isCanceled, log=feedback.pushInfo)
         for warning in result.warnings:
             feedback.reportError(f"Warning: {warning}", fatalError=False)

@@ -1,0 +1,109 @@
+"""Ensembles: several networks trained apart, used as one model (retrain's default)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from jem_core import JEMError
+from jem_core.active import retrain
+from jem_core.data import SceneDataset
+from jem_core.model_file import LoadedModel, ModelMeta, load_model, model_payload, save_model
+from jem_core.models import JEM, JEMEnsemble, ModelSpec, build_model, ensemble_of, networks
+from jem_core.ood import embed
+from jem_core.training import train
+from tests.test_active import point, tiny_config, two_class_annotations, write_scene
+
+SPEC = ModelSpec(arch="wrn-10-1", in_channels=3, num_classes=4)
+
+
+def ensemble(members: int = 3) -> JEMEnsemble:
+    torch.manual_seed(0)
+    return ensemble_of([build_model(SPEC) for _ in range(members)]).eval()
+
+
+def test_the_ensemble_is_the_mean_of_its_members_in_p_y_given_x_and_in_energy():
+    model, x = ensemble(), torch.randn(5, 3, 16, 16)
+    with torch.no_grad():
+        logits = torch.stack([member(x) for member in model.members])
+        combined = model(x)
+        assert torch.allclose(combined.softmax(1), logits.softmax(2).mean(0), atol=1e-6)
+        assert torch.allclose(model.energy(x), JEM.energy_from_logits(logits.flatten(0, 1)).view(3, 5).mean(0),
+                              atol=1e-5)
+        # The members differ, so their mean is not any one of them.
+        assert not torch.allclose(combined.softmax(1), logits[0].softmax(1), atol=1e-3)
+
+
+def test_ensemble_files_round_trip_and_single_networks_keep_the_old_format(tmp_path):
+    model, x = ensemble(2), torch.randn(4, 3, 16, 16)
+    assert model_payload(model, meta_for(model))["format_version"] == 2
+    save_model(tmp_path / "e.pt", model, meta_for(model))
+    loaded = load_model(tmp_path / "e.pt")
+    assert isinstance(loaded.model, JEMEnsemble) and loaded.spec.members == 2
+    with torch.no_grad():
+        assert torch.allclose(loaded.model(x), model(x), atol=1e-5)
+    single = build_model(SPEC)
+    payload = model_payload(single, meta_for(single))
+    assert payload["format_version"] == 1 and "members" not in payload["spec"]
+
+
+def meta_for(model: torch.nn.Module) -> ModelMeta:
+    return ModelMeta(class_names=list("abcd"), band_names=["r", "g", "b"], image_size=16, mean=[0.0] * 3,
+                     std=[1.0] * 3)
+
+
+def test_familiarity_and_layer_statistics_of_an_ensemble_come_from_every_member():
+    model = ensemble(2)
+    loaded = LoadedModel(model, meta_for(model))
+    pixels = torch.rand(6, 3, 16, 16)
+    statistics, familiarity = embed(loaded, pixels, batch_size=4)
+    with torch.no_grad():
+        assert torch.allclose(familiarity.float(), -model.energy(pixels), atol=1e-4)
+        single_statistics, _ = embed(LoadedModel(model.members[0], loaded.meta), pixels, batch_size=4)
+    assert statistics.shape[1] == 2 * single_statistics.shape[1]
+    assert model.penultimate(pixels).shape[1] == 2 * model.members[0].penultimate(pixels).shape[1]
+
+
+def test_retrain_trains_members_apart_on_shares_of_the_run_and_writes_one_model(tmp_path):
+    scene = write_scene(tmp_path / "scene.tif")
+    lines: list[str] = []
+    fractions: list[float] = []
+    result = retrain([scene], two_class_annotations(), out_model=tmp_path / "m.pt", members=2,
+                     config=tiny_config(epochs=None, iterations=6), unlabelled_count=24, log=lines.append,
+                     progress=lambda fraction, message: fractions.append(fraction))
+    assert result.metrics["member_iterations"] == [3, 3] and result.metrics["iterations"] == 6
+    assert any(line.startswith("[network 2 of 2]") for line in lines)
+    assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0)
+    saved = load_model(tmp_path / "m.pt")
+    assert saved.spec.members == 2 and saved.meta.train_config["members"] == 2
+    first, second = (network.state_dict() for network in networks(saved.model))
+    assert any(not torch.equal(first[name], second[name]) for name in first)  # own seeds, own draws
+
+    # Round 2 from the ensemble: every member is fine-tuned (a new class extends each head).
+    again = retrain([scene], two_class_annotations() + [point("water", 40, 85)], start_model=tmp_path / "m.pt",
+                    members=2, config=tiny_config(epochs=None, iterations=4), unlabelled_count=16)
+    assert again.loaded.spec.members == 2 and again.class_names == ["field", "town", "water"]
+    single = retrain([scene], two_class_annotations(), start_model=tmp_path / "m.pt", members=1,
+                     config=tiny_config(epochs=None, iterations=2), unlabelled_count=16)
+    assert isinstance(single.loaded.model, JEM)
+
+
+def test_training_refuses_an_ensemble_to_fine_tune_and_retrain_refuses_zero_members(tmp_path):
+    scene = write_scene(tmp_path / "scene.tif")
+    model = ensemble(2)
+    data = SceneDataset(torch.rand(8, 3, 16, 16) * 255, torch.tensor([0, 1, 2, 3] * 2), list("abcd"),
+                        ["r", "g", "b"], [0.0, 255.0], [])
+    with pytest.raises(JEMError, match="ensemble of 2 networks"):
+        train(data, tiny_config(), start_model=LoadedModel(model, meta_for(model)))
+    with pytest.raises(JEMError, match="members must be at least 1"):
+        retrain([scene], two_class_annotations(), members=0, config=tiny_config())
+    with pytest.raises(JEMError, match="at least one member"):
+        ModelSpec(members=0)
+
+
+def test_cli_retrain_help_names_the_members_default():
+    shown = subprocess.run([sys.executable, "-m", "jem_core", "retrain", "--help"], capture_output=True,
+                           text=True, check=True).stdout
+    assert "--members" in shown and "(default: 2)" in " ".join(shown[shown.rindex("--members"):].split())[:600]
