@@ -37,7 +37,8 @@ from .landcover_map import DEFAULT_RESOLUTION, default_stride
 ARCHITECTURES: list[str] = list(core_constant("models", "ARCHITECTURES"))
 # The retrain defaults shared with `jem retrain` (jem_core/active/retrain.py), read without importing torch.
 RETRAIN = SimpleNamespace(**{name: core_constant("active/retrain", f"RetrainDefaults.{name}")
-                             for name in ("minutes", "unlabelled", "image_size", "arch", "lr", "coarsen")})
+                             for name in ("minutes", "unlabelled", "image_size", "arch", "lr", "coarsen",
+                                          "members")})
 # Retraining takes this share of the progress bar; the optional maps the rest.
 TRAIN_SHARE = 85.0
 
