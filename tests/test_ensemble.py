@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from jem_core import JEMError
-from jem_core.active import retrain
+from jem_core.active.retrain import RETRAIN_DEFAULTS, default_members, retrain
 from jem_core.data import SceneDataset
 from jem_core.model_file import LoadedModel, ModelMeta, load_model, model_payload, save_model
 from jem_core.models import JEM, JEMEnsemble, ModelSpec, build_model, ensemble_of, networks
@@ -103,7 +103,19 @@ def test_training_refuses_an_ensemble_to_fine_tune_and_retrain_refuses_zero_memb
         ModelSpec(members=0)
 
 
-def test_cli_retrain_help_names_the_members_default():
+def test_two_networks_when_fine_tuning_one_for_a_new_network_unless_told(tmp_path):
+    scene = write_scene(tmp_path / "scene.tif")
+    new = retrain([scene], two_class_annotations(), out_model=tmp_path / "m.pt",
+                  config=tiny_config(epochs=None, iterations=2), unlabelled_count=16)
+    assert isinstance(new.loaded.model, JEM) and new.metrics["iterations"] == 2
+    fine_tuned = retrain([scene], two_class_annotations(), start_model=tmp_path / "m.pt",
+                         config=tiny_config(epochs=None, iterations=2), unlabelled_count=16)
+    assert fine_tuned.loaded.spec.members == RETRAIN_DEFAULTS.members == 2
+    assert default_members(None) == RETRAIN_DEFAULTS.members_from_scratch == 1
+
+
+def test_cli_retrain_help_names_the_members_defaults():
     shown = subprocess.run([sys.executable, "-m", "jem_core", "retrain", "--help"], capture_output=True,
                            text=True, check=True).stdout
-    assert "--members" in shown and "(default: 2)" in " ".join(shown[shown.rindex("--members"):].split())[:600]
+    text = " ".join(shown[shown.rindex("--members"):].split())[:700]
+    assert "Default: 2 when fine-tuning a model" in text and "1 for a new network" in text

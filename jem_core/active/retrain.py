@@ -9,10 +9,11 @@ read the same way) and the new model's classes are the classes labelled this rou
 `keep_model_classes` keeps the starting model's other classes too.  A starting model's head is fitted
 to the new class list by name: rows of classes it knows are copied, new classes get fresh rows.
 
-The run trains RETRAIN_DEFAULTS.members networks one after the other, each for its share of the
-budget, on its own random draw of unlabelled patches and its own seed, and writes them as one
-ensemble model (models.JEMEnsemble): on the scene benchmark two half-length retrains averaged map
-more accurately and rank their errors better than one full-length retrain (docs/labelling.md).
+Fine-tuning a model, the run trains RETRAIN_DEFAULTS.members networks one after the other, each for
+its share of the budget, on its own random draw of unlabelled patches and its own seed, and writes
+them as one ensemble model (models.JEMEnsemble): on the scene benchmark two half-length retrains
+averaged map a little more accurately and rank their errors a little better than one full-length
+retrain, while a new network (no starting model) needs the whole budget (docs/labelling.md).
 """
 from __future__ import annotations
 
@@ -47,7 +48,8 @@ class RetrainDefaults:
     lr: float = 1e-3
     label_shift_fraction: float = 0.25  # each annotation also labels its neighbours shifted by this × patch
     coarsen: int = 2  # read the rasters at 1/2 resolution: a 32 px patch sees 64 × 64 raster pixels
-    members: int = 2  # networks trained one after the other on a share of the budget each, then averaged
+    members: int = 2  # fine-tuning: networks trained one after the other on a share of the budget each, averaged
+    members_from_scratch: int = 1  # a new network needs every iteration of the budget
 
 
 # Member i of an ensemble trains with seed config.seed + MEMBER_SEED_STEP · i (its unlabelled draw too).
@@ -138,7 +140,7 @@ def retrain(rasters: Sequence[RasterInput], annotations: Sequence[Annotation], *
             extra_dataset: SceneDataset | str | Path | None = None, out_model: str | Path | None = None,
             config: TrainConfig | None = None, bands: Sequence[str] | None = None,
             unlabelled_count: int = RETRAIN_DEFAULTS.unlabelled, stretch: str = "auto",
-            label_shift: int | None = None, coarsen: int | None = None, members: int = RETRAIN_DEFAULTS.members,
+            label_shift: int | None = None, coarsen: int | None = None, members: int | None = None,
             progress: ProgressFn | None = None, should_stop: StopFn | None = None,
             log: Callable[[str], None] | None = None) -> RetrainResult:
     """Semi-supervised JEM on annotated patches (labelled) + patches spread over the rasters (unlabelled).
@@ -151,7 +153,8 @@ def retrain(rasters: Sequence[RasterInput], annotations: Sequence[Annotation], *
     (default: RETRAIN_DEFAULTS.label_shift_fraction of the patch size; 0: the annotated patch only).
     coarsen: read the rasters at 1/coarsen of their resolution (None: reading_coarsen's default); the
     new model stores it.  The patch size is the starting model's, else config.image_size.
-    members: networks to train, each on its own unlabelled draw, and write as one ensemble (1: one network).
+    members: networks to train, each on its own unlabelled draw, and write as one ensemble (1: one network;
+    None: default_members).
     """
     start = as_loaded(start_model) if start_model is not None else None
     config = config or retrain_config()
@@ -170,6 +173,7 @@ def retrain(rasters: Sequence[RasterInput], annotations: Sequence[Annotation], *
     if extra_dataset is not None:
         extra = extra_dataset if isinstance(extra_dataset, SceneDataset) else \
             load_class_folder(extra_dataset, patch_size)
+    members = default_members(start) if members is None else members
     if members < 1:
         raise JEMError(f"members must be at least 1 (got {members}).")
     unlabelled_sets = []
@@ -185,6 +189,11 @@ def retrain(rasters: Sequence[RasterInput], annotations: Sequence[Annotation], *
         unlabelled_sets.append(unlabelled)
     return retrain_on_patches(labelled, unlabelled_sets, start_model=start, out_model=out_model, config=config,
                               coarsen=coarsen, progress=progress, should_stop=should_stop, log=log)
+
+
+def default_members(start_model: LoadedModel | None) -> int:
+    """RETRAIN_DEFAULTS.members when fine-tuning, members_from_scratch for a new network."""
+    return RETRAIN_DEFAULTS.members if start_model is not None else RETRAIN_DEFAULTS.members_from_scratch
 
 
 def member_seed(config: TrainConfig, member: int) -> int:

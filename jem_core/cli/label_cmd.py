@@ -53,11 +53,13 @@ def register(subparsers) -> None:
     r.add_argument("--minutes", type=float, default=RETRAIN_DEFAULTS.minutes,
                    help="training time; 0 = no time limit, with --iterations (default: %(default)s)")
     r.add_argument("--iterations", type=int, help="optimiser steps (default: as many as --minutes allows)")
-    r.add_argument("--members", type=int, default=RETRAIN_DEFAULTS.members,
+    r.add_argument("--members", type=int,
                    help="networks trained one after the other, each for its share of --minutes/--iterations and "
-                        "on its own draw of unlabelled patches, then averaged into one model; on the scene "
-                        "benchmark 2 map more accurately and rank their errors better than 1 in the same time, "
-                        "and mapping costs that many network passes (default: %(default)s)")
+                        "on its own draw of unlabelled patches, then averaged into one model (mapping costs that "
+                        f"many network passes). Default: {RETRAIN_DEFAULTS.members} when fine-tuning a model (on "
+                        "the scene benchmark a little more accurate and better at marking its errors than one "
+                        f"network in the same time), {RETRAIN_DEFAULTS.members_from_scratch} for a new network "
+                        "(--from-scratch: it needs the whole budget)")
     r.add_argument("--label-shift", type=int,
                    help="each annotation also labels the 8 patches shifted by ±this many pixels (default: a quarter "
                         "of the patch size; 0: the annotated patch only)")

@@ -38,7 +38,7 @@ ARCHITECTURES: list[str] = list(core_constant("models", "ARCHITECTURES"))
 # The retrain defaults shared with `jem retrain` (jem_core/active/retrain.py), read without importing torch.
 RETRAIN = SimpleNamespace(**{name: core_constant("active/retrain", f"RetrainDefaults.{name}")
                              for name in ("minutes", "unlabelled", "image_size", "arch", "lr", "coarsen",
-                                          "members")})
+                                          "members", "members_from_scratch")})
 # Retraining takes this share of the progress bar; the optional maps the rest.
 TRAIN_SHARE = 85.0
 
@@ -102,7 +102,13 @@ class RetrainAlgorithm(JemAlgorithm):
             "trained at <b>Patch size</b> instead.<br>"
             "<b>Training time</b> (default 3 minutes, measured on two CPU cores: docs/labelling.md) bounds the run; "
             "<b>Unlabelled patches</b> (default 2048) spread over the whole raster are the unlabelled set of "
-            f"semi-supervised JEM training. The raster is read at 1/{RETRAIN.coarsen} of its resolution (averaging "
+            "semi-supervised JEM training. <b>Networks averaged</b> (advanced; 0, the default: "
+            f"{RETRAIN.members} when fine-tuning, {RETRAIN.members_from_scratch} for a new model): that many "
+            "networks are trained one after the other, each for its share of the time and on its own draw of "
+            "unlabelled patches, and saved as one model whose class probabilities and familiarity are their means; "
+            "on the scene benchmark two half-length fine-tuned networks map a little more accurately and mark their "
+            "errors a little better than one (docs/labelling.md), a new network needs the whole time, and mapping "
+            f"costs one network pass each. The raster is read at 1/{RETRAIN.coarsen} of its resolution (averaging "
             f"{RETRAIN.coarsen} × {RETRAIN.coarsen} pixels), so a {RETRAIN.image_size} px patch covers "
             f"{RETRAIN.coarsen * RETRAIN.image_size} × {RETRAIN.coarsen * RETRAIN.image_size} raster pixels (chosen "
             "on the scene benchmark: docs/labelling.md); <b>Read the raster at 1/N of its resolution</b> (advanced) "
@@ -135,9 +141,10 @@ class RetrainAlgorithm(JemAlgorithm):
                 QgsProcessingParameterBoolean("NEW_MODEL", "Train a new model (ignore the starting model)", False),
                 QgsProcessingParameterNumber("ITERATIONS", "Iterations (0: as many as the training time allows)",
                                              QgsProcessingParameterNumber.Integer, 0, minValue=0),
-                QgsProcessingParameterNumber("MEMBERS", "Networks averaged (each trains for its share of the time)",
-                                             QgsProcessingParameterNumber.Integer, RETRAIN.members, minValue=1,
-                                             maxValue=8),
+                QgsProcessingParameterNumber(
+                    "MEMBERS", f"Networks averaged, each trained for its share of the time (0: {RETRAIN.members} "
+                               f"when fine-tuning, {RETRAIN.members_from_scratch} for a new model)",
+                    QgsProcessingParameterNumber.Integer, 0, minValue=0, maxValue=8),
                 QgsProcessingParameterNumber(
                     "COARSEN", "Read the raster at 1/N of its resolution (0: a retrained starting model's own N, "
                                f"else {RETRAIN.coarsen}; 1: as it is)",
@@ -212,7 +219,7 @@ class RetrainAlgorithm(JemAlgorithm):
                          keep_model_classes=self.parameterAsBool(parameters, "KEEP_MODEL_CLASSES", context),
                          extra_dataset=self.parameterAsFile(parameters, "EXTRA_DATASET", context) or None,
                          out_model=out_model, config=config, bands=bands, unlabelled_count=unlabelled,
-                         coarsen=coarsen, members=self.parameterAsInt(parameters, "MEMBERS", context),
+                         coarsen=coarsen, members=self.parameterAsInt(parameters, "MEMBERS", context) or None,
                          progress=progress_reporter(feedback, 0, TRAIN_SHARE),
                          should_stop=feedback.isCanceled, log=feedback.pushInfo)
         for warning in result.warnings:
