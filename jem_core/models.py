@@ -4,7 +4,7 @@ The same network is a classifier p(y|x) = softmax(f(x)) and an energy model
 p(x) ∝ exp(-E(x)) with E(x) = -logsumexp_y f(x)[y].  Batch norm is left out because it
 makes E(x) depend on the rest of the batch, which breaks SGLD sampling.
 
-A JEMEnsemble holds several such networks trained apart (`jem retrain` makes two by default) and is
+A JEMEnsemble holds several such networks trained apart (`jem retrain` makes two when fine-tuning) and is
 used wherever a JEM is: its p(y|x) and E(x) are the members' means.
 """
 from __future__ import annotations
