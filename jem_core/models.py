@@ -216,10 +216,12 @@ class JEMEnsemble(EnergyModel):
     mean p(y|x) (the shift cancels), logsumexp g is the mean −E(x) (the log-probabilities sum to log 1).
     """
 
-    def __init__(self, spec: ModelSpec) -> None:
+    def __init__(self, spec: ModelSpec, members: list[JEM] | None = None) -> None:
+        """members: trained networks of spec.member_spec() (None: spec.members new ones)."""
         super().__init__()
         self.spec = spec
-        self.members = nn.ModuleList(JEM(spec.member_spec()) for _ in range(spec.members))
+        self.members = nn.ModuleList(members if members is not None else
+                                     [JEM(spec.member_spec()) for _ in range(spec.members)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = torch.stack([member(x) for member in self.members])  # (members, N, classes)
@@ -250,9 +252,7 @@ def ensemble_of(members: list[JEM]) -> Model:
     """One model of trained networks of the same spec (a single network stays itself)."""
     if len(members) == 1:
         return members[0]
-    ensemble = JEMEnsemble(replace(members[0].spec, members=len(members)))
-    ensemble.members = nn.ModuleList(members)
-    return ensemble
+    return JEMEnsemble(replace(members[0].spec, members=len(members)), members)
 
 
 def apply_speed_options(model: Model, options: SpeedOptions, device: torch.device) -> Model:
