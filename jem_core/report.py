@@ -92,6 +92,22 @@ def describe_model(name: str, loaded: LoadedModel) -> list[tuple[str, Any]]:
             ("written by", loaded.meta.created_by)]
 
 
+def stored_metrics_sections(name: str, stored: dict[str, Any], numbers: dict[str, Any]) -> list[str]:
+    """The test metrics stored at training time; a model trained without a test split (a retrain uses
+    every annotation) has none, and says so with its fit on its own labels instead of a 0 % accuracy."""
+    if not stored.get("count"):
+        fit = stored.get("label_fit")
+        numbers["metrics"] = {}
+        numbers["label_fit"] = fit
+        fit_text = f"; it fits {fit:.0%} of its labelled patches" if fit is not None else ""
+        return [f'<p class="note">No dataset given, and this model was trained without a test split (a retrain '
+                f'trains on every annotation){fit_text}. Give a labelled dataset (--data) to measure it.</p>']
+    numbers["metrics"] = {name: {k: stored.get(k) for k in ("accuracy", "nll", "ece", "count")}}
+    return ['<p class="note">No dataset given: metrics as stored in the model file at training time.</p>',
+            table(["test accuracy", "NLL", "ECE", "test images"],
+                  [[stored.get(k, "–") for k in ("accuracy", "nll", "ece", "count")]])]
+
+
 def history_plot(history: list[dict[str, float]], path: Path) -> None:
     from .plots import pyplot, save_figure
 
@@ -148,12 +164,7 @@ def build_report(model: str | os.PathLike | LoadedModel, out_html: str | os.Path
             sections.append("<details><summary>per-class test accuracy</summary>"
                             + table(["class", *evaluated], per_class_rows) + "</details>")
         else:
-            stored = loaded.meta.metrics
-            numbers["metrics"] = {name: {k: stored.get(k) for k in ("accuracy", "nll", "ece", "count")}}
-            sections.append('<p class="note">No dataset given: metrics as stored in the model file at training '
-                            'time.</p>')
-            sections.append(table(["test accuracy", "NLL", "ECE", "test images"],
-                                  [[stored.get(k, "–") for k in ("accuracy", "nll", "ece", "count")]]))
+            sections += stored_metrics_sections(name, loaded.meta.metrics, numbers)
         history = loaded.meta.train_config.get("history") or []
         if history:
             history_plot(history, tmp / "history.png")

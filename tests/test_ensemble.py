@@ -9,12 +9,13 @@ import torch
 
 from jem_core import JEMError
 from jem_core.active.retrain import RETRAIN_DEFAULTS, default_members, retrain
+from jem_core.cli import main as cli_main
 from jem_core.data import SceneDataset
 from jem_core.model_file import LoadedModel, ModelMeta, load_model, model_payload, save_model
 from jem_core.models import JEM, JEMEnsemble, ModelSpec, build_model, ensemble_of, networks
 from jem_core.ood import embed
 from jem_core.training import train
-from tests.test_active import point, tiny_config, two_class_annotations, write_scene
+from tests.test_active import PATCH, point, tiny_config, two_class_annotations, write_scene
 
 SPEC = ModelSpec(arch="wrn-10-1", in_channels=3, num_classes=4)
 
@@ -119,3 +120,31 @@ def test_cli_retrain_help_names_the_members_defaults():
                            text=True, check=True).stdout
     text = " ".join(shown[shown.rindex("--members"):].split())[:700]
     assert "Default: 2 when fine-tuning a model" in text and "1 for a new network" in text
+
+
+def test_an_extra_dataset_joins_every_members_unlabelled_draw_or_is_refused_before_any_drawing(tmp_path):
+    scene = write_scene(tmp_path / "scene.tif")
+    extra = SceneDataset(torch.rand(5, 3, PATCH, PATCH) * 255, torch.zeros(5, dtype=torch.long), ["x"],
+                         ["r", "g", "b"], [0.0, 255.0], [])
+    alone = retrain([scene], two_class_annotations(), members=2, config=tiny_config(epochs=None, iterations=2),
+                    unlabelled_count=16)
+    joined = retrain([scene], two_class_annotations(), members=2, extra_dataset=extra,
+                     config=tiny_config(epochs=None, iterations=2), unlabelled_count=16)
+    assert joined.unlabelled_count == alone.unlabelled_count + 5
+    wrong = SceneDataset(torch.rand(5, 3, PATCH + 2, PATCH + 2), torch.zeros(5, dtype=torch.long), ["x"],
+                         ["r", "g", "b"], [0.0, 255.0], [])
+    with pytest.raises(JEMError, match="Use matching data"):
+        retrain([scene], two_class_annotations(), members=2, extra_dataset=wrong, config=tiny_config(),
+                unlabelled_count=16)
+
+
+def test_an_ensembles_metrics_are_its_own_and_its_report_says_it_has_no_test_split(tmp_path, capsys):
+    scene = write_scene(tmp_path / "scene.tif")
+    result = retrain([scene], two_class_annotations(), out_model=tmp_path / "m.pt", members=2,
+                     config=tiny_config(epochs=None, iterations=4), unlabelled_count=16)
+    assert result.metrics["stop_reason"] == "network 1: 2 iterations done; network 2: 2 iterations done"
+    assert "best_epoch" not in result.metrics and result.metrics["recoveries"] == 0
+    assert cli_main(["report", str(tmp_path / "m.pt"), "--out", str(tmp_path / "r.html"), "--no-samples"]) == 0
+    shown = capsys.readouterr().out
+    assert "no test split" in shown and "accuracy 0.0" not in shown
+    assert "trained without a test split" in (tmp_path / "r.html").read_text()

@@ -169,26 +169,27 @@ def retrain(rasters: Sequence[RasterInput], annotations: Sequence[Annotation], *
             f"{coarsen * patch_size} × {coarsen * patch_size} raster pixels (--coarsen 1 reads them as they are)")
     labelled = patches_from_annotations(rasters, annotations, patch_size, bands, meta, head_order, stretch,
                                         label_shift, coarsen)
-    extra = None
-    if extra_dataset is not None:
-        extra = extra_dataset if isinstance(extra_dataset, SceneDataset) else \
-            load_class_folder(extra_dataset, patch_size)
+    extra = matching_extra_images(extra_dataset, labelled) if extra_dataset is not None else None
     members = default_members(start) if members is None else members
     if members < 1:
         raise JEMError(f"members must be at least 1 (got {members}).")
-    unlabelled_sets = []
-    for member in range(members):
-        unlabelled = sample_unlabelled_patches(rasters, unlabelled_count, member_seed(config, member), patch_size,
-                                               bands, meta, stretch, should_stop, coarsen)
-        if extra is not None:
-            if extra.images.shape[1:] != unlabelled.shape[1:]:
-                raise JEMError(f"The extra dataset has {extra.images.shape[1]}-band {extra.images.shape[-1]} px "
-                               f"images; the raster patches are {unlabelled.shape[1]}-band {patch_size} px. "
-                               "Use matching data.")
-            unlabelled = torch.cat([unlabelled, extra.images])
-        unlabelled_sets.append(unlabelled)
+    unlabelled_sets = [sample_unlabelled_patches(rasters, unlabelled_count, member_seed(config, member), patch_size,
+                                                 bands, meta, stretch, should_stop, coarsen)
+                       for member in range(members)]
+    if extra is not None:
+        unlabelled_sets = [torch.cat([unlabelled, extra]) for unlabelled in unlabelled_sets]
     return retrain_on_patches(labelled, unlabelled_sets, start_model=start, out_model=out_model, config=config,
                               coarsen=coarsen, progress=progress, should_stop=should_stop, log=log)
+
+
+def matching_extra_images(extra_dataset: SceneDataset | str | Path, labelled: SceneDataset) -> torch.Tensor:
+    """The extra dataset's images, refused unless they have the raster patches' bands and size."""
+    patch_size = labelled.images.shape[-1]
+    extra = extra_dataset if isinstance(extra_dataset, SceneDataset) else load_class_folder(extra_dataset, patch_size)
+    if extra.images.shape[1:] != labelled.images.shape[1:]:
+        raise JEMError(f"The extra dataset has {extra.images.shape[1]}-band {extra.images.shape[-1]} px images; "
+                       f"the raster patches are {labelled.images.shape[1]}-band {patch_size} px. Use matching data.")
+    return extra.images
 
 
 def default_members(start_model: LoadedModel | None) -> int:
@@ -279,10 +280,15 @@ def combined(results: list[TrainResult], labelled: SceneDataset,
     loaded = LoadedModel(ensemble_of([result.loaded.model for result in results]).eval(), meta)
     # Every labelled patch is a training label (no split), so this is the fit on the annotations.
     label_fit = float((predict_logits(loaded, labelled.images).argmax(1) == labelled.labels).double().mean())
-    metrics = {**results[0].metrics, "label_fit": label_fit, "members": len(results),
-               "iterations": sum(result.metrics["iterations"] for result in results),
-               "member_iterations": [result.metrics["iterations"] for result in results],
-               "train_seconds": round(sum(result.metrics["train_seconds"] for result in results), 1),
+    # The members' shared fields (no test split, labelled count, mode), then the ensemble's own totals.
+    shared = {k: v for k, v in results[0].metrics.items() if k not in ("best_epoch", "stop_reason", "recoveries")}
+    member_metrics = [result.metrics for result in results]
+    metrics = {**shared, "label_fit": label_fit, "members": len(results),
+               "iterations": sum(m["iterations"] for m in member_metrics),
+               "member_iterations": [m["iterations"] for m in member_metrics],
+               "train_seconds": round(sum(m["train_seconds"] for m in member_metrics), 1),
+               "recoveries": sum(m["recoveries"] for m in member_metrics),
+               "stop_reason": "; ".join(f"network {i + 1}: {m['stop_reason']}" for i, m in enumerate(member_metrics)),
                "warnings": fit_warnings(label_fit, len(labelled), None, labelled.num_classes)}
     meta.metrics = {k: v for k, v in metrics.items() if k not in ("confusion_matrix", "reliability")}
     return loaded, metrics

@@ -139,5 +139,8 @@ def run_report(args: argparse.Namespace) -> int:
     for name, m in numbers.get("metrics", {}).items():
         if m.get("accuracy") is not None:
             print(f"{name}: accuracy {m['accuracy']:.1%}  ECE {m['ece']:.3f}")
+    if numbers.get("label_fit") is not None:
+        print(f"{numbers['model']}: no test split (give --data to measure it); fits {numbers['label_fit']:.0%} "
+              "of its labelled patches")
     return 0
 
