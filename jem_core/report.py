@@ -99,9 +99,11 @@ def stored_metrics_sections(name: str, stored: dict[str, Any], numbers: dict[str
         fit = stored.get("label_fit")
         numbers["metrics"] = {}
         numbers["label_fit"] = fit
+        why = ("this model was trained without a test split (a retrain trains on every annotation)"
+               if "count" in stored else "the model file stores no test metrics")
         fit_text = f"; it fits {fit:.0%} of its labelled patches" if fit is not None else ""
-        return [f'<p class="note">No dataset given, and this model was trained without a test split (a retrain '
-                f'trains on every annotation){fit_text}. Give a labelled dataset (--data) to measure it.</p>']
+        return [f'<p class="note">No dataset given, and {why}{fit_text}. Give a labelled dataset (--data) to '
+                'measure it.</p>']
     numbers["metrics"] = {name: {k: stored.get(k) for k in ("accuracy", "nll", "ece", "count")}}
     return ['<p class="note">No dataset given: metrics as stored in the model file at training time.</p>',
             table(["test accuracy", "NLL", "ECE", "test images"],
