@@ -122,7 +122,7 @@ def test_cli_retrain_help_names_the_members_defaults():
     assert "Default: 2 when fine-tuning a model" in text and "1 for a new network" in text
 
 
-def test_an_extra_dataset_joins_every_members_unlabelled_draw_or_is_refused_before_any_drawing(tmp_path):
+def test_an_extra_dataset_joins_every_members_unlabelled_draw_or_is_refused(tmp_path):
     scene = write_scene(tmp_path / "scene.tif")
     extra = SceneDataset(torch.rand(5, 3, PATCH, PATCH) * 255, torch.zeros(5, dtype=torch.long), ["x"],
                          ["r", "g", "b"], [0.0, 255.0], [])
