@@ -17,6 +17,15 @@ from qgis.core import QgsProcessingFeedback
 torch.set_num_threads(2)
 
 
+@pytest.fixture
+def one_thread():
+    """Threaded float sums differ between identical runs; comparisons of two runs' weights need one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def write_image(path: Path, pixels: np.ndarray, driver: str | None = None) -> None:
     """pixels (bands, H, W); driver from the suffix (PNG/JPEG/GTiff)."""
     import rasterio

@@ -34,14 +34,6 @@ def interrupt_at(iteration: int):
     return progress
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.slow
 def test_resumed_run_matches_an_uninterrupted_one(tmp_path, one_thread):
     # Threaded float sums (oneDNN convolutions, batch-split chains, fused Adam) differ between identical runs at
