@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shlex
 import sys
 import time
@@ -42,6 +43,10 @@ from jem_core.training import TrainConfig
 DATA = Path("../shared/data")
 RESULTS = ROOT / "docs" / "results" / "aid_table"
 VARIANTS = ROOT / "docs" / "results" / "aid_variants"  # one folder per variant, e.g. sgld2 (see --results)
+# The default table's runs from before lr 2e-3 became jem train's default: variants measured at 1e-3 are
+# compared with these, not with the 2e-3 defaults.
+PREVIOUS_DEFAULT = VARIANTS / "lr1e-3"
+UNRECORDED_LR = 1e-3  # the default when runs did not yet record their learning rate ('paper' kept its own)
 IMAGES = ROOT / "docs" / "img"
 SCIENCE_MD = ROOT / "docs" / "science.md"
 TRAINING_AID_MD = ROOT / "docs" / "training_aid.md"
@@ -275,24 +280,43 @@ def accuracy_by_seed(runs: dict[tuple[str, str], list[dict]], setting: str, meth
     return {r["seed"]: r["accuracy"] for r in runs.get((setting, method), [])}
 
 
-def variants_table(runs: dict[tuple[str, str], list[dict]]) -> str:
-    """Each variant run beside the default run of the same setting, method and seed, and the CE baseline
-    (the variant's own CE run of that seed when the folder has one, e.g. a longer budget; else the default).
+def learning_rate(run: dict) -> float:
+    return run.get("lr") or METHODS[run["method"]].get("lr", UNRECORDED_LR)
+
+
+def same_seed_and_rate(sources: list[dict[tuple[str, str], list[dict]]], setting: str, method: str,
+                       seed: int, lr: float) -> dict | None:
+    """The first source's run of this setting, method and seed at learning rate `lr`; failing that, the first
+    source's run of that seed at any rate (a learning-rate variant is compared with the default itself)."""
+    matches = [run for runs in sources for run in runs.get((setting, method), []) if run["seed"] == seed]
+    same_rate = [run for run in matches if math.isclose(learning_rate(run), lr)]
+    return (same_rate or matches or [None])[0]
+
+
+def variants_table(runs: dict[tuple[str, str], list[dict]], variants: Path = VARIANTS,
+                   previous_default: Path = PREVIOUS_DEFAULT) -> str:
+    """Each variant run beside the default run of the same setting, method, seed and learning rate (the
+    previous default's, for a variant measured at the old rate), and the CE baseline of that seed (the
+    variant's own CE run when the folder has one, e.g. a longer budget; else the default's at that rate).
     A run with weight averages (--ema-probe) gets a row per average, compared with the CE run's same average."""
     lines = ["| variant | labels / class | method | seed | test acc | ECE | iterations | − default, same seed "
-             "| − CE, same seed |", "|---|---|---|---|---|---|---|---|---|"]
-    for folder in sorted(p for p in VARIANTS.iterdir() if p.is_dir()) if VARIANTS.is_dir() else []:
+             "and lr | − CE, same seed |", "|---|---|---|---|---|---|---|---|---|"]
+    previous = load_runs(previous_default) if previous_default.is_dir() else {}
+    for folder in sorted(p for p in variants.iterdir() if p.is_dir()) if variants.is_dir() else []:
         variant_runs = load_runs(folder)
+        sources = [runs] + ([previous] if folder != previous_default else [])
         for (setting, method), records in sorted(variant_runs.items(), key=lambda kv: SETTINGS.index(kv[0][0])):
-            default = accuracy_by_seed(runs, setting, method)
-            ce = {seed: {"": accuracy} for seed, accuracy in accuracy_by_seed(runs, setting, "ce").items()}
-            for run in variant_runs.get((setting, "ce"), []):
-                ce[run["seed"]] = {name: scores["accuracy"] for name, scores in run_views(run)}
+            own_ce = {run["seed"]: {name: scores["accuracy"] for name, scores in run_views(run)}
+                      for run in variant_runs.get((setting, "ce"), [])}
             for run in records:
+                lr = learning_rate(run)
+                default = same_seed_and_rate(sources, setting, method, run["seed"], lr)
+                shared_ce = same_seed_and_rate(sources, setting, "ce", run["seed"], lr)
+                ce = own_ce.get(run["seed"], {} if shared_ce is None else {"": shared_ce["accuracy"]})
                 for name, scores in run_views(run):
-                    ce_base = None if method == "ce" else ce.get(run["seed"], {}).get(name)
+                    ce_base = None if method == "ce" else ce.get(name)
                     gaps = [None if base is None else 100 * (scores["accuracy"] - base)
-                            for base in (default.get(run["seed"]), ce_base)]
+                            for base in (None if default is None else default["accuracy"], ce_base)]
                     lines.append(f"| {folder.name} | {setting} | {METHOD_NAMES[method]}{name} | {run['seed']} "
                                  f"| {scores['accuracy']:.1%} | {scores['ece']:.3f} | {run['iterations']} "
                                  f"| {fmt(gaps[0], '+.1f')} | {fmt(gaps[1], '+.1f')} |")
