@@ -45,7 +45,7 @@ class RetrainDefaults:
     unlabelled: int = 2048  # patches spread over the scene for the energy term
     image_size: int = 32  # patch size of a new model (a starting model brings its own)
     arch: str = "wrn-10-2"  # network of a new model
-    lr: float = 1e-3
+    lr: float = 1e-3  # fine-tuning; 5e-4 and 2e-3 mapped no better (jem train's own default is 2e-3)
     label_shift_fraction: float = 0.25  # each annotation also labels its neighbours shifted by this × patch
     coarsen: int = 2  # read the rasters at 1/2 resolution: a 32 px patch sees 64 × 64 raster pixels
     members: int = 2  # fine-tuning: networks trained one after the other on a share of the budget each, averaged

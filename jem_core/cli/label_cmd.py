@@ -76,7 +76,9 @@ def register(subparsers) -> None:
     r.add_argument("--image-size", type=int, default=RETRAIN_DEFAULTS.image_size,
                    help="patch size of a new model (default: %(default)s)")
     r.add_argument("--arch", default=RETRAIN_DEFAULTS.arch, help="architecture of a new model (default: %(default)s)")
-    r.add_argument("--lr", type=float, default=RETRAIN_DEFAULTS.lr, help="(default: %(default)s)")
+    r.add_argument("--lr", type=float, default=RETRAIN_DEFAULTS.lr,
+                   help="peak learning rate (default: %(default)s; half or twice it mapped no better on the scene "
+                        "benchmark: docs/labelling.md)")
     r.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     add_device_option(r)
     r.set_defaults(run=run_retrain)
