@@ -43,7 +43,9 @@ class TrainAlgorithm(JemAlgorithm):
             "<b>Labels per class</b>: 0 uses every label; K keeps K labels per class and uses the other images "
             "unlabelled (semi-supervised). The run lasts <b>Iterations</b> optimiser steps (default 1000, whatever "
             "the dataset size), or less when <b>Epochs</b> (passes over the images) or the <b>Time budget</b> "
-            "(minutes) come first; the learning rate warms up over the first tenth of the run. <b>Baseline</b> "
+            "(minutes) come first; the learning rate warms up over the first tenth of the run to its peak "
+            "(<b>Learning rate</b>, default 0.002: on AID it beat 0.001 for JEM with 1, 3, 20 and all labels per "
+            "class). <b>Baseline</b> "
             "trains the same network with cross-entropy only, for comparison.<br>"
             "Outputs: the model file (.pt), test metrics (JSON) and a reliability diagram (PNG). "
             "Training runs in the background; Cancel stops it within one iteration and writes nothing.")
@@ -71,7 +73,8 @@ class TrainAlgorithm(JemAlgorithm):
         self.add_advanced(
                 QgsProcessingParameterNumber("BATCH_SIZE", "Batch size (labelled images per step)",
                                              QgsProcessingParameterNumber.Integer, default("batch_size"), minValue=1),
-                QgsProcessingParameterNumber("LR", "Learning rate", QgsProcessingParameterNumber.Double,
+                QgsProcessingParameterNumber("LR", "Learning rate (peak, after the warm-up)",
+                                             QgsProcessingParameterNumber.Double,
                                              default("lr"), minValue=1e-7),
                 QgsProcessingParameterNumber("SGLD_STEPS", "SGLD steps per iteration",
                                              QgsProcessingParameterNumber.Integer, default("steps", SGLD), minValue=1),
