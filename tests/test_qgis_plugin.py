@@ -98,6 +98,16 @@ def test_provider_offers_every_algorithm_with_documented_parameters(provider):
         assert not algorithm.flags() & algorithm.FlagNoThreading  # runs in a background task in QGIS
 
 
+def test_train_help_states_the_defaults_jem_train_uses(provider):
+    from jem_core.training import DEFAULT_ITERATIONS
+
+    train_algorithm = provider.algorithm("train")
+    help_text = train_algorithm.shortHelpString()
+    assert f"default {DEFAULT_ITERATIONS}," in help_text
+    assert f"default {TrainConfig().lr:g}:" in help_text
+    assert train_algorithm.parameterDefinition("LR").defaultValue() == TrainConfig().lr
+
+
 def test_land_cover_map_outputs_are_aligned_styled_and_named(provider, model_file, raster, tmp_path):
     out_classes, out_confidence = tmp_path / "classes.tif", tmp_path / "confidence.tif"
     out_familiarity = tmp_path / "familiarity.tif"
