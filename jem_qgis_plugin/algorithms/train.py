@@ -29,6 +29,8 @@ def default(field: str, config: str = "training.TrainConfig") -> Any:
 
 SGLD = "sampler.SGLDConfig"
 DEFAULT_ARCH = default("arch")
+DEFAULT_ITERATIONS = core_constant("training", "DEFAULT_ITERATIONS")
+DEFAULT_LR = default("lr")
 # Reading the dataset takes this share of the progress bar, training the rest.
 LOAD_SHARE = 10.0
 
@@ -41,11 +43,11 @@ class TrainAlgorithm(JemAlgorithm):
             "JPEG/PNG/GeoTIFF scenes, the EuroSAT/AID layout). The network is a classifier and an energy model "
             "at once: its −E(x) tells how typical an image is of the training data.<br><br>"
             "<b>Labels per class</b>: 0 uses every label; K keeps K labels per class and uses the other images "
-            "unlabelled (semi-supervised). The run lasts <b>Iterations</b> optimiser steps (default 1000, whatever "
-            "the dataset size), or less when <b>Epochs</b> (passes over the images) or the <b>Time budget</b> "
-            "(minutes) come first; the learning rate warms up over the first tenth of the run to its peak "
-            "(<b>Learning rate</b>, default 0.002: on AID it beat 0.001 for JEM with 1, 3, 20 and all labels per "
-            "class). <b>Baseline</b> "
+            "unlabelled (semi-supervised). The run lasts <b>Iterations</b> optimiser steps "
+            f"(default {DEFAULT_ITERATIONS}, whatever the dataset size), or less when <b>Epochs</b> (passes over "
+            "the images) or the <b>Time budget</b> (minutes) come first; the learning rate warms up over the first "
+            f"tenth of the run to its peak (<b>Learning rate</b>, default {DEFAULT_LR:g}: on AID it beat 0.001 for "
+            "JEM with 1, 3, 20 and all labels per class). <b>Baseline</b> "
             "trains the same network with cross-entropy only, for comparison.<br>"
             "Outputs: the model file (.pt), test metrics (JSON) and a reliability diagram (PNG). "
             "Training runs in the background; Cancel stops it within one iteration and writes nothing.")
@@ -62,7 +64,7 @@ class TrainAlgorithm(JemAlgorithm):
                                                        QgsProcessingParameterNumber.Integer, default("image_size"),
                                                        minValue=8))
         self.addParameter(QgsProcessingParameterNumber(
-            "ITERATIONS", f"Iterations (0: {core_constant('training', 'DEFAULT_ITERATIONS')}, unless epochs or the "
+            "ITERATIONS", f"Iterations (0: {DEFAULT_ITERATIONS}, unless epochs or the "
                           "time budget bound the run)", QgsProcessingParameterNumber.Integer, 0, minValue=0))
         self.addParameter(QgsProcessingParameterNumber("EPOCHS", "Epochs: at most this many passes (0 = no bound)",
                                                        QgsProcessingParameterNumber.Integer, 0, minValue=0))
@@ -75,7 +77,7 @@ class TrainAlgorithm(JemAlgorithm):
                                              QgsProcessingParameterNumber.Integer, default("batch_size"), minValue=1),
                 QgsProcessingParameterNumber("LR", "Learning rate (peak, after the warm-up)",
                                              QgsProcessingParameterNumber.Double,
-                                             default("lr"), minValue=1e-7),
+                                             DEFAULT_LR, minValue=1e-7),
                 QgsProcessingParameterNumber("SGLD_STEPS", "SGLD steps per iteration",
                                              QgsProcessingParameterNumber.Integer, default("steps", SGLD), minValue=1),
                 QgsProcessingParameterNumber("BUFFER_SIZE", "SGLD replay buffer size (images)",
