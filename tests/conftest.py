@@ -14,7 +14,14 @@ import pytest
 import torch
 from qgis.core import QgsProcessingFeedback
 
+from jem_core.models import SpeedOptions
+
 torch.set_num_threads(2)
+
+
+# Without the threaded speed-ups (batch-split chains, channels-last oneDNN layouts, fused Adam), two identical
+# runs on one thread (the one_thread fixture) match bit for bit.
+UNTHREADED_SPEED = SpeedOptions(split_batches=False, channels_last=False, fused=False)
 
 
 @pytest.fixture

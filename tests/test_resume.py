@@ -10,13 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_class_folder
+from conftest import UNTHREADED_SPEED, make_class_folder
 from test_recovery import tiny_config, tiny_dataset
 
 from jem_core import Cancelled, JEMError
 from jem_core.checkpoint import load_checkpoint
 from jem_core.model_file import load_model
-from jem_core.models import SpeedOptions
 from jem_core.training import SceneDataset, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,7 +38,7 @@ def test_resumed_run_matches_an_uninterrupted_one(tmp_path, one_thread):
     # Threaded float sums (oneDNN convolutions, batch-split chains, fused Adam) differ between identical runs at
     # 1e-7: the bit-for-bit comparison runs on one thread, without them.
     dataset = tiny_dataset()
-    config = tiny_config(epochs=2, speed=SpeedOptions(split_batches=False, channels_last=False, fused=False))
+    config = tiny_config(epochs=2, speed=UNTHREADED_SPEED)
     reference = train(dataset, config, checkpoint_path=tmp_path / "ref.ckpt")
     assert not (tmp_path / "ref.ckpt").exists()  # a finished run cleans up its checkpoint
 

@@ -10,10 +10,9 @@ import torch
 
 from jem_core import training
 from jem_core.data import load_class_folder
-from jem_core.models import SpeedOptions
 from jem_core.sampler import SGLDConfig
 from jem_core.training import TrainConfig, train
-from tests.conftest import make_class_folder
+from tests.conftest import UNTHREADED_SPEED, make_class_folder
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from weight_average_probe import WeightAverageProbe, live_weights_kept, scored_with  # noqa: E402
@@ -35,10 +34,10 @@ def base_config() -> TrainConfig:
 
 
 def test_probe_leaves_the_live_run_alone_and_decay_zero_tracks_it(dataset, one_thread):
-    # One thread and no threaded speed-ups (batch-split chains, fused Adam, oneDNN layouts): two identical runs
-    # then match bit for bit, so the probe must leave the live weights exactly as a plain run has them. With
-    # threads, the runs' rounding drifts apart by up to 6e-4 in six steps (CI, stop 27).
-    config = replace(base_config(), speed=SpeedOptions(split_batches=False, channels_last=False, fused=False))
+    # On one thread without the threaded speed-ups two identical runs match bit for bit, so the probe must leave
+    # the live weights exactly as a plain run has them. With threads the runs' rounding drifted apart by up to
+    # 6e-4 in six steps (CI, stop 27).
+    config = replace(base_config(), speed=UNTHREADED_SPEED)
     plain = train(dataset, config)
     originals = (training.training_step, training.end_of_epoch, training.finish_run)
     with WeightAverageProbe([0.0, 0.9]) as probe:
