@@ -17,8 +17,9 @@ Methods (`--methods`, default: jem jem-scratch ce ce-scratch forest forest2):
                   `jem retrain` reads it by default: each patch sees as much ground as the JEM's
     NAME=ARGS     any other retrain command line, e.g. `--methods "jem10=--minutes 10"`
 
-`--round N` adds a second labelling round after `jem`: N labels where `jem suggest` points, against N
-random ones, each labelled with the mosaic's true class and retrained with the defaults on all labels.
+`--round N` adds labelling rounds after `jem` (`--rounds R` of them, default 1): each round, N more labels
+where `jem suggest` points on the suggested arm's latest model, against N more random ones, each labelled
+with the mosaic's true class and retrained on all of its arm's labels with `jem`'s own retrain arguments.
 
 Scoring: pixel accuracy and macro-F1 over the scored pixels (tiles that hold a label and a border of
 half a patch along every tile edge are left out; unmapped pixels count as wrong), and the AUROC of
@@ -343,9 +344,8 @@ def existing_points(scene: Scene) -> list[tuple[float, float, str]]:
     return [(col + PATCH / 2, row + PATCH / 2, scene.class_names[c]) for row, col, c in scene.label_windows]
 
 
-def suggested_points(model: Path, scene: Scene, count: int, work: Path) -> list[tuple[float, float]]:
-    """`jem suggest`'s patch centres, in pixels."""
-    out = work / "suggestions.geojson"
+def suggested_points(model: Path, scene: Scene, count: int, out: Path) -> list[tuple[float, float]]:
+    """`jem suggest`'s patch centres, in pixels (its footprints written to `out`)."""
     done = subprocess.run(jem_cli() + ["suggest", str(model), str(scene.raster), "--count", str(count), "--out",
                                        str(out)], capture_output=True, text=True)
     if done.returncode != 0:
@@ -359,21 +359,31 @@ def suggested_points(model: Path, scene: Scene, count: int, work: Path) -> list[
     return centres
 
 
-def random_points(scene: Scene, count: int, seed: int) -> list[tuple[float, float]]:
-    rng = np.random.default_rng(seed + 1000)
+def random_points(scene: Scene, count: int, seed: int, round_number: int = 2) -> list[tuple[float, float]]:
+    """`count` uniform points, a fresh draw per seed and round (round 2 keeps the draw of the one-round runs)."""
+    rng = np.random.default_rng(seed + 1000 + 100 * (round_number - 2))
     size = scene.truth.shape[0]
     return [(float(c), float(r)) for r, c in rng.integers(PATCH // 2, size - PATCH // 2, (count, 2))]
 
 
-def run_labelling_round(scene: Scene, work: Path, seed: int, count: int) -> list[Result]:
-    """One more round from the default retrain's model: `count` labels where `jem suggest` points, against
-    `count` random labels, each retrained with `jem retrain` defaults on all labels so far."""
+def run_labelling_rounds(scene: Scene, work: Path, seed: int, count: int, rounds: int,
+                         retrain_args: str) -> list[Result]:
+    """`rounds` more rounds from the `jem` method's model (work/jem.pt): each adds `count` labels where
+    `jem suggest` points on the suggested arm's latest model, or `count` random ones, and retrains on all of
+    the arm's labels so far with the same retrain arguments as `jem`."""
     results = []
-    for arm, points in (("round2-suggested", suggested_points(work / "jem.pt", scene, count, work)),
-                        ("round2-random", random_points(scene, count, seed))):
-        annotations = work / f"{arm}.geojson"
-        write_points(annotations, existing_points(scene) + label_points(points, scene), scene.truth.shape[0])
-        results.append(run_jem(arm, "", scene, work, seed, annotations))
+    labels = {"suggested": existing_points(scene), "random": existing_points(scene)}
+    latest_suggested = work / "jem.pt"
+    for round_number in range(2, rounds + 2):
+        for arm in ("suggested", "random"):
+            name = f"round{round_number}-{arm}"
+            points = suggested_points(latest_suggested, scene, count, work / f"{name}_suggestions.geojson") \
+                if arm == "suggested" else random_points(scene, count, seed, round_number)
+            labels[arm] = labels[arm] + label_points(points, scene)
+            annotations = work / f"{name}.geojson"
+            write_points(annotations, labels[arm], scene.truth.shape[0])
+            results.append(run_jem(name, retrain_args, scene, work, seed, annotations))
+        latest_suggested = work / f"round{round_number}-suggested.pt"
     return results
 
 
@@ -418,8 +428,10 @@ def main() -> None:
     parser.add_argument("--tile", type=int, default=SCENE_TILE, help="tile side in pixels (default: %(default)s)")
     parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, help="(default: %(default)s)")
     parser.add_argument("--round", type=int, default=0, metavar="N",
-                        help="also a second labelling round after `jem` (which must be among the methods): N labels "
-                             "where `jem suggest` points vs N random ones (default: off)")
+                        help="also labelling rounds after `jem` (which must be among the methods): N labels where "
+                             "`jem suggest` points vs N random ones per round (default: off)")
+    parser.add_argument("--rounds", type=int, default=1, metavar="R",
+                        help="how many such rounds, each on the previous round's labels (default: %(default)s)")
     parser.add_argument("--json", type=Path, help="write every result here")
     parser.add_argument("--keep", type=Path, help="keep scenes, models and maps in this folder")
     args = parser.parse_args()
@@ -435,7 +447,7 @@ def main() -> None:
                 for name, retrain_args in methods.items():
                     first = run_forest(scene, seed, FORESTS[name]) if retrain_args is None else \
                         run_jem(name, retrain_args, scene, work, seed)
-                    round_results = run_labelling_round(scene, work, seed, args.round) \
+                    round_results = run_labelling_rounds(scene, work, seed, args.round, args.rounds, retrain_args) \
                         if name == "jem" and args.round else []
                     for result in [first] + round_results:
                         result.labels_per_class = k
