@@ -359,7 +359,7 @@ def suggested_points(model: Path, scene: Scene, count: int, out: Path) -> list[t
     return centres
 
 
-def random_points(scene: Scene, count: int, seed: int, round_number: int = 2) -> list[tuple[float, float]]:
+def random_points(scene: Scene, count: int, seed: int, round_number: int) -> list[tuple[float, float]]:
     """`count` uniform points, a fresh draw per seed and round (round 2 keeps the draw of the one-round runs)."""
     rng = np.random.default_rng(seed + 1000 + 100 * (round_number - 2))
     size = scene.truth.shape[0]
