@@ -266,6 +266,8 @@ class AnnotationDock(QgsDockWidget):
         parameters = {"INPUT": self.raster_combo.currentLayer(), "MODEL": self.model_widget.filePath() or None}
         if algorithm_id == "jem:retrain":
             parameters.update(ANNOTATIONS=layer, CLASS_FIELD=CLASS_FIELD, PATCH_SIZE=self.patch_spin.value())
+        elif algorithm_id == "jem:suggest":  # so the suggestions skip what is labelled already
+            parameters.update(ANNOTATIONS=layer)
         results = processing.execAlgorithmDialog(algorithm_id, {k: v for k, v in parameters.items() if v is not None})
         new_model = (results or {}).get("OUTPUT_MODEL")
         if new_model and Path(new_model).is_file():

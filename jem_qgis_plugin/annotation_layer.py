@@ -2,8 +2,9 @@
 
 The footprint is the model's patch (patch_size × patch_size pixels of the raster's grid) centred
 on a point and moved inwards at the raster's edges, exactly the patch jem_core.active reads for
-it.  The layer is a GeoPackage polygon layer with a `class` field.  Only qgis.core here: the
-Processing algorithms use it too, and they must not pull in widgets.
+it.  The layer is a GeoPackage polygon layer with a `class` field; annotations_from_source reads
+any point or polygon layer as jem_core annotations.  Only qgis.core here: the Processing algorithms
+use it too, and they must not pull in widgets.
 """
 from __future__ import annotations
 
@@ -11,14 +12,21 @@ from pathlib import Path
 
 from qgis.core import (
     QgsCoordinateReferenceSystem,
+    QgsCoordinateTransform,
+    QgsFeatureRequest,
     QgsField,
     QgsFields,
+    QgsGeometry,
     QgsPointXY,
+    QgsProcessingContext,
+    QgsProcessingException,
+    QgsProcessingFeatureSource,
     QgsProject,
     QgsRasterLayer,
     QgsRectangle,
     QgsVectorFileWriter,
     QgsVectorLayer,
+    QgsWkbTypes,
 )
 from qgis.PyQt.QtCore import QVariant
 
@@ -79,3 +87,45 @@ def open_annotation_layer(path: str | Path, name: str = "annotations") -> QgsVec
         raise OSError(f"'{path}' has no layer '{name}' with a '{CLASS_FIELD}' field.")
     apply_style(layer, "annotations")
     return layer
+
+
+def annotations_from_source(source: QgsProcessingFeatureSource, class_field: str, raster: QgsRasterLayer,
+                            footprint: int, context: QgsProcessingContext) -> list:
+    """jem_core Annotations in the raster's CRS: a point labels the patch under it; a polygon every
+    patch-sized cell whose centre lies inside it (at least the patch at its inner point).  footprint:
+    the raster pixels a patch covers (patch size × the reading's coarsening)."""
+    from jem_core.active import annotation_points
+
+    if source.fields().indexFromName(class_field) < 0:
+        names = ", ".join(source.fields().names()) or "none"
+        raise QgsProcessingException(f"The annotation layer has no field '{class_field}' (its fields: {names}). "
+                                     "Pick the field that holds the class names as CLASS_FIELD.")
+    transform = QgsCoordinateTransform(source.sourceCrs(), raster.crs(), context.transformContext())
+    cell_w, cell_h = raster.rasterUnitsPerPixelX() * footprint, raster.rasterUnitsPerPixelY() * footprint
+    request = QgsFeatureRequest().setInvalidGeometryCheck(QgsFeatureRequest.GeometryNoCheck)
+    annotations = []
+    for feature in source.getFeatures(request):
+        value = feature[class_field]
+        name = "" if value is None or str(value) == "NULL" else str(value).strip()
+        if not name:
+            raise QgsProcessingException(f"Feature {feature.id()} has no class in '{class_field}'. Fill it in or "
+                                         "delete the feature.")
+        geometry = QgsGeometry(feature.geometry())
+        if geometry.isNull() or geometry.isEmpty():
+            raise QgsProcessingException(f"Feature {feature.id()} ('{name}') has no geometry. Delete it or redraw it.")
+        if not geometry.isGeosValid():
+            errors = geometry.validateGeometry()
+            raise QgsProcessingException(f"Feature {feature.id()} ('{name}') has an invalid geometry "
+                                         f"({errors[0].what() if errors else 'not valid'}). Fix it (Vector ▸ "
+                                         "Geometry tools ▸ Fix geometries) or redraw it.")
+        geometry.transform(transform)
+        if geometry.type() == QgsWkbTypes.PointGeometry:
+            annotations += annotation_points(name, cell_w, cell_h, points=[(p.x(), p.y()) for p in geometry.vertices()])
+        else:
+            box = geometry.boundingBox()
+            inner = geometry.pointOnSurface().asPoint()
+            annotations += annotation_points(
+                name, cell_w, cell_h, bounds=(box.xMinimum(), box.yMinimum(), box.xMaximum(), box.yMaximum()),
+                contains=lambda x, y, shape=geometry: shape.contains(QgsPointXY(x, y)),
+                inner_point=lambda point=inner: (point.x(), point.y()))
+    return annotations

@@ -1,6 +1,7 @@
 """Annotations → labelled patches, semi-supervised retraining, and label suggestions (jem_core.active)."""
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -334,10 +335,29 @@ def test_suggest_returns_spread_scored_patches(tmp_path, scene):
         suggest(result.loaded, scene, 0)
 
 
+def overlaps(suggestion, col: float, row: float) -> bool:
+    """Does the suggested patch overlap the PATCH-px patch centred on pixel (col, row)?"""
+    return abs(suggestion.col + PATCH / 2 - col) < PATCH and abs(suggestion.row + PATCH / 2 - row) < PATCH
+
+
+def test_suggest_skips_the_patches_labelled_already(tmp_path, scene):
+    result = retrain([scene], two_class_annotations(), out_model=tmp_path / "m.pt", config=tiny_config(epochs=1),
+                     unlabelled_count=8, coarsen=1)
+    best_two = suggest(result.loaded, scene, 2, min_distance=0)
+    labelled = [(s.x, s.y) for s in best_two]
+    # Labels on two of the 36 grid patches: the other 34 remain, none of them the labelled two.
+    rest = suggest(result.loaded, scene, 36, min_distance=0, labelled=labelled)
+    assert len(rest) == 34 and not {(s.row, s.col) for s in rest} & {(s.row, s.col) for s in best_two}
+    # A point between grid patches labels the patch centred on it, which overlaps four grid patches.
+    between = suggest(result.loaded, scene, 36, min_distance=0, labelled=[at(32, 32)])
+    assert len(between) == 32 and not any(overlaps(s, 32, 32) for s in between)
+    everywhere = [at(col + PATCH / 2, row + PATCH / 2) for row in range(0, 96, PATCH) for col in range(0, 96, PATCH)]
+    with pytest.raises(JEMError, match="overlaps a labelled one"):
+        suggest(result.loaded, scene, 1, labelled=everywhere)
+
+
 def write_points_geojson(path: Path, rows: list[tuple[str, float, float]]) -> Path:
     """Annotation points in WGS 84 (the raster is in UTM 33N): the CLI must reproject them."""
-    import json
-
     from rasterio.warp import transform as reproject
 
     xs, ys = zip(*(at(col, row) for _, col, row in rows))
@@ -358,7 +378,7 @@ def test_cli_retrain_then_suggest(tmp_path, scene, capsys):
                                                                  ("town", 70, 20), ("town", 80, 75)])
     args = ["retrain", str(scene), "--annotations", str(points), "--class-field", "landcover", "--out",
             str(tmp_path / "m.pt"), "--minutes", "0", "--iterations", "2", "--unlabelled", "16", "--image-size",
-            str(PATCH), "--arch", "wrn-10-1", "--device", "cpu", "--from-scratch"]
+            str(PATCH), "--arch", "wrn-10-1", "--device", "cpu", "--from-scratch", "--coarsen", "1"]
     assert main(args) == 0
     assert load_model(tmp_path / "m.pt").meta.class_names == ["field", "town"]
     assert main(args[:4] + ["--class-field", "class"] + args[6:]) == 2
@@ -370,6 +390,21 @@ def test_cli_retrain_then_suggest(tmp_path, scene, capsys):
     layer = dataset.GetLayer(0)
     ranks = sorted(feature.GetField("rank") for feature in layer)
     assert ranks == [1, 2, 3] and layer.GetSpatialRef().GetAuthorityCode(None) == "32633"
+
+    # Every patch, then every patch but those overlapping a labelled one (WGS 84 points, reprojected).
+    def suggested_footprints(*options: str) -> list[list[float]]:
+        assert main(["suggest", str(tmp_path / "m.pt"), str(scene), "--count", "100", "--min-distance", "0",
+                     "--json", str(tmp_path / "s.json"), "--out", str(tmp_path / "s.geojson"), *options]) == 0
+        return [s["bounds"] for s in json.loads((tmp_path / "s.json").read_text())]
+
+    def on_a_label(footprints: list[list[float]]) -> int:
+        return sum(xmin <= x < xmax and ymin < y <= ymax for xmin, ymin, xmax, ymax in footprints
+                   for x, y in (at(12, 20), at(20, 70), at(70, 20), at(80, 75)))
+
+    everything = suggested_footprints()
+    assert on_a_label(everything) == 4
+    left = suggested_footprints("--annotations", str(points), "--class-field", "landcover")
+    assert on_a_label(left) == 0 and 0 < len(left) < len(everything)
 
 
 def test_annotation_points_for_points_and_polygons():

@@ -172,6 +172,19 @@ def test_retrain_and_suggest_through_processing(provider, canvas, raster, tmp_pa
     spacing = min(a.distance(b) for i, a in enumerate(centres) for b in centres[i + 1:])
     assert spacing >= footprint, "suggestions must not overlap"
 
+    # Every patch is suggested; given the labels (the WGS 84 points), none that covers a labelled place.
+    def suggested(name: str, **extra) -> list[QgsGeometry]:
+        output = run("jem:suggest", {"INPUT": raster, "MODEL": second["OUTPUT_MODEL"], "COUNT": 1000,
+                                     "DEVICE": "cpu", "OUTPUT": str(tmp_path / name), **extra})["OUTPUT"]
+        return [f.geometry() for f in QgsVectorLayer(output, name, "ogr").getFeatures()]
+
+    def on_labels(footprints: list[QgsGeometry]) -> int:
+        return sum(f.contains(QgsPointXY(*at(col, row))) for f in footprints for col, row in ((40, 85), (70, 20)))
+
+    everything = suggested("all.gpkg")
+    left = suggested("open.gpkg", ANNOTATIONS=points, CLASS_FIELD="landcover")
+    assert on_labels(everything) == 2 and on_labels(left) == 0 and 0 < len(left) < len(everything)
+
 
 def memory_layer(geometry_type: str, rows: list[tuple[str | None, QgsGeometry]],
                  field: str = "class") -> QgsVectorLayer:

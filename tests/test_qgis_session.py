@@ -384,7 +384,9 @@ def test_suggest_from_the_dock_uses_the_model_retrain_just_wrote(dock, model_fil
     monkeypatch.setattr(processing, "execAlgorithmDialog", dialog)
     dock.open_algorithm("jem:retrain")
     dock.open_algorithm("jem:suggest")
-    assert calls[1] == ("jem:suggest", {"INPUT": dock.raster_combo.currentLayer(), "MODEL": str(model_file)})
+    # The dock's annotation layer too, so the suggestions skip what is labelled already.
+    assert calls[1] == ("jem:suggest", {"INPUT": dock.raster_combo.currentLayer(), "MODEL": str(model_file),
+                                        "ANNOTATIONS": dock.layer_combo.currentLayer()})
     assert dock.patch_spin.value() == load_model(model_file).meta.image_size
 
 

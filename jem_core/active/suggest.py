@@ -106,8 +106,8 @@ def spread_selection(score: torch.Tensor, positions: torch.Tensor, count: int, m
 
 def suggest(model: LoadedModel | str | Path, raster: RasterInput, count: int, *, min_distance: float | None = None,
             stride: int | None = None, bands: Sequence[str] | None = None, stretch: str = "auto",
-            balance_classes: bool = True, batch_size: int = 64, progress: ProgressFn | None = None,
-            should_stop: StopFn | None = None) -> list[Suggestion]:
+            balance_classes: bool = True, labelled: Sequence[tuple[float, float]] = (), batch_size: int = 64,
+            progress: ProgressFn | None = None, should_stop: StopFn | None = None) -> list[Suggestion]:
     """The `count` patches of the raster most worth labelling, spread over the scene, best first.
 
     Patches come from windowing.iter_patches (the land-cover map's grid; patches with nodata are
@@ -115,7 +115,9 @@ def suggest(model: LoadedModel | str | Path, raster: RasterInput, count: int, *,
     default half the side of the square each suggestion would get if the scene were split evenly
     (√(width·height / count) / 2), and at least one patch.  stride: patch grid step, a divisor of
     the patch size (default: the patch size, i.e. non-overlapping patches).  balance_classes: take the
-    suggestions in turns from each predicted class (spread_selection's groups).
+    suggestions in turns from each predicted class (spread_selection's groups).  labelled: points (x, y)
+    in the raster's CRS that are labelled already (the annotations of the last retrain): no suggestion
+    overlaps the patch centred on one, so a second round does not ask for the same patch twice.
     """
     if count < 1:
         raise JEMError(f"COUNT must be at least 1 (got {count}).")
@@ -139,12 +141,35 @@ def suggest(model: LoadedModel | str | Path, raster: RasterInput, count: int, *,
         scores = uncertainty_scores(torch.cat(logits))
         ranks = priority(scores)
         positions = torch.tensor([[w.row + size / 2, w.col + size / 2] for w in windows])
+        open_patches = not_labelled(positions, labelled_centres(reader, labelled), size)
+        if not open_patches.any():
+            raise JEMError(f"Every patch of '{source.description}' overlaps a labelled one: there is nothing left "
+                           "to suggest. Map the raster, or suggest on another one.")
         spacing = min_distance if min_distance is not None else \
             max(float(size), math.sqrt(source.width * source.height / count) / 2)
-        chosen = spread_selection(ranks["score"], positions, count, spacing,
-                                  scores["predicted"] if balance_classes else None)
+        candidates = open_patches.nonzero().flatten()
+        picked = spread_selection(ranks["score"][candidates], positions[candidates], count, spacing,
+                                  scores["predicted"][candidates] if balance_classes else None)
+        chosen = candidates[picked].tolist()
         return [make_suggestion(rank, index, windows[index], reader, scores, ranks, loaded.meta.class_names)
                 for rank, index in enumerate(chosen, start=1)]
+
+
+def labelled_centres(reader: PatchReader, points: Sequence[tuple[float, float]]) -> torch.Tensor:
+    """(K, 2) row/col centres, on the reading's pixel grid, of the patches labelled at these points
+    (points off the raster are left out)."""
+    half = reader.patch_size / 2
+    windows = [reader.locate(x, y) for x, y in points]
+    return torch.tensor([[w.row + half, w.col + half] for w in windows if w is not None],
+                        dtype=torch.float64).reshape(-1, 2)
+
+
+def not_labelled(positions: torch.Tensor, labelled: torch.Tensor, size: int) -> torch.Tensor:
+    """For each patch centre, True unless its size-px patch overlaps a labelled one."""
+    if len(labelled) == 0:
+        return torch.ones(len(positions), dtype=torch.bool)
+    apart = torch.cdist(positions.double(), labelled, p=float("inf"))  # the larger of the row and column gaps
+    return (apart >= size).all(1)
 
 
 def make_suggestion(rank: int, index: int, window: PatchWindow, reader: PatchReader,

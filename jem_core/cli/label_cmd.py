@@ -93,6 +93,11 @@ def register(subparsers) -> None:
     s.add_argument("--bands", help="bands, comma separated names or 1-based indexes (default: the model's)")
     s.add_argument("--out", type=Path, required=True, help="vector file of the patch footprints (.gpkg, .geojson)")
     s.add_argument("--json", type=Path, help="also write the suggestions as JSON")
+    s.add_argument("--annotations", type=Path,
+                   help="labels you have already (the vector file of your last retrain): no suggestion overlaps "
+                        "a patch they label (default: none; on the scene benchmark's third round 2-3 of 20 "
+                        "suggestions were patches labelled the round before)")
+    s.add_argument("--class-field", default="class", help="class field of --annotations (default: %(default)s)")
     s.set_defaults(run=run_suggest)
 
 
@@ -199,9 +204,14 @@ def run_retrain(args: argparse.Namespace) -> int:
 def run_suggest(args: argparse.Namespace) -> int:
     check_output_folders(args.out, args.json)
     raster = args.raster[0] if len(args.raster) == 1 else args.raster
-    suggestions = suggest(args.model, raster, args.count, min_distance=args.min_distance,
-                          bands=parse_band_list(args.bands), progress=ProgressBar("score"))
-    wkt = raster_grid(args.raster[0])[0]
+    model = load_model(args.model)
+    wkt, pixel_x, pixel_y = raster_grid(args.raster[0])
+    footprint = model.meta.coarsen * model.meta.image_size  # raster pixels a patch covers
+    labelled = [] if args.annotations is None else \
+        read_annotations(args.annotations, args.class_field, wkt, pixel_x * footprint, pixel_y * footprint)
+    suggestions = suggest(model, raster, args.count, min_distance=args.min_distance,
+                          bands=parse_band_list(args.bands), labelled=[(a.x, a.y) for a in labelled],
+                          progress=ProgressBar("score"))
     with written_together(args.out, args.json):
         write_vector_atomically(args.out, lambda tmp: write_suggestions(tmp, suggestions, wkt, args.out.suffix))
         if args.json:

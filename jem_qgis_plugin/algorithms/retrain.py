@@ -6,14 +6,9 @@ from types import SimpleNamespace
 from typing import Any
 
 from qgis.core import (
-    QgsCoordinateTransform,
-    QgsFeatureRequest,
-    QgsGeometry,
-    QgsPointXY,
     QgsProcessing,
     QgsProcessingContext,
     QgsProcessingException,
-    QgsProcessingFeatureSource,
     QgsProcessingFeedback,
     QgsProcessingOutputNumber,
     QgsProcessingParameterBoolean,
@@ -26,9 +21,9 @@ from qgis.core import (
     QgsProcessingParameterRasterDestination,
     QgsProcessingParameterRasterLayer,
     QgsRasterLayer,
-    QgsWkbTypes,
 )
 
+from ..annotation_layer import annotations_from_source
 from ..lazy_torch import core_constant
 from ..styles import StyledOutput, file_of, style_outputs
 from .base import JemAlgorithm, progress_reporter
@@ -41,51 +36,6 @@ RETRAIN = SimpleNamespace(**{name: core_constant("active/retrain", f"RetrainDefa
                                           "members", "members_from_scratch")})
 # Retraining takes this share of the progress bar; the optional maps the rest.
 TRAIN_SHARE = 85.0
-
-
-def annotations_from_source(source: QgsProcessingFeatureSource, class_field: str, raster: QgsRasterLayer,
-                            footprint: int, context: QgsProcessingContext) -> list:
-    """jem_core Annotations in the raster's CRS: a point labels the patch under it; a polygon every
-    patch-sized cell whose centre lies inside it (at least the patch at its inner point).  footprint:
-    the raster pixels a patch covers (patch size × the reading's coarsening)."""
-    from jem_core.active import annotation_points
-
-    if source.fields().indexFromName(class_field) < 0:
-        names = ", ".join(source.fields().names()) or "none"
-        raise QgsProcessingException(f"The annotation layer has no field '{class_field}' (its fields: {names}). "
-                                     "Pick the field that holds the class names as CLASS_FIELD.")
-    transform = QgsCoordinateTransform(source.sourceCrs(), raster.crs(), context.transformContext())
-    cell_w, cell_h = raster.rasterUnitsPerPixelX() * footprint, raster.rasterUnitsPerPixelY() * footprint
-    request = QgsFeatureRequest().setInvalidGeometryCheck(QgsFeatureRequest.GeometryNoCheck)
-    annotations = []
-    for feature in source.getFeatures(request):
-        value = feature[class_field]
-        name = "" if value is None or str(value) == "NULL" else str(value).strip()
-        if not name:
-            raise QgsProcessingException(f"Feature {feature.id()} has no class in '{class_field}'. Fill it in or "
-                                         "delete the feature.")
-        geometry = QgsGeometry(feature.geometry())
-        if geometry.isNull() or geometry.isEmpty():
-            raise QgsProcessingException(f"Feature {feature.id()} ('{name}') has no geometry. Delete it or redraw it.")
-        if not geometry.isGeosValid():
-            errors = geometry.validateGeometry()
-            raise QgsProcessingException(f"Feature {feature.id()} ('{name}') has an invalid geometry "
-                                         f"({errors[0].what() if errors else 'not valid'}). Fix it (Vector ▸ "
-                                         "Geometry tools ▸ Fix geometries) or redraw it.")
-        geometry.transform(transform)
-        if geometry.type() == QgsWkbTypes.PointGeometry:
-            annotations += annotation_points(name, cell_w, cell_h, points=[(p.x(), p.y()) for p in geometry.vertices()])
-        else:
-            box = geometry.boundingBox()
-            inner = geometry.pointOnSurface().asPoint()
-            annotations += annotation_points(
-                name, cell_w, cell_h, bounds=(box.xMinimum(), box.yMinimum(), box.xMaximum(), box.yMaximum()),
-                contains=lambda x, y, shape=geometry: shape.contains(QgsPointXY(x, y)),
-                inner_point=lambda point=inner: (point.x(), point.y()))
-    if not annotations:
-        raise QgsProcessingException("The annotation layer has no features. Label a few patches (at least one "
-                                     "per class), then retrain.")
-    return annotations
 
 
 class RetrainAlgorithm(JemAlgorithm):
@@ -203,6 +153,9 @@ class RetrainAlgorithm(JemAlgorithm):
                                   self.parameterAsInt(parameters, "COARSEN", context) or None)
         class_field = self.parameterAsString(parameters, "CLASS_FIELD", context) or "class"
         annotations = annotations_from_source(source, class_field, raster, coarsen * patch_size, context)
+        if not annotations:
+            raise QgsProcessingException("The annotation layer has no features. Label a few patches (at least one "
+                                         "per class), then retrain.")
         feedback.pushInfo(f"{len(annotations)} labelled patches of {patch_size} px from {source.featureCount()} "
                           "features.")
         unlabelled = self.parameterAsInt(parameters, "UNLABELLED", context)
