@@ -18,7 +18,8 @@ Methods (`--methods`, default: jem jem-scratch ce ce-scratch forest forest2):
     NAME=ARGS     any other retrain command line, e.g. `--methods "jem10=--minutes 10"`
 
 `--round N` adds labelling rounds after `jem` (`--rounds R` of them, default 1): each round, N more labels
-where `jem suggest` points on the suggested arm's latest model, against N more random ones, each labelled
+where `jem suggest` points on the suggested arm's latest model (skipping the patches labelled already,
+`--annotations`, as the labelling dock does), against N more random ones, each labelled
 with the mosaic's true class and retrained on all of its arm's labels with `jem`'s own retrain arguments.
 
 Scoring: pixel accuracy and macro-F1 over the scored pixels (tiles that hold a label and a border of
@@ -344,10 +345,11 @@ def existing_points(scene: Scene) -> list[tuple[float, float, str]]:
     return [(col + PATCH / 2, row + PATCH / 2, scene.class_names[c]) for row, col, c in scene.label_windows]
 
 
-def suggested_points(model: Path, scene: Scene, count: int, out: Path) -> list[tuple[float, float]]:
-    """`jem suggest`'s patch centres, in pixels (its footprints written to `out`)."""
-    done = subprocess.run(jem_cli() + ["suggest", str(model), str(scene.raster), "--count", str(count), "--out",
-                                       str(out)], capture_output=True, text=True)
+def suggested_points(model: Path, scene: Scene, count: int, labelled: Path, out: Path) -> list[tuple[float, float]]:
+    """`jem suggest`'s patch centres, in pixels (its footprints written to `out`), skipping the patches the
+    `labelled` annotations cover, as the labelling dock asks it to."""
+    done = subprocess.run(jem_cli() + ["suggest", str(model), str(scene.raster), "--count", str(count), "--annotations",
+                                       str(labelled), "--out", str(out)], capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"jem suggest failed:\n{done.stderr[-2000:]}")
     features = json.loads(out.read_text())["features"]
@@ -373,17 +375,19 @@ def run_labelling_rounds(scene: Scene, work: Path, seed: int, count: int, rounds
     the arm's labels so far with the same retrain arguments as `jem`."""
     results = []
     labels = {"suggested": existing_points(scene), "random": existing_points(scene)}
-    latest_suggested = work / "jem.pt"
+    latest_suggested, suggested_labels = work / "jem.pt", scene.annotations
     for round_number in range(2, rounds + 2):
         for arm in ("suggested", "random"):
             name = f"round{round_number}-{arm}"
-            points = suggested_points(latest_suggested, scene, count, work / f"{name}_suggestions.geojson") \
+            points = suggested_points(latest_suggested, scene, count, suggested_labels,
+                                      work / f"{name}_suggestions.geojson") \
                 if arm == "suggested" else random_points(scene, count, seed, round_number)
             labels[arm] = labels[arm] + label_points(points, scene)
             annotations = work / f"{name}.geojson"
             write_points(annotations, labels[arm], scene.truth.shape[0])
             results.append(run_jem(name, retrain_args, scene, work, seed, annotations))
         latest_suggested = work / f"round{round_number}-suggested.pt"
+        suggested_labels = work / f"round{round_number}-suggested.geojson"
     return results
 
 
