@@ -18,6 +18,7 @@ from qgis.core import (
     QgsProcessingParameterField,
     QgsProcessingParameterNumber,
     QgsProcessingParameterRasterLayer,
+    QgsRasterLayer,
     QgsRectangle,
     QgsWkbTypes,
 )
@@ -104,7 +105,7 @@ class SuggestAlgorithm(JemAlgorithm):
                           f"{suggestions[0].uncertainty:.2f}).")
         return {"OUTPUT": sink_id}
 
-    def labelled_points(self, parameters: dict[str, Any], context: QgsProcessingContext, raster,
+    def labelled_points(self, parameters: dict[str, Any], context: QgsProcessingContext, raster: QgsRasterLayer,
                         meta) -> list[tuple[float, float]]:
         """Centres (raster CRS) of the patches the ANNOTATIONS label, read as Retrain reads them; none without."""
         source = self.parameterAsSource(parameters, "ANNOTATIONS", context)
