@@ -95,8 +95,8 @@ def register(subparsers) -> None:
     s.add_argument("--json", type=Path, help="also write the suggestions as JSON")
     s.add_argument("--annotations", type=Path,
                    help="labels you have already (the vector file of your last retrain): no suggestion overlaps "
-                        "a patch they label (default: none; on the scene benchmark's third round 2-3 of 20 "
-                        "suggestions were patches labelled the round before)")
+                        "a patch they label (default: none; on the scene benchmark a second or third round "
+                        "without them put up to 3 of its 20 suggestions on patches labelled already)")
     s.add_argument("--class-field", default="class", help="class field of --annotations (default: %(default)s)")
     s.set_defaults(run=run_suggest)
 

@@ -52,8 +52,9 @@ class SuggestAlgorithm(JemAlgorithm):
             "labelling); suggestions are picked best first, each at least <b>Minimum distance</b> pixels from "
             "the others, so they spread over the scene (0 = automatic: half the side of the square each "
             "suggestion would get if the scene were split evenly). Give your <b>Annotations</b> (the labelling "
-            "dock fills in its layer) and no suggestion overlaps a patch you have labelled already: on the "
-            "scene benchmark's third round, 2–3 of 20 suggestions were patches labelled the round before.<br>"
+            "dock fills in its layer) and no suggestion overlaps a patch you have labelled already (on the "
+            "scene benchmark, a second or third round without them put up to 3 of its 20 suggestions on "
+            "patches labelled already).<br>"
             "The output polygons are the patch footprints with their scores and an empty <i>class</i> field: "
             "fill it in (delete the ones you skip) and use the layer as annotations for <i>Retrain</i>. They are "
             "drawn as outlines labelled with their rank (1 = best), so the image stays visible.")
