@@ -125,7 +125,8 @@ def test_stored_footprint_is_the_patch_jem_core_reads(raster):
 
 def test_retrain_and_suggest_through_processing(provider, canvas, raster, tmp_path):
     layer = label_by_clicks(canvas, raster, tmp_path / "ann.gpkg", TWO_CLASSES)
-    first = run("jem:retrain", {"INPUT": raster, "ANNOTATIONS": layer, "CLASS_FIELD": "class", **FAST,
+    # No CLASS_FIELD: a script or qgis_process run gets the default field, 'class'.
+    first = run("jem:retrain", {"INPUT": raster, "ANNOTATIONS": layer, **FAST,
                                 "OUTPUT_MODEL": str(tmp_path / "m1.pt"), "OUTPUT_MAP": str(tmp_path / "map.tif"),
                                 "OUTPUT_CONFIDENCE": str(tmp_path / "conf.tif")})
     # 4 annotated patches, each with its 8 neighbours a quarter patch away (the retrain's label shift).

@@ -23,7 +23,7 @@ from qgis.core import (
     QgsRasterLayer,
 )
 
-from ..annotation_layer import annotations_from_source
+from ..annotation_layer import CLASS_FIELD, annotations_from_source
 from ..lazy_torch import core_constant
 from ..styles import StyledOutput, file_of, style_outputs
 from .base import JemAlgorithm, progress_reporter
@@ -77,7 +77,10 @@ class RetrainAlgorithm(JemAlgorithm):
         self.addParameter(QgsProcessingParameterFeatureSource(
             "ANNOTATIONS", "Annotations (points or patch polygons)",
             [QgsProcessing.TypeVectorPoint, QgsProcessing.TypeVectorPolygon]))
-        self.addParameter(QgsProcessingParameterField("CLASS_FIELD", "Class field", "class", "ANNOTATIONS"))
+        # Optional so that a script or qgis_process run without it gets the default: QGIS 3.22 does not
+        # apply a field parameter's default to a missing value and refuses "Incorrect parameter value".
+        self.addParameter(QgsProcessingParameterField("CLASS_FIELD", "Class field (default: class)", CLASS_FIELD,
+                                                      "ANNOTATIONS", optional=True))
         self.add_model_parameter("Starting model")
         self.addParameter(QgsProcessingParameterNumber("MINUTES", "Training time (minutes)",
                                                        QgsProcessingParameterNumber.Double, RETRAIN.minutes,
@@ -151,7 +154,7 @@ class RetrainAlgorithm(JemAlgorithm):
         patch_size = start.meta.image_size if start else self.parameterAsInt(parameters, "PATCH_SIZE", context)
         coarsen = reading_coarsen(start.meta if start else None,
                                   self.parameterAsInt(parameters, "COARSEN", context) or None)
-        class_field = self.parameterAsString(parameters, "CLASS_FIELD", context) or "class"
+        class_field = self.parameterAsString(parameters, "CLASS_FIELD", context) or CLASS_FIELD
         annotations = annotations_from_source(source, class_field, raster, coarsen * patch_size, context)
         if not annotations:
             raise QgsProcessingException("The annotation layer has no features. Label a few patches (at least one "
