@@ -17,6 +17,7 @@ from qgis.core import (
     QgsGeometry,
     QgsMapLayerProxyModel,
     QgsPointXY,
+    QgsProcessing,
     QgsProject,
     QgsRasterLayer,
     QgsVectorLayer,
@@ -265,7 +266,10 @@ class AnnotationDock(QgsDockWidget):
             return
         parameters = {"INPUT": self.raster_combo.currentLayer(), "MODEL": self.model_widget.filePath() or None}
         if algorithm_id == "jem:retrain":
-            parameters.update(ANNOTATIONS=layer, CLASS_FIELD=CLASS_FIELD, PATCH_SIZE=self.patch_spin.value())
+            # The new class map and its confidence as temporary layers, so the analyst looks again at once.
+            parameters.update(ANNOTATIONS=layer, CLASS_FIELD=CLASS_FIELD, PATCH_SIZE=self.patch_spin.value(),
+                              OUTPUT_MAP=QgsProcessing.TEMPORARY_OUTPUT,
+                              OUTPUT_CONFIDENCE=QgsProcessing.TEMPORARY_OUTPUT)
         elif algorithm_id == "jem:suggest":  # so the suggestions skip what is labelled already
             parameters.update(ANNOTATIONS=layer)
         results = processing.execAlgorithmDialog(algorithm_id, {k: v for k, v in parameters.items() if v is not None})

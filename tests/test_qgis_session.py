@@ -384,6 +384,8 @@ def test_suggest_from_the_dock_uses_the_model_retrain_just_wrote(dock, model_fil
     monkeypatch.setattr(processing, "execAlgorithmDialog", dialog)
     dock.open_algorithm("jem:retrain")
     dock.open_algorithm("jem:suggest")
+    # Retrain maps the raster with the new model by default (temporary layers), so the analyst sees the result.
+    assert calls[0][1]["OUTPUT_MAP"] == calls[0][1]["OUTPUT_CONFIDENCE"] == "TEMPORARY_OUTPUT"
     # The dock's annotation layer too, so the suggestions skip what is labelled already.
     assert calls[1] == ("jem:suggest", {"INPUT": dock.raster_combo.currentLayer(), "MODEL": str(model_file),
                                         "ANNOTATIONS": dock.layer_combo.currentLayer()})
