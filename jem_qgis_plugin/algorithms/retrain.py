@@ -69,7 +69,8 @@ class RetrainAlgorithm(JemAlgorithm):
             "left empty is saved beside the annotation file as <i>&lt;annotations&gt;_retrained.pt</i> "
             "(_2, _3 … when that exists; beside the raster for a layer without a file). Optional outputs "
             "(none by default here; the labelling dock asks for the first two as temporary layers): the new "
-            "class map, confidence map max p(y|x) (low: the class is likely wrong) and familiarity map −E(x) (low: unlike the training data) of the raster, as <i>JEM land cover "
+            "class map, confidence map max p(y|x) (low: the class is likely wrong) and familiarity map "
+            "−E(x) (low: unlike the training data) of the raster, as <i>JEM land cover "
             "map</i> makes them. Runs in the background; Cancel stops it and writes nothing.")
 
     def initAlgorithm(self, config=None) -> None:  # noqa: N802 (QGIS API name)
