@@ -200,11 +200,11 @@ def test_retrain_twice_with_maps_loaded_and_models_kept_beside_the_annotations(p
         assert_class_map(loaded(project, result["OUTPUT_MAP"]))
         assert_confidence(loaded(project, result["OUTPUT_CONFIDENCE"]))
     assert loaded(project, first["OUTPUT_MAP"]).name() == "new_classes"
-    assert loaded(project, second["OUTPUT_MAP"]).name() == "scene new class map"
-    assert loaded(project, second["OUTPUT_CONFIDENCE"]).name() == "scene new confidence"
+    assert loaded(project, second["OUTPUT_MAP"]).name() == "scene class map (ann_retrained_2)"
+    assert loaded(project, second["OUTPUT_CONFIDENCE"]).name() == "scene confidence (ann_retrained_2)"
     familiarity = loaded(project, second["OUTPUT_FAMILIARITY"])
     assert_familiarity(familiarity)
-    assert familiarity.name() == "scene new familiarity"
+    assert familiarity.name() == "scene familiarity (ann_retrained_2)"
 
 
 def test_suggest_twice_outlined_and_ranked(provider, model_file, scene, tmp_path, project):

@@ -187,14 +187,16 @@ class RetrainAlgorithm(JemAlgorithm):
         outputs: dict[str, Any] = {"OUTPUT_MODEL": out_model, "LABELLED": result.labelled_count,
                                    "FIT_ACCURACY": result.labelled_accuracy}
         if out_map:
-            outputs.update(self.write_maps(context, feedback, result.loaded, raster, bands, out_map, out_confidence,
-                                           out_familiarity, config.device))
+            outputs.update(self.write_maps(context, feedback, result.loaded, Path(out_model).stem, raster, bands,
+                                           out_map, out_confidence, out_familiarity, config.device))
         return outputs
 
-    def write_maps(self, context: QgsProcessingContext, feedback: QgsProcessingFeedback, loaded,
+    def write_maps(self, context: QgsProcessingContext, feedback: QgsProcessingFeedback, loaded, model_name: str,
                    raster: QgsRasterLayer, bands: list[str] | None, out_map: str, out_confidence: str | None,
                    out_familiarity: str | None, device: str) -> dict[str, Any]:
-        """The class (confidence, familiarity) maps of the new model, on DEVICE, as jem:landcovermap makes them."""
+        """The class (confidence, familiarity) maps of the new model, on DEVICE, as jem:landcovermap makes them.
+        Temporary layers are named after the raster and the model ('scene class map (ann_retrained_2)'), so the
+        maps of successive rounds can be told apart."""
         from jem_core.mapping import map_raster
 
         map_raster(loaded, raster.source(), out_map, out_confidence, out_familiarity=out_familiarity, bands=bands,
@@ -202,13 +204,13 @@ class RetrainAlgorithm(JemAlgorithm):
                    stride=default_stride(loaded.meta.image_size), resolution=DEFAULT_RESOLUTION,
                    progress=progress_reporter(feedback, TRAIN_SHARE, 100.0), should_stop=feedback.isCanceled)
         outputs = {"OUTPUT_MAP": out_map}
-        styled = [StyledOutput(out_map, "class_map", "new class map")]
+        styled = [StyledOutput(out_map, "class_map", f"class map ({model_name})")]
         if out_confidence:
             outputs["OUTPUT_CONFIDENCE"] = out_confidence
-            styled.append(StyledOutput(out_confidence, "confidence", "new confidence"))
+            styled.append(StyledOutput(out_confidence, "confidence", f"confidence ({model_name})"))
         if out_familiarity:
             outputs["OUTPUT_FAMILIARITY"] = out_familiarity
-            styled.append(StyledOutput(out_familiarity, "familiarity", "new familiarity"))
+            styled.append(StyledOutput(out_familiarity, "familiarity", f"familiarity ({model_name})"))
         style_outputs(context, raster.name(), styled)
         return outputs
 
