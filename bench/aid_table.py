@@ -140,7 +140,7 @@ def run_train(args: argparse.Namespace) -> None:
             m = result.metrics
             record = {k: v for k, v in m.items() if k != "confusion_matrix"}
             record.update(setting=setting, method=method,
-                          budget_min=None if args.iterations else args.budget_min, iteration_bound=args.iterations,
+                          budget_min=config.time_budget_min, iteration_bound=config.iterations,
                           mean_mask_rate=float(np.mean(recorder.rates)) if recorder.rates else 0.0,
                           consistency_threshold=args.threshold if method == "jem+cons" else None,
                           history=result.history, command=command_line(),

@@ -80,8 +80,8 @@ class RetrainAlgorithm(JemAlgorithm):
             [QgsProcessing.TypeVectorPoint, QgsProcessing.TypeVectorPolygon]))
         # Optional so that a script or qgis_process run without it gets the default: QGIS 3.22 does not
         # apply a field parameter's default to a missing value and refuses "Incorrect parameter value".
-        self.addParameter(QgsProcessingParameterField("CLASS_FIELD", "Class field (default: class)", CLASS_FIELD,
-                                                      "ANNOTATIONS", optional=True))
+        self.addParameter(QgsProcessingParameterField("CLASS_FIELD", f"Class field (default: {CLASS_FIELD})",
+                                                      CLASS_FIELD, "ANNOTATIONS", optional=True))
         self.add_model_parameter("Starting model")
         self.addParameter(QgsProcessingParameterNumber("MINUTES", "Training time (minutes)",
                                                        QgsProcessingParameterNumber.Double, RETRAIN.minutes,
