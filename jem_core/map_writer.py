@@ -1,4 +1,4 @@
-"""The GeoTIFF outputs of a map: class map (Byte, colour table), confidence max p(y|x), familiarity −E(x), p(y|x).
+"""The GeoTIFF outputs of a map: class map (Byte, colour table), confidence, familiarity −E(x), p(y|x).
 
 - `MapOutputs(targets, profile, class_names, tags)`: the output files, written under temporary names
   beside the targets and renamed together by commit() only when every one is complete (abort()
@@ -143,7 +143,8 @@ def _write_failed(target: Path, detail: str) -> JEMError:
 
 
 _DESCRIPTIONS = {  # band 1 of the single-band outputs: what the layer means
-    "confidence": "confidence: max p(y|x), how sure the classifier is; low where the class is likely wrong",
+    "confidence": "confidence: p(y|x) of the mapped class (tag jem_confidence), how sure the classifier is; low "
+                  "where the class is likely wrong",
     "familiarity": "familiarity: -E(x) = logsumexp f(x), higher = more like the training data",
 }
 

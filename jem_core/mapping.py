@@ -4,8 +4,10 @@ A model trained on scene patches (image_size × image_size pixels) is slid over 
 patch gets logits f(x), from which the maps follow:
 
     class        argmax_y f(x)[y]                     Byte, colour table, class names in the metadata
-    confidence   max_y softmax(f(x))[y] = max p(y|x)  Float32 in [0, 1]; how sure the classifier is,
-                                                      low where the class map is likely wrong
+    confidence   p(y|x) of the mapped class, averaged  Float32 in [0, 1]; how sure the classifier is,
+                 over a box of cells 1.25 patches     low where the class map is likely wrong
+                 wide (confidence_box); one cell
+                 alone: max_y softmax(f(x))[y]
     familiarity  −E(x) = logsumexp_y f(x)[y]          Float32; higher = more like the training data
                                                       (the OOD map; it does not mark wrong classes)
     probs        softmax(f(x)), one band per class    Float32 (optional)
@@ -14,7 +16,8 @@ API (the QGIS layer adapts it 1:1)
 ----------------------------------
 map_raster(model, inputs, out_classes, out_confidence=None, *, bands=None, stride=None, batch_size=64,
            device="auto", out_familiarity=None, out_probabilities=None, resolution="patch",
-           target_gsd=None, stretch="auto", read_ahead=2, progress=None, should_stop=None) -> MapResult
+           target_gsd=None, stretch="auto", confidence_box=CONFIDENCE_BOX_PATCHES, read_ahead=2, progress=None,
+           should_stop=None) -> MapResult
 
   model       a model file path or a LoadedModel (moved to `device`).
   inputs      one raster GDAL can read (GeoTIFF, VRT, ...), or several single-band files that are
@@ -39,6 +42,9 @@ map_raster(model, inputs, out_classes, out_confidence=None, *, bands=None, strid
               "none"; "percentile[:LOW,HIGH]"; "linear:MIN,MAX" (same fixed range for every band);
               or a raster_io.Stretch.  Percentiles come from a decimated read (≤ 1024 px a side).
               What was applied is reported in MapResult.stretch and in the outputs' metadata.
+  confidence_box  side of the box the confidence averages over, in patches (default 1.25: 5 cells at a
+              stride of a quarter patch); the nearest odd number of cells, so 0 — or a stride of a whole
+              patch — gives each cell's own max p(y|x).  See confidence_box.py for why.
   read_ahead  strips a reader thread keeps ready (0 = read in the calling thread).
   progress    progress(fraction, message), called after every batch.
   should_stop polled before every batch; True raises jem_core.Cancelled and no output file is left.
@@ -73,12 +79,13 @@ import time
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
 from . import JEMError, ProgressFn, StopFn
+from .confidence_box import CONFIDENCE_BOX_PATCHES, ConfidenceBox, box_cells
 from .device import resolve_device
 from .map_writer import CLASS_NODATA, MapOutputs, RowWriter
 from .model_file import LoadedModel, as_loaded
@@ -86,8 +93,16 @@ from .raster_io import RasterSource, Stretch, choose_stretch, open_raster, raste
 from .windowing import PatchGrid, iter_patches, patch_grid
 
 RESOLUTIONS = ("patch", "input")
-CONFIDENCE_TAG = "max p(y|x) = max softmax of the mean logits of the patches covering the cell"
+CELL_PROBABILITIES = "p(y|x) = softmax of the mean logits of the patches covering the cell"
 FAMILIARITY_TAG = "-E(x) = logsumexp of the mean logits of the patches covering the cell"
+
+
+def confidence_tag(cells: int) -> str:
+    """What the confidence layer holds, for its metadata."""
+    if cells == 1:
+        return f"max p(y|x) of the cell; {CELL_PROBABILITIES}"
+    return (f"p(y|x) of the cell's mapped class averaged over the {cells} x {cells} cells around it; "
+            f"{CELL_PROBABILITIES}")
 
 
 @dataclass
@@ -126,11 +141,15 @@ def map_raster(model: str | os.PathLike | LoadedModel, inputs: str | os.PathLike
                bands: Sequence[str] | None = None, stride: int | None = None, batch_size: int = 64,
                device: str = "auto", out_familiarity: str | os.PathLike | None = None,
                out_probabilities: str | os.PathLike | None = None, resolution: str = "patch",
-               target_gsd: float | None = None, stretch: str | Stretch = "auto", read_ahead: int = 2,
+               target_gsd: float | None = None, stretch: str | Stretch = "auto",
+               confidence_box: float = CONFIDENCE_BOX_PATCHES, read_ahead: int = 2,
                progress: ProgressFn | None = None, should_stop: StopFn | None = None) -> MapResult:
     """Classify a raster patch by patch; see the module docstring for every option."""
     if resolution not in RESOLUTIONS:
         raise JEMError(f"Unknown resolution '{resolution}'. Choose one of: {', '.join(RESOLUTIONS)}.")
+    if not confidence_box >= 0:
+        raise JEMError(f"The confidence box must be 0 or more patches (got {confidence_box}); 0 gives each "
+                       "cell's own max p(y|x).")
     if batch_size < 1:
         raise JEMError(f"--batch-size must be at least 1 (got {batch_size}).")
     torch_device = resolve_device(device)
@@ -151,13 +170,14 @@ def map_raster(model: str | os.PathLike | LoadedModel, inputs: str | os.PathLike
                            "were chosen.")
         grid = patch_grid(source.width, source.height, meta.image_size, stride)
         applied = choose_stretch(source, meta.value_range, stretch)
-        return _map(loaded, source, grid, applied, targets, resolution, batch_size, torch_device, read_ahead,
+        box = box_cells(grid.patch_size, grid.stride, confidence_box)
+        return _map(loaded, source, grid, applied, targets, resolution, box, batch_size, torch_device, read_ahead,
                     progress, should_stop)
 
 
 def _map(loaded: LoadedModel, source: RasterSource, grid: PatchGrid, stretch: Stretch, targets: dict[str, Any],
-         resolution: str, batch_size: int, device: torch.device, read_ahead: int, progress: ProgressFn | None,
-         should_stop: StopFn | None) -> MapResult:
+         resolution: str, box: int, batch_size: int, device: torch.device, read_ahead: int,
+         progress: ProgressFn | None, should_stop: StopFn | None) -> MapResult:
     from rasterio.errors import RasterioIOError
 
     meta = loaded.meta
@@ -170,14 +190,19 @@ def _map(loaded: LoadedModel, source: RasterSource, grid: PatchGrid, stretch: St
                "tiled": True, "blockxsize": 256, "blockysize": 256, "compress": "deflate", "BIGTIFF": "IF_SAFER"}
     tags = {"jem_class_names": json.dumps(meta.class_names), "jem_bands": ",".join(source.band_names),
             "jem_stretch": stretch.describe(), "jem_patch_size": str(grid.patch_size), "jem_stride": str(grid.stride),
-            "jem_confidence": CONFIDENCE_TAG, "jem_familiarity": FAMILIARITY_TAG}
+            "jem_confidence": confidence_tag(box), "jem_familiarity": FAMILIARITY_TAG}
     start = time.monotonic()
     outputs = MapOutputs(targets, profile, meta.class_names, tags)
     try:
         writer = RowWriter(outputs, grid, resolution)
         counts = np.zeros(classes, dtype=np.int64)
-        stats = _run(loaded, source, grid, stretch, batch_size, device, read_ahead, writer, counts, set(outputs.files),
-                     progress, should_stop)
+        kinds = set(outputs.files)
+        boxed = box > 1 and "confidence" in kinds
+        smoother = ConfidenceBox(box, writer.add_cell_row, keep_probabilities="probabilities" in kinds)
+        stats = _run(loaded, source, grid, stretch, batch_size, device, read_ahead,
+                     smoother.add if boxed else writer.add_cell_row, counts,
+                     kinds | {"probabilities"} if boxed else kinds, progress, should_stop)
+        smoother.finish()
         if stats["patches"] == 0:
             raise JEMError(f"'{source.description}' has no {grid.patch_size} × {grid.patch_size} px patch without "
                            "nodata (all pixels are nodata, NaN or masked); nothing to map. Check the raster and its "
@@ -210,9 +235,11 @@ def _path(value: Any) -> Path | None:
 
 @torch.inference_mode()
 def _run(loaded: LoadedModel, source: RasterSource, grid: PatchGrid, stretch: Stretch, batch_size: int,
-         device: torch.device, read_ahead: int, writer: RowWriter, class_counts: np.ndarray, kinds: set[str],
-         progress: ProgressFn | None, should_stop: StopFn | None) -> dict[str, int]:
-    """Classify the patches in batches; emit each cell row as soon as no later patch can touch it."""
+         device: torch.device, read_ahead: int, add_row: Callable[[dict[str, np.ndarray]], None],
+         class_counts: np.ndarray, kinds: set[str], progress: ProgressFn | None,
+         should_stop: StopFn | None) -> dict[str, int]:
+    """Classify the patches in batches; emit each cell row's values (kinds) to add_row as soon as no later
+    patch can touch it."""
     classes = len(loaded.meta.class_names)
     sums: dict[int, np.ndarray] = {}  # cell row → summed logits (cell_cols, classes)
     hits: dict[int, np.ndarray] = {}  # cell row → patches covering each cell (cell_cols,)
@@ -238,7 +265,7 @@ def _run(loaded: LoadedModel, source: RasterSource, grid: PatchGrid, stretch: St
             row_hits = hits.pop(next_cell_row, np.zeros(grid.cell_cols, np.int32))
             values = cell_values(row_sums, row_hits, kinds)
             class_counts[:] += np.bincount(values["classes"][row_hits > 0], minlength=classes)[:classes]
-            writer.add_cell_row(values)
+            add_row(values)
             next_cell_row += 1
 
     start = time.monotonic()
@@ -269,7 +296,7 @@ def cell_values(sums: np.ndarray, counts: np.ndarray, kinds: set[str]) -> dict[s
     exp = np.exp(logits - top)
     total = exp.sum(axis=1)
     values = {"classes": np.where(covered, logits.argmax(axis=1), CLASS_NODATA).astype(np.uint8)}
-    if "confidence" in kinds:  # max p(y|x) = exp(top − logsumexp) = 1 / Σ exp(logits − top) (CONFIDENCE_TAG)
+    if "confidence" in kinds:  # max p(y|x) = exp(top − logsumexp) = 1 / Σ exp(logits − top) (confidence_tag(1))
         values["confidence"] = np.where(covered, 1.0 / total, np.nan).astype(np.float32)
     if "familiarity" in kinds:  # −E(x) = logsumexp_y of the mean logits (FAMILIARITY_TAG)
         values["familiarity"] = np.where(covered, top[:, 0] + np.log(total), np.nan).astype(np.float32)

@@ -114,7 +114,7 @@ def test_overlapping_stride_averages_logits(tmp_path, model_path, resolution):
     raster = write_raster(tmp_path / "in.tif", pixels)
     result = map_raster(model_path, raster, tmp_path / "c.tif", tmp_path / "conf.tif", stride=8, device="cpu",
                         out_familiarity=tmp_path / "fam.tif", out_probabilities=tmp_path / "probs.tif",
-                        resolution=resolution, stretch="none")
+                        resolution=resolution, stretch="none", confidence_box=0)  # test_confidence_box: the box
     scale = 8 if resolution == "input" else 1  # a cell's top-left pixel in the output grid
     outputs = {kind: read(getattr(result, kind))[0]
                for kind in ("classes", "confidence", "familiarity", "probabilities")}
@@ -141,10 +141,10 @@ def test_overlapping_stride_averages_logits(tmp_path, model_path, resolution):
     # The edge: the last patch row/column is shifted inwards to origins 53 − 16 = 37 and 70 − 16 = 54.
     check(5, 7, patch_logits(model_path, pixels, [(32, 48), (32, 54), (37, 48), (37, 54)]).mean(0))
     check(6, 8, patch_logits(model_path, pixels, [(37, 54)])[0])
-    for kind, meaning in (("confidence", "max p(y|x)"), ("familiarity", "-E(x)")):
+    for kind, meaning, tag in (("confidence", "p(y|x)", "max p(y|x)"), ("familiarity", "-E(x)", "-E(x)")):
         with rasterio.open(getattr(result, kind)) as src:
             assert src.descriptions[0].startswith(f"{kind}: {meaning}")
-            assert src.tags()[f"jem_{kind}"].startswith(meaning)
+            assert src.tags()[f"jem_{kind}"].startswith(tag)
 
 
 def test_nodata_in_input_gives_nodata_in_outputs(tmp_path, model_path):
