@@ -8,8 +8,10 @@ benchmark runs kept with `--keep`:
 Each candidate is scored as the scene benchmark scores the confidence layer: the AUROC of correct vs
 wrong scored pixels of the JEM's class map (which no candidate changes).  Candidates:
 
-    max p                 the shipped confidence layer, max p(y|x)
+    max p                 each cell's own max p(y|x) (`jem map --confidence-box 0`)
     smoothed W            p(mapped class) averaged over a W × W scene-pixel box
+    box B                 the confidence layer `jem map --confidence-box B` writes (B patches, in whole
+                          stride cells): the kept model mapped again by this checkout's jem_core
     + second opinion      max p + the probability that a classifier of another kind, fitted to the same
                           labelled patches on colour/texture features (scene_benchmark.patch_features),
                           gives the mapped class: a logistic regression (C = 0.1, standardised
@@ -17,6 +19,7 @@ wrong scored pixels of the JEM's class map (which no candidate changes).  Candid
     smoothed 49 + ...     both
     + reading 1/R         max p + the same model's p(mapped class) with the raster read at 1/R
                           (`jem map --target-gsd R`; the scene has 1 m pixels)
+    box B + both readings the box B layer + the p(mapped class) read at both 1/R
     max logit             f_y(x) of the mapped class = log max p + (−E(x)) (Hendrycks et al. 2022): how
                           much the JEM's joint density p(x, y) favours the pixel, not only p(y|x)
     + A familiarity       z(max p) + A · z(−E(x)), both standardised over the scored pixels
@@ -55,6 +58,7 @@ from scene_benchmark import (
 from jem_core.active.retrain import RETRAIN_DEFAULTS  # noqa: E402
 
 SMOOTHING = (33, 49, 65)  # scene pixels: about 1/2, 3/4 and 1 patch at the default 1/2 reading
+BOXES = (0.75, 1.25, 1.75)  # patches: 3, 5 and 7 cells at the benchmark's stride of a quarter patch
 READINGS = (1.5, 3.0)
 
 
@@ -82,6 +86,17 @@ def reading_probabilities(work: Path, name: str, scene: Scene, reading: float) -
     return jem_probabilities(work, name, scene, suffix)
 
 
+def boxed_confidence(work: Path, name: str, scene: Scene, box: float) -> np.ndarray:
+    """The confidence layer `jem map --confidence-box box` writes for the kept model (mapped once, then kept)."""
+    from jem_core.mapping import map_raster
+
+    path = work / f"{name}_box{box:g}_confidence.tif"
+    if not path.exists():
+        map_raster(str(work / f"{name}.pt"), str(scene.raster), str(work / f"{name}_box{box:g}_classes.tif"),
+                   str(path), stride=MAP_STRIDE, resolution="input", confidence_box=box)
+    return on_scene_grid(read_raster(path).astype(np.float64), scene)
+
+
 def logistic_regression():
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
@@ -100,16 +115,18 @@ def smoothed_of_mapped(p: np.ndarray, width: int) -> np.ndarray:
     return np.take_along_axis(uniform_filter(p, (1, width, width)), p.argmax(0)[None], 0)[0]
 
 
-def candidates(p: np.ndarray, familiarity: np.ndarray, readings: dict[float, np.ndarray], scene: Scene,
-               seed: int) -> dict[str, np.ndarray]:
+def candidates(p: np.ndarray, familiarity: np.ndarray, readings: dict[float, np.ndarray],
+               boxed: dict[float, np.ndarray], scene: Scene, seed: int) -> dict[str, np.ndarray]:
     """p: the JEM map's p(y|x); familiarity: its −E(x); readings: the same model's p(y|x) at other
-    readings (reading → map)."""
+    readings (reading → map); boxed: its confidence layers at other --confidence-box sizes (box → map)."""
     mapped = p.argmax(0)[None]
     of_mapped = lambda q: np.take_along_axis(q, mapped, 0)[0]  # noqa: E731
     max_p = p.max(0)
     scores = {"max p": max_p}
     for width in SMOOTHING:
         scores[f"smoothed {width}"] = smoothed_of_mapped(p, width)
+    for box, confidence in boxed.items():
+        scores[f"box {box:g}"] = confidence
     reading = RETRAIN_DEFAULTS.coarsen  # the second opinion reads the scene as the JEM did
     opinions = {"logreg": patch_classifier_probabilities(scene, logistic_regression(), reading),
                 "forest": patch_classifier_probabilities(scene, random_forest(seed), reading)}
@@ -120,6 +137,8 @@ def candidates(p: np.ndarray, familiarity: np.ndarray, readings: dict[float, np.
     for r, q in at_readings.items():
         scores[f"+ reading 1/{r:g}"] = max_p + q
     scores["+ both readings"] = max_p + sum(at_readings.values())
+    for box, confidence in boxed.items():
+        scores[f"box {box:g} + both readings"] = confidence + sum(at_readings.values())
     scores["max logit"] = np.log(np.clip(max_p, 1e-12, None)) + familiarity
     z = lambda v: (v - v[scene.scored].mean()) / v[scene.scored].std()  # noqa: E731
     for weight in FAMILIARITY_WEIGHTS:
@@ -163,7 +182,8 @@ def main() -> None:
         accuracies.append(float(correct.mean()))
         readings = {r: reading_probabilities(work, args.method, scene, r) for r in READINGS}
         familiarity = jem_familiarity(work, args.method, scene)
-        for candidate, values in candidates(p, familiarity, readings, scene, seed).items():
+        boxed = {box: boxed_confidence(work, args.method, scene, box) for box in BOXES}
+        for candidate, values in candidates(p, familiarity, readings, boxed, scene, seed).items():
             table.setdefault(candidate, []).append(round(float(roc_auc_score(correct, values[scene.scored])), 3))
         if args.ensemble:
             for key, value in ensemble_aurocs(p, jem_probabilities(work, args.ensemble, scene), scene).items():
