@@ -54,7 +54,7 @@ def render_map_preview(classes_path: str | os.PathLike, confidence_path: str | o
                        bands: Sequence[str] | None = None, title: str = "", max_legend: int = 12,
                        familiarity_path: str | os.PathLike | None = None) -> Path:
     """Side-by-side panels: input (when given), class map (legend: the largest classes), confidence
-    max p(y|x) and familiarity −E(x) (each when given)."""
+    (p(y|x) of the mapped class) and familiarity −E(x) (each when given)."""
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
 
@@ -87,8 +87,8 @@ def render_map_preview(classes_path: str | os.PathLike, confidence_path: str | o
         confidence, _ = _read_decimated(confidence_path, band=1)
         image = ax.imshow(np.ma.masked_invalid(confidence), cmap="Reds_r", vmin=0, vmax=1, extent=extent,
                           interpolation="nearest")
-        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="max p(y|x) (low = class likely wrong)")
-        ax.set_title("confidence max p(y|x)")
+        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="p(y|x) of the mapped class (low = likely wrong)")
+        ax.set_title("confidence p(y|x)")
     if familiarity_path:
         ax = axes.pop(0)
         familiarity, _ = _read_decimated(familiarity_path, band=1)

@@ -2,7 +2,7 @@
 AID-trained model.
 
 Needs nothing outside the project checkout (no network, no ../shared): demo/model.pt and
-demo/beirut/*.tif.  Writes OUT/classes.tif, OUT/confidence.tif (max p(y|x): low where the map is
+demo/beirut/*.tif.  Writes OUT/classes.tif, OUT/confidence.tif (p(y|x) of the mapped class: low where the map is
 likely wrong), OUT/familiarity.tif (−E(x): how much each patch looks like the training data) and
 OUT/preview.png.
 """

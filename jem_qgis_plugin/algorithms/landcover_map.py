@@ -1,5 +1,5 @@
-"""`jem:landcovermap`: a trained model slid over a raster → class map, confidence map max p(y|x) and
-familiarity map −E(x)."""
+"""`jem:landcovermap`: a trained model slid over a raster → class map, confidence map (p(y|x) of the mapped
+class) and familiarity map −E(x)."""
 from __future__ import annotations
 
 from typing import Any
@@ -23,6 +23,8 @@ RESOLUTIONS: list[str] = list(core_constant("mapping", "RESOLUTIONS"))
 # The map an analyst expects by default: the input's own grid, patches overlapping by three quarters.
 DEFAULT_RESOLUTION = "input"
 STRIDE_SHARE = 4
+# jem_core.confidence_box.CONFIDENCE_BOX_PATCHES: the box the confidence map averages over, in patches.
+CONFIDENCE_BOX: float = core_constant("confidence_box", "CONFIDENCE_BOX_PATCHES")
 
 
 def default_stride(patch_size: int) -> int:
@@ -36,8 +38,9 @@ class LandCoverMapAlgorithm(JemAlgorithm):
     ICON = "landcovermap.svg"
     HELP = ("Slides a trained JEM model over a raster and writes rasters aligned with the input: the "
             "<b>class map</b> (most probable class per pixel, named and coloured), the <b>confidence map</b> "
-            "max p(y|x), 0–1 (how sure the classifier is; the layer that marks likely errors: low values, "
-            "shown in red, are where the class map is most likely wrong; written by default) and, optionally, "
+            "p(y|x) of the mapped class, 0–1 (how sure the classifier is; the layer that marks likely errors: "
+            "low values, shown in red, are where the class map is most likely wrong; written by default) and, "
+            "optionally, "
             "the <b>familiarity map</b> −E(x) = logsumexp f(x) (how much each patch looks like the training "
             "data: low means unusual imagery, out of the model's experience; it does not tell right from "
             "wrong classes; not written by default).<br><br>"
@@ -47,7 +50,9 @@ class LandCoverMapAlgorithm(JemAlgorithm):
             "bands measure, else all bands when the counts match. <b>Stride</b>: pixels between patch "
             "origins; it must divide the model's patch size (0, the default: a quarter of the patch size, e.g. 8 px "
             "for 32 px patches). Smaller strides give a finer map and cost more: overlapping patches are "
-            "averaged.<br>"
+            f"averaged, and the confidence averages the mapped class's p(y|x) over a box {CONFIDENCE_BOX:g} "
+            "patches wide (with a stride of a whole patch: each cell's own max p(y|x)), which marked the errors "
+            "best on the scene benchmark (docs/labelling.md).<br>"
             "Advanced: <b>Output grid</b> <i>input</i> (default) writes the input's own grid, <i>patch</i> one "
             "pixel per stride × stride cell. These defaults cost time: on the OSCD Beirut crop (1070 × 1180 px, "
             "B04/B03/B02) the bundled model took 8.6 s on one CPU thread, against 0.8 s with stride = patch size "
@@ -70,7 +75,7 @@ class LandCoverMapAlgorithm(JemAlgorithm):
                 QgsProcessingParameterString("STRETCH", "Value stretch (auto, none, percentile:2,98, "
                                              "linear:MIN,MAX)", defaultValue="auto"))
         self.addParameter(QgsProcessingParameterRasterDestination("OUTPUT", "Class map"))
-        self.addParameter(QgsProcessingParameterRasterDestination("CONFIDENCE", "Confidence: max p(y|x)",
+        self.addParameter(QgsProcessingParameterRasterDestination("CONFIDENCE", "Confidence p(y|x)",
                                                                   optional=True, createByDefault=True))
         self.addParameter(QgsProcessingParameterRasterDestination("FAMILIARITY", "Familiarity −E(x)",
                                                                   optional=True, createByDefault=False))
