@@ -169,13 +169,13 @@ def beirut():
 
     only([classes, scene], [classes, confidence])
     toolbox = show_toolbox()
-    view = second_view("Confidence max p(y|x) over the image", [confidence, scene])
+    view = second_view("Confidence over the image", [confidence, scene])
     iface.mainWindow().resizeDocks([toolbox, dock_of(view)], [300, 560], Qt.Vertical)
     settle()
     toolbox.algorithmTree.scrollTo(toolbox.algorithmTree.currentIndex(), QAbstractItemView.PositionAtBottom)
     fitted(scene, view)
     grab(iface.mainWindow(), "qgis_screenshot.png")
-    iface.closeMapCanvas("Confidence max p(y|x) over the image")
+    iface.closeMapCanvas("Confidence over the image")
     toolbox.hide()
 
     run("beirut suggest", "jem:suggest", {"INPUT": scene, "COUNT": 12, "OUTPUT": "TEMPORARY_OUTPUT"})
@@ -231,17 +231,17 @@ def scene_mosaic():
     run("scene retrain", "jem:retrain", {"INPUT": scene, "ANNOTATIONS": labels, "CLASS_FIELD": "class",
                                          "OUTPUT_MODEL": str(OUT / "scene_retrained.pt"),
                                          "OUTPUT_MAP": "TEMPORARY_OUTPUT", "OUTPUT_CONFIDENCE": "TEMPORARY_OUTPUT"})
-    classes = layer_named("scene mosaic new class map")
-    confidence = layer_named("scene mosaic new confidence")
+    classes = layer_named("scene mosaic class map (scene_retrained)")
+    confidence = layer_named("scene mosaic confidence (scene_retrained)")
     root = QgsProject.instance().layerTreeRoot()  # the labelled points above the new maps
     node = root.findLayer(labels.id())
     root.insertChildNode(0, node.clone())
     root.removeChildNode(node)
     only([labels, classes], [classes, confidence])
-    view = second_view("Scene with confidence max p(y|x)", [confidence, scene], width=520)
+    view = second_view("Scene with confidence", [confidence, scene], width=520)
     fitted(scene, view)
     grab(iface.mainWindow(), "qgis_scene_mosaic.png")
-    iface.closeMapCanvas("Scene with confidence max p(y|x)")
+    iface.closeMapCanvas("Scene with confidence")
 
 
 def step():
