@@ -19,6 +19,7 @@ from typing import Callable
 import numpy as np
 
 CONFIDENCE_BOX_PATCHES = 1.25  # box side in patches: 5 cells at a stride of a quarter patch
+MAX_CONFIDENCE_BOX = 10  # patches; the rows the box holds back grow with it
 
 Row = dict[str, np.ndarray]
 

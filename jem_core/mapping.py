@@ -85,7 +85,7 @@ import numpy as np
 import torch
 
 from . import JEMError, ProgressFn, StopFn
-from .confidence_box import CONFIDENCE_BOX_PATCHES, ConfidenceBox, box_cells
+from .confidence_box import CONFIDENCE_BOX_PATCHES, MAX_CONFIDENCE_BOX, ConfidenceBox, box_cells
 from .device import resolve_device
 from .map_writer import CLASS_NODATA, MapOutputs, RowWriter
 from .model_file import LoadedModel, as_loaded
@@ -147,9 +147,9 @@ def map_raster(model: str | os.PathLike | LoadedModel, inputs: str | os.PathLike
     """Classify a raster patch by patch; see the module docstring for every option."""
     if resolution not in RESOLUTIONS:
         raise JEMError(f"Unknown resolution '{resolution}'. Choose one of: {', '.join(RESOLUTIONS)}.")
-    if not confidence_box >= 0:
-        raise JEMError(f"The confidence box must be 0 or more patches (got {confidence_box}); 0 gives each "
-                       "cell's own max p(y|x).")
+    if not 0 <= confidence_box <= MAX_CONFIDENCE_BOX:  # also refuses NaN
+        raise JEMError(f"The confidence box must be 0 to {MAX_CONFIDENCE_BOX} patches (got {confidence_box}); 0 "
+                       f"gives each cell's own max p(y|x), the default {CONFIDENCE_BOX_PATCHES} ranks errors best.")
     if batch_size < 1:
         raise JEMError(f"--batch-size must be at least 1 (got {batch_size}).")
     torch_device = resolve_device(device)

@@ -104,8 +104,9 @@ def test_map_confidence_is_the_box_average_of_the_mapped_class(tmp_path, model_p
         assert src.tags()["jem_confidence"].startswith("max p(y|x)")
 
 
-def test_negative_confidence_box_is_a_clear_error(tmp_path, model_path):  # noqa: F811
+@pytest.mark.parametrize("box", [-1, float("nan"), float("inf"), 11])
+def test_confidence_box_out_of_range_is_a_clear_error(tmp_path, model_path, box):  # noqa: F811
     raster = write_raster(tmp_path / "in.tif", scene())
-    with pytest.raises(JEMError, match="confidence box must be 0 or more"):
-        map_raster(model_path, raster, tmp_path / "c.tif", tmp_path / "conf.tif", confidence_box=-1, device="cpu")
+    with pytest.raises(JEMError, match="confidence box must be 0 to 10 patches"):
+        map_raster(model_path, raster, tmp_path / "c.tif", tmp_path / "conf.tif", confidence_box=box, device="cpu")
     assert not (tmp_path / "c.tif").exists()
