@@ -365,6 +365,8 @@ CLI_CASES: list[CliCase] = [
                                  "--out-classes", str(out / "nowhere" / "classes.tif")], r"does not exist"),
     CliCase("map", DISK_FULL, lambda inputs, out: [*map_argv()(inputs, out), "--resolution", "input"],
             r"Could not write the maps.*free space", file_size_limit=1024),
+    CliCase("map", "confidence box: inf", lambda inputs, out: [*map_argv()(inputs, out), "--confidence-box", "inf"],
+            r"confidence box must be 0 to 10 patches"),
     *cases_for("ood", ood_argv, raster=True, dataset=True, out_name="ood.json"),
     *cases_for("sample", sample_argv, out_name="samples.png", disk_full_limit=2048),
     *cases_for("report", report_argv, dataset=True, out_name="report.html"),
