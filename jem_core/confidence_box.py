@@ -1,4 +1,7 @@
-"""The confidence layer of a map: p(y|x) of each cell's mapped class, averaged over a box of cells around it.
+"""The confidence layer of a map: each cell's score for its mapped class, averaged over a box of cells around it.
+
+The score is p(y|x), or for a model that holds its labelled patches' features p(y|x) times the label
+agreement q_y (label_agreement.py); mapping.cell_values gives it per class as a row's "support".
 
 A retrained map goes wrong in blotches about a patch wide or wider (a field, a block of houses the model
 reads as another class), and one cell's own max p(y|x) is a noisy reading of them: on the scene benchmark
@@ -8,7 +11,7 @@ ones better than each cell's own max p: AUROC 0.775 against 0.765 over six seeds
 changed; only the confidence layer is smoothed.
 
 Streamed like the map itself: cell rows come in order and leave `radius` rows later, so memory holds
-2 · radius + 1 rows of probabilities.  Cells no patch covers (nodata) take no part in their neighbours'
+2 · radius + 1 rows of per-class scores.  Cells no patch covers (nodata) take no part in their neighbours'
 averages and stay nodata.
 """
 from __future__ import annotations
@@ -32,14 +35,14 @@ def box_cells(patch_size: int, stride: int, box_patches: float = CONFIDENCE_BOX_
     return 1 + 2 * max(0, round((cells - 1) / 2))
 
 
-def box_of_mapped(probabilities: np.ndarray, classes: np.ndarray, radius: int) -> np.ndarray:
-    """(cols,) mean p(classes[j]) over the rows given and the columns j − radius … j + radius.
+def box_of_mapped(support: np.ndarray, classes: np.ndarray, radius: int) -> np.ndarray:
+    """(cols,) mean support of class classes[j] over the rows given and the columns j − radius … j + radius.
 
-    probabilities: (rows, cols, C), NaN where no patch covers a cell; classes: (cols,) the centre row's
-    mapped class, out of range (nodata) where that cell is not covered, which gives NaN there.
+    support: (rows, cols, C) per-class scores, NaN where no patch covers a cell; classes: (cols,) the centre
+    row's mapped class, out of range (nodata) where that cell is not covered, which gives NaN there.
     """
-    covered = ~np.isnan(probabilities[..., 0])
-    sums = np.concatenate([np.nan_to_num(probabilities).sum(0), covered.sum(0)[:, None]], axis=1)
+    covered = ~np.isnan(support[..., 0])
+    sums = np.concatenate([np.nan_to_num(support).sum(0), covered.sum(0)[:, None]], axis=1)
     running = np.cumsum(np.pad(sums, ((radius + 1, radius), (0, 0))), axis=0)
     box = running[2 * radius + 1:] - running[:-(2 * radius + 1)]  # (cols, C + 1): class sums, cell count
     mapped = classes < box.shape[1] - 1
@@ -50,23 +53,21 @@ def box_of_mapped(probabilities: np.ndarray, classes: np.ndarray, radius: int) -
 class ConfidenceBox:
     """Between the cell rows and the writer: replaces each row's confidence by its box average.
 
-    add(row) takes the rows in order, each with its "classes", "confidence" and "probabilities" (C, cols),
-    NaN where uncovered; the probabilities go on to `emit` only with keep_probabilities.  finish() emits the
-    last `radius` rows.  `emit` receives every row exactly once, in order.
+    add(row) takes the rows in order, each with its "classes", "confidence" and "support" (C, cols): the
+    per-class score whose value for the mapped class is a cell's confidence (p(y|x), or p(y|x) times the
+    label agreement q_y, label_agreement.py), NaN where uncovered; the support does not go on to `emit`.
+    finish() emits the last `radius` rows.  `emit` receives every row exactly once, in order.
     """
 
-    def __init__(self, cells: int, emit: Callable[[Row], None], keep_probabilities: bool = False) -> None:
+    def __init__(self, cells: int, emit: Callable[[Row], None]) -> None:
         self.radius = cells // 2
         self.emit = emit
-        self.keep_probabilities = keep_probabilities
         self.rows: deque[tuple[Row, np.ndarray]] = deque()  # the rows a pending row's box can still reach
         self.received = self.emitted = 0
 
     def add(self, row: Row) -> None:
-        probabilities = row["probabilities"].T
-        if not self.keep_probabilities:
-            row = {kind: values for kind, values in row.items() if kind != "probabilities"}
-        self.rows.append((row, probabilities))
+        support = row["support"].T
+        self.rows.append(({kind: values for kind, values in row.items() if kind != "support"}, support))
         self.received += 1
         if self.received - self.emitted > self.radius:  # the next row's box is complete below it
             self._emit_next()

@@ -143,8 +143,8 @@ def _write_failed(target: Path, detail: str) -> JEMError:
 
 
 _DESCRIPTIONS = {  # band 1 of the single-band outputs: what the layer means
-    "confidence": "confidence: p(y|x) of the mapped class (tag jem_confidence), how sure the classifier is; low "
-                  "where the class is likely wrong",
+    "confidence": "confidence: p(y|x) of the mapped class, times its label agreement for a retrained model (tag "
+                  "jem_confidence); low where the class is likely wrong",
     "familiarity": "familiarity: -E(x) = logsumexp f(x), higher = more like the training data",
 }
 

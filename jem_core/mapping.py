@@ -4,10 +4,12 @@ A model trained on scene patches (image_size × image_size pixels) is slid over 
 patch gets logits f(x), from which the maps follow:
 
     class        argmax_y f(x)[y]                     Byte, colour table, class names in the metadata
-    confidence   p(y|x) of the mapped class, averaged  Float32 in [0, 1]; how sure the classifier is,
-                 over a box of cells 1.25 patches     low where the class map is likely wrong
-                 wide (confidence_box); one cell
-                 alone: max_y softmax(f(x))[y]
+    confidence   p(y|x) of the mapped class — times    Float32 in [0, 1]; how sure the classifier is,
+                 its label agreement q_y for a model  low where the class map is likely wrong
+                 with labelled features (`jem
+                 retrain`; label_agreement.py) —
+                 averaged over a box of cells 1.25
+                 patches wide (confidence_box)
     familiarity  −E(x) = logsumexp_y f(x)[y]          Float32; higher = more like the training data
                                                       (the OOD map; it does not mark wrong classes)
     probs        softmax(f(x)), one band per class    Float32 (optional)
@@ -44,7 +46,7 @@ map_raster(model, inputs, out_classes, out_confidence=None, *, bands=None, strid
               What was applied is reported in MapResult.stretch and in the outputs' metadata.
   confidence_box  side of the box the confidence averages over, in patches (default 1.25: 5 cells at a
               stride of a quarter patch); the nearest odd number of cells, so 0 — or a stride of a whole
-              patch — gives each cell's own max p(y|x).  See confidence_box.py for why.
+              patch — gives each cell's own score.  See confidence_box.py for why.
   read_ahead  strips a reader thread keeps ready (0 = read in the calling thread).
   progress    progress(fraction, message), called after every batch.
   should_stop polled before every batch; True raises jem_core.Cancelled and no output file is left.
@@ -87,6 +89,7 @@ import torch
 from . import JEMError, ProgressFn, StopFn
 from .confidence_box import CONFIDENCE_BOX_PATCHES, MAX_CONFIDENCE_BOX, ConfidenceBox, box_cells
 from .device import resolve_device
+from .label_agreement import TAG_WORDS, LabelledFeatures
 from .map_writer import CLASS_NODATA, MapOutputs, RowWriter
 from .model_file import LoadedModel, as_loaded
 from .raster_io import RasterSource, Stretch, choose_stretch, open_raster, raster_error, require_crs
@@ -97,18 +100,21 @@ CELL_PROBABILITIES = "p(y|x) = softmax of the mean logits of the patches coverin
 FAMILIARITY_TAG = "-E(x) = logsumexp of the mean logits of the patches covering the cell"
 
 
-def confidence_tag(cells: int) -> str:
+def confidence_tag(cells: int, agreement: LabelledFeatures | None = None) -> str:
     """What the confidence layer holds, for its metadata."""
+    score = "p(y|x)" if agreement is None else (
+        f"p(y|x) x {TAG_WORDS} q_y (q_k proportional to d_k^-{agreement.sharpness:g}, d_k the cosine distance "
+        "in the network's features to the nearest labelled patch of class k)")
     if cells == 1:
-        return f"max p(y|x) of the cell; {CELL_PROBABILITIES}"
-    return (f"p(y|x) of the cell's mapped class averaged over the {cells} x {cells} cells around it; "
+        return f"{score} of the cell's mapped class y; {CELL_PROBABILITIES}"
+    return (f"{score} of the cell's mapped class y, averaged over the {cells} x {cells} cells around it; "
             f"{CELL_PROBABILITIES}")
 
 
 @dataclass
 class MapResult:
     classes: Path
-    confidence: Path | None  # max p(y|x)
+    confidence: Path | None  # p(y|x) (× label agreement) of the mapped class, boxed
     familiarity: Path | None  # −E(x)
     probabilities: Path | None
     width: int  # output size in pixels
@@ -149,7 +155,7 @@ def map_raster(model: str | os.PathLike | LoadedModel, inputs: str | os.PathLike
         raise JEMError(f"Unknown resolution '{resolution}'. Choose one of: {', '.join(RESOLUTIONS)}.")
     if not 0 <= confidence_box <= MAX_CONFIDENCE_BOX:  # also refuses NaN
         raise JEMError(f"The confidence box must be 0 to {MAX_CONFIDENCE_BOX} patches (got {confidence_box}); 0 "
-                       f"gives each cell's own max p(y|x), the default {CONFIDENCE_BOX_PATCHES} ranks errors best.")
+                       f"gives each cell's own score, the default {CONFIDENCE_BOX_PATCHES} ranks errors best.")
     if batch_size < 1:
         raise JEMError(f"--batch-size must be at least 1 (got {batch_size}).")
     torch_device = resolve_device(device)
@@ -190,19 +196,19 @@ def _map(loaded: LoadedModel, source: RasterSource, grid: PatchGrid, stretch: St
                "tiled": True, "blockxsize": 256, "blockysize": 256, "compress": "deflate", "BIGTIFF": "IF_SAFER"}
     tags = {"jem_class_names": json.dumps(meta.class_names), "jem_bands": ",".join(source.band_names),
             "jem_stretch": stretch.describe(), "jem_patch_size": str(grid.patch_size), "jem_stride": str(grid.stride),
-            "jem_confidence": confidence_tag(box), "jem_familiarity": FAMILIARITY_TAG}
+            "jem_confidence": confidence_tag(box, loaded.labelled), "jem_familiarity": FAMILIARITY_TAG}
     start = time.monotonic()
     outputs = MapOutputs(targets, profile, meta.class_names, tags)
     try:
         writer = RowWriter(outputs, grid, resolution)
         counts = np.zeros(classes, dtype=np.int64)
         kinds = set(outputs.files)
-        boxed = box > 1 and "confidence" in kinds
-        smoother = ConfidenceBox(box, writer.add_cell_row, keep_probabilities="probabilities" in kinds)
+        smoother = ConfidenceBox(box, writer.add_cell_row) if box > 1 and "confidence" in kinds else None
         stats = _run(loaded, source, grid, stretch, batch_size, device, read_ahead,
-                     smoother.add if boxed else writer.add_cell_row, counts,
-                     kinds | {"probabilities"} if boxed else kinds, progress, should_stop)
-        smoother.finish()
+                     smoother.add if smoother else writer.add_cell_row, counts,
+                     kinds | {"support"} if smoother else kinds, progress, should_stop)
+        if smoother:
+            smoother.finish()
         if stats["patches"] == 0:
             raise JEMError(f"'{source.description}' has no {grid.patch_size} × {grid.patch_size} px patch without "
                            "nodata (all pixels are nodata, NaN or masked); nothing to map. Check the raster and its "
@@ -239,8 +245,12 @@ def _run(loaded: LoadedModel, source: RasterSource, grid: PatchGrid, stretch: St
          class_counts: np.ndarray, kinds: set[str], progress: ProgressFn | None,
          should_stop: StopFn | None) -> dict[str, int]:
     """Classify the patches in batches; emit each cell row's values (kinds) to add_row as soon as no later
-    patch can touch it."""
+    patch can touch it.  A model with labelled features also scores each patch's label agreement, averaged
+    per cell beside the logits."""
     classes = len(loaded.meta.class_names)
+    agreement = loaded.labelled.to(device) if loaded.labelled is not None and kinds & {"confidence", "support"} \
+        else None
+    columns = 2 * classes if agreement else classes  # logits, then log agreement
     sums: dict[int, np.ndarray] = {}  # cell row → summed logits (cell_cols, classes)
     hits: dict[int, np.ndarray] = {}  # cell row → patches covering each cell (cell_cols,)
     stats = {"patches": 0, "skipped": 0}
@@ -252,7 +262,7 @@ def _run(loaded: LoadedModel, source: RasterSource, grid: PatchGrid, stretch: St
             cell_rows, cell_cols = grid.cells_of_patches(rows[members], cols[members])
             for cell_row in cell_rows[0].tolist():
                 if cell_row not in sums:
-                    sums[cell_row] = np.zeros((grid.cell_cols, classes), np.float64)
+                    sums[cell_row] = np.zeros((grid.cell_cols, columns), np.float64)
                     hits[cell_row] = np.zeros(grid.cell_cols, np.int32)
                 for targets in cell_cols.T:
                     sums[cell_row][targets] += logits[members]
@@ -261,9 +271,9 @@ def _run(loaded: LoadedModel, source: RasterSource, grid: PatchGrid, stretch: St
     def emit_through(last_cell_row: int) -> None:
         nonlocal next_cell_row
         while next_cell_row <= last_cell_row:
-            row_sums = sums.pop(next_cell_row, np.zeros((grid.cell_cols, classes)))
+            row_sums = sums.pop(next_cell_row, np.zeros((grid.cell_cols, columns)))
             row_hits = hits.pop(next_cell_row, np.zeros(grid.cell_cols, np.int32))
-            values = cell_values(row_sums, row_hits, kinds)
+            values = cell_values(row_sums, row_hits, kinds, classes)
             class_counts[:] += np.bincount(values["classes"][row_hits > 0], minlength=classes)[:classes]
             add_row(values)
             next_cell_row += 1
@@ -274,7 +284,12 @@ def _run(loaded: LoadedModel, source: RasterSource, grid: PatchGrid, stretch: St
     with closing(batches):  # a cancel or error stops the reader thread now
         for batch in batches:
             x = loaded.normalise(torch.from_numpy(batch.pixels).to(device))
-            accumulate(batch.rows, batch.cols, loaded.model(x).float().cpu().numpy().astype(np.float64))
+            if agreement is None:
+                scores = loaded.model(x)
+            else:
+                logits, features = loaded.model.logits_and_features(x)
+                scores = torch.cat([logits, agreement.log_agreement(features)], 1)
+            accumulate(batch.rows, batch.cols, scores.float().cpu().numpy().astype(np.float64))
             stats["patches"] += len(batch.rows)
             last_row = int(batch.rows[-1])
             if progress:
@@ -287,20 +302,33 @@ def _run(loaded: LoadedModel, source: RasterSource, grid: PatchGrid, stretch: St
     return stats
 
 
-def cell_values(sums: np.ndarray, counts: np.ndarray, kinds: set[str]) -> dict[str, np.ndarray]:
-    """The outputs of a row of cells from their summed logits (cells, C) and patch counts (cells,):
-    the one place where the class, the confidence, the familiarity and the probabilities are computed."""
+def cell_values(sums: np.ndarray, counts: np.ndarray, kinds: set[str], classes: int) -> dict[str, np.ndarray]:
+    """The outputs of a row of cells from their summed scores (cells, classes or 2 × classes: logits, then
+    log label agreement) and patch counts (cells,): the one place where the class, the confidence, the
+    familiarity and the probabilities are computed.  "support" (classes, cells) is the per-class score whose
+    value for the mapped class is the cell's confidence, for the confidence box."""
     covered = counts > 0
-    logits = sums / np.maximum(counts, 1)[:, None]
+    means = sums / np.maximum(counts, 1)[:, None]
+    logits = means[:, :classes]
     top = logits.max(axis=1, keepdims=True)
     exp = np.exp(logits - top)
     total = exp.sum(axis=1)
-    values = {"classes": np.where(covered, logits.argmax(axis=1), CLASS_NODATA).astype(np.uint8)}
-    if "confidence" in kinds:  # max p(y|x) = exp(top − logsumexp) = 1 / Σ exp(logits − top) (confidence_tag(1))
-        values["confidence"] = np.where(covered, 1.0 / total, np.nan).astype(np.float32)
+    mapped = logits.argmax(axis=1)
+    values = {"classes": np.where(covered, mapped, CLASS_NODATA).astype(np.uint8)}
+    probs = exp / total[:, None]
+    support = probs * softmax(means[:, classes:]) if means.shape[1] > classes else probs
+    if "confidence" in kinds:  # confidence_tag(1): without agreement max p(y|x) = 1 / Σ exp(logits − top)
+        values["confidence"] = np.where(covered, support[np.arange(len(mapped)), mapped], np.nan).astype(np.float32)
+    if "support" in kinds:
+        values["support"] = np.where(covered[None], support.T, np.nan).astype(np.float32)
     if "familiarity" in kinds:  # −E(x) = logsumexp_y of the mean logits (FAMILIARITY_TAG)
         values["familiarity"] = np.where(covered, top[:, 0] + np.log(total), np.nan).astype(np.float32)
     if "probabilities" in kinds:
-        probs = exp / total[:, None]
         values["probabilities"] = np.where(covered[None], probs.T, np.nan).astype(np.float32)
     return values
+
+
+def softmax(scores: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of (cells, classes)."""
+    exp = np.exp(scores - scores.max(axis=1, keepdims=True))
+    return exp / exp.sum(axis=1, keepdims=True)

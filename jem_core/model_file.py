@@ -10,6 +10,9 @@ never runs code from the file):
     state_dict      the network's weights (an ensemble's: members.0.…, members.1.…)
     meta            ModelMeta as a dict (class names, band names, image size,
                     normalisation, value range, training config, metrics)
+    labelled_features  optional (`jem retrain`): the labelled patches' pooled features and classes, for
+                    the map's label agreement (label_agreement.py); files without it map as before, and
+                    earlier JEM-EO versions ignore it
 
 Files are written with files.atomic_write (a temporary name beside the target, then a rename), so
 a crash never leaves a half-written model under the real name.
@@ -25,7 +28,8 @@ import torch
 
 from . import JEMError, __version__
 from .files import atomic_write
-from .models import Model, ModelSpec, SpeedOptions, apply_speed_options, build_model
+from .label_agreement import LabelledFeatures
+from .models import Model, ModelSpec, SpeedOptions, apply_speed_options, build_model, feature_count
 
 FORMAT = "jem-eo-model"
 FORMAT_VERSION = 2  # 2: the spec may say `members` (an ensemble); single-network files are still written as 1
@@ -55,6 +59,7 @@ class ModelMeta:
 class LoadedModel:
     model: Model
     meta: ModelMeta
+    labelled: LabelledFeatures | None = None  # the labelled patches' features, when retrained on some
 
     @property
     def spec(self) -> ModelSpec:
@@ -72,15 +77,19 @@ class LoadedModel:
         return x * std + mean
 
 
-def model_payload(model: Model, meta: ModelMeta) -> dict[str, Any]:
+def model_payload(model: Model, meta: ModelMeta, labelled: LabelledFeatures | None = None) -> dict[str, Any]:
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     version = FORMAT_VERSION if model.spec.members > 1 else 1
-    return {"format": FORMAT, "format_version": version, "spec": model.spec.to_dict(),
-            "state_dict": state, "meta": asdict(meta)}
+    payload = {"format": FORMAT, "format_version": version, "spec": model.spec.to_dict(),
+               "state_dict": state, "meta": asdict(meta)}
+    if labelled is not None:
+        payload["labelled_features"] = labelled.to_payload()
+    return payload
 
 
-def save_model(path: str | os.PathLike, model: Model, meta: ModelMeta) -> None:
-    payload = model_payload(model, meta)
+def save_model(path: str | os.PathLike, model: Model, meta: ModelMeta,
+               labelled: LabelledFeatures | None = None) -> None:
+    payload = model_payload(model, meta, labelled)
     atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
@@ -123,7 +132,10 @@ def model_from_payload(payload: dict[str, Any], source: str = "model file") -> L
     except (KeyError, TypeError, RuntimeError) as error:
         raise JEMError(f"The {source} is damaged or incompatible ({type(error).__name__}: {str(error)[:200]}). "
                        "Retrain the model.") from None
-    return LoadedModel(model.eval(), meta)
+    labelled = payload.get("labelled_features")
+    if labelled is not None:
+        labelled = LabelledFeatures.from_payload(labelled, spec.num_classes, feature_count(model), source)
+    return LoadedModel(model.eval(), meta, labelled)
 
 
 def as_loaded(model: str | os.PathLike | LoadedModel, device: torch.device | str | None = None) -> LoadedModel:

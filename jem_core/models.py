@@ -191,13 +191,18 @@ class JEM(EnergyModel):
         self.autocast_dtype: torch.dtype | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits_and_features(x)[0]
+
+    def logits_and_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """f(x) and the pooled features the head reads them from, in one pass (both float32)."""
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         if self.autocast_dtype is None:
-            return self.head(self.features(x))
-        with torch.autocast(x.device.type, dtype=self.autocast_dtype):
             features = self.features(x)
-        return self.head(features.float())  # logits, energies and losses stay float32
+        else:
+            with torch.autocast(x.device.type, dtype=self.autocast_dtype):
+                features = self.features(x).float()  # logits, energies and losses stay float32
+        return self.head(features), features
 
     def penultimate(self, x: torch.Tensor) -> torch.Tensor:
         """The pooled features the head reads."""
@@ -224,9 +229,18 @@ class JEMEnsemble(EnergyModel):
                                      [JEM(spec.member_spec()) for _ in range(spec.members)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = torch.stack([member(x) for member in self.members])  # (members, N, classes)
-        mean_probabilities = torch.logsumexp(F.log_softmax(logits, 2), 0) - math.log(len(self.members))
+        return self.combined_logits(torch.stack([member(x) for member in self.members]))
+
+    @staticmethod
+    def combined_logits(logits: torch.Tensor) -> torch.Tensor:
+        """The ensemble's g(x) from its members' logits (members, N, classes)."""
+        mean_probabilities = torch.logsumexp(F.log_softmax(logits, 2), 0) - math.log(len(logits))
         return mean_probabilities + torch.logsumexp(logits, 2).mean(0)[:, None]
+
+    def logits_and_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """g(x) and the members' pooled features side by side (N, members × features), in one pass."""
+        logits, features = zip(*(member.logits_and_features(x) for member in self.members))
+        return self.combined_logits(torch.stack(logits)), torch.cat(features, 1)
 
     def penultimate(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([member.penultimate(x) for member in self.members], 1)
@@ -246,6 +260,11 @@ def build_model(spec: ModelSpec) -> Model:
 def networks(model: Model) -> list[JEM]:
     """The single networks of a model: its members, or the model itself."""
     return list(model.members) if isinstance(model, JEMEnsemble) else [model]
+
+
+def feature_count(model: Model) -> int:
+    """Length of the pooled features logits_and_features gives (an ensemble's members' side by side)."""
+    return sum(network.features.out_features for network in networks(model))
 
 
 def ensemble_of(members: list[JEM]) -> Model:

@@ -112,9 +112,13 @@ def write_bad_models(root: Path, good: Path) -> dict[str, Path]:
     payload["format_version"] = 99
     future = root / "future.pt"
     torch.save(payload, future)
+    payload = torch.load(good, weights_only=True)
+    payload["labelled_features"] = {"features": torch.zeros(2, 3), "labels": torch.tensor([0, 7])}
+    damaged = root / "damaged_labelled.pt"
+    torch.save(payload, damaged)
     return {"model: not a model (text)": text, "model: truncated": truncate(good, root / "truncated.pt"),
             "model: PyTorch file, not JEM": foreign, "model: future format version": future,
-            "model: missing file": root / "missing.pt"}
+            "model: damaged labelled features": damaged, "model: missing file": root / "missing.pt"}
 
 
 def write_class_folder(root: Path, classes: int = 2, per_class: int = 10, bands: int = 3, size: int = PATCH) -> Path:
@@ -314,6 +318,7 @@ MODEL_CASES = [
     ("model: truncated", r"truncated"),
     ("model: PyTorch file, not JEM", r"not a JEM-EO model file"),
     ("model: future format version", r"version 99"),
+    ("model: damaged labelled features", r"labelled features in model file .*damaged_labelled.pt. do not fit"),
     ("model: missing file", r"does not exist"),
 ]
 DATASET_CASES = [

@@ -58,19 +58,20 @@ def test_box_of_mapped_matches_a_direct_computation(radius):
         np.testing.assert_allclose(got, expected[i], rtol=1e-6, equal_nan=True)
 
 
-@pytest.mark.parametrize(("cells", "keep"), [(3, True), (5, False), (9, True)])
-def test_streamed_rows_come_out_once_in_order_with_their_box_average(cells, keep):
+@pytest.mark.parametrize("cells", [3, 5, 9])
+def test_streamed_rows_come_out_once_in_order_with_their_box_average(cells):
     p = random_probabilities(6, 9, 3, seed=cells)  # 9 cells: the box is taller than the raster
     classes = mapped_classes(p)
     emitted: list[dict[str, np.ndarray]] = []
-    smoother = ConfidenceBox(cells, emitted.append, keep_probabilities=keep)
+    smoother = ConfidenceBox(cells, emitted.append)
     for i in range(p.shape[0]):
         smoother.add({"classes": classes[i], "confidence": np.nanmax(p[i], -1), "row": np.array([i]),
-                      "probabilities": p[i].T})
+                      "support": p[i].T, "probabilities": p[i].T})
         assert len(emitted) == max(0, i + 1 - cells // 2)  # a row leaves once its box is complete below it
     smoother.finish()
     assert [int(row["row"][0]) for row in emitted] == list(range(p.shape[0]))
-    assert all(("probabilities" in row) == keep for row in emitted)
+    assert all("support" not in row and np.array_equal(row["probabilities"], p[i].T, equal_nan=True)
+               for i, row in enumerate(emitted))
     np.testing.assert_allclose(np.stack([row["confidence"] for row in emitted]), direct_box(p, cells // 2),
                                rtol=1e-6, equal_nan=True)
 
@@ -99,9 +100,9 @@ def test_map_confidence_is_the_box_average_of_the_mapped_class(tmp_path, model_p
     np.testing.assert_allclose(boxed["confidence"][0], direct_box(probabilities, 2), atol=1e-6, equal_nan=True)
     assert not np.allclose(np.nan_to_num(boxed["confidence"]), np.nan_to_num(plain["confidence"]))
     with rasterio.open(tmp_path / "boxed_conf.tif") as src:
-        assert src.tags()["jem_confidence"].startswith("p(y|x) of the cell's mapped class averaged over the 5 x 5")
+        assert src.tags()["jem_confidence"].startswith("p(y|x) of the cell's mapped class y, averaged over the 5 x 5")
     with rasterio.open(tmp_path / "plain_conf.tif") as src:
-        assert src.tags()["jem_confidence"].startswith("max p(y|x)")
+        assert src.tags()["jem_confidence"].startswith("p(y|x) of the cell's mapped class y;")
 
 
 @pytest.mark.parametrize("box", [-1, float("nan"), float("inf"), 11])

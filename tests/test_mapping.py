@@ -141,7 +141,8 @@ def test_overlapping_stride_averages_logits(tmp_path, model_path, resolution):
     # The edge: the last patch row/column is shifted inwards to origins 53 − 16 = 37 and 70 − 16 = 54.
     check(5, 7, patch_logits(model_path, pixels, [(32, 48), (32, 54), (37, 48), (37, 54)]).mean(0))
     check(6, 8, patch_logits(model_path, pixels, [(37, 54)])[0])
-    for kind, meaning, tag in (("confidence", "p(y|x)", "max p(y|x)"), ("familiarity", "-E(x)", "-E(x)")):
+    for kind, meaning, tag in (("confidence", "p(y|x)", "p(y|x) of the cell's mapped class y;"),
+                               ("familiarity", "-E(x)", "-E(x)")):
         with rasterio.open(getattr(result, kind)) as src:
             assert src.descriptions[0].startswith(f"{kind}: {meaning}")
             assert src.tags()[f"jem_{kind}"].startswith(tag)

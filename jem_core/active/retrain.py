@@ -14,6 +14,10 @@ its share of the budget, on its own random draw of unlabelled patches and its ow
 them as one ensemble model (models.JEMEnsemble): on the scene benchmark two half-length retrains
 averaged map a little more accurately and rank their errors a little better than one full-length
 retrain, while a new network (no starting model) needs the whole budget (docs/labelling.md).
+
+The model file also holds the labelled patches' pooled features under the final weights
+(label_agreement.labelled_features): maps made with it use them to mark errors (the confidence is p(y|x)
+times the label agreement).
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ import torch
 from .. import JEMError, ProgressFn, StopFn
 from ..bundled import base_model_path
 from ..data import SceneDataset, load_class_folder
+from ..label_agreement import labelled_features
 from ..metrics import predict_logits
 from ..model_file import LoadedModel, ModelMeta, as_loaded, load_model, save_model
 from ..models import ModelSpec, build_model, ensemble_of, networks
@@ -240,11 +245,12 @@ def retrain_on_patches(labelled: SceneDataset, unlabelled: torch.Tensor | Sequen
                for index, member_unlabelled in enumerate(unlabelled_sets)]
     loaded, metrics = combined(results, labelled, config)
     loaded.meta.coarsen = coarsen
+    loaded.labelled = labelled_features(loaded, labelled.images, labelled.labels, config.seed)
     if len(results) > 1:  # a single network's run has said its own
         for warning in metrics["warnings"]:
             log(f"warning: {warning}")
     if out_model is not None:
-        save_model(out_model, loaded.model, loaded.meta)
+        save_model(out_model, loaded.model, loaded.meta, loaded.labelled)
     return RetrainResult(loaded, list(labelled.class_names), new_classes, without, len(labelled),
                          len(unlabelled_sets[0]), metrics["label_fit"], metrics, list(metrics["warnings"]))
 
