@@ -1,5 +1,5 @@
 """PNG preview of a mapping run: the input (true colour), the class map with a legend, the confidence
-max p(y|x) and the familiarity −E(x)."""
+(p(y|x) of the mapped class, times the label agreement for a retrained model) and the familiarity −E(x)."""
 from __future__ import annotations
 
 import json
@@ -9,6 +9,7 @@ from typing import Sequence
 
 import numpy as np
 
+from .label_agreement import TAG_WORDS
 from .map_writer import CLASS_NODATA
 from .plots import pyplot, save_figure
 from .raster_io import band_percentiles, open_raster
@@ -82,13 +83,19 @@ def render_map_preview(classes_path: str | os.PathLike, confidence_path: str | o
     ax.legend(handles=[Patch(color=colours[i], label=f"{names[i]} {counts[i] / total:.0%}") for i in order],
               loc="upper center", bbox_to_anchor=(0.5, -0.06), ncol=3, fontsize=7, frameon=False)
     ax.set_title("class map argmax p(y|x)")
-    if confidence_path:  # fixed 0–1 scale, low (likely wrong) in dark red as in the QGIS style
+    if confidence_path:  # low (likely wrong) in dark red as in the QGIS style
         ax = axes.pop(0)
-        confidence, _ = _read_decimated(confidence_path, band=1)
-        image = ax.imshow(np.ma.masked_invalid(confidence), cmap="Reds_r", vmin=0, vmax=1, extent=extent,
-                          interpolation="nearest")
-        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="p(y|x) of the mapped class (low = likely wrong)")
-        ax.set_title("confidence p(y|x)")
+        confidence, info = _read_decimated(confidence_path, band=1)
+        finite = confidence[np.isfinite(confidence)]
+        if TAG_WORDS in info["tags"].get("jem_confidence", "") and finite.size:  # a score: its 2–98 % range
+            low, high = (float(v) for v in np.quantile(finite, [0.02, 0.98]))
+            what = "p(y|x) × label agreement of the mapped class"
+        else:  # a probability: the fixed 0–1 scale
+            low, high, what = 0.0, 1.0, "p(y|x) of the mapped class"
+        image = ax.imshow(np.ma.masked_invalid(confidence), cmap="Reds_r", vmin=low, vmax=max(high, low + 1e-6),
+                          extent=extent, interpolation="nearest")
+        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label=f"{what} (low = likely wrong)")
+        ax.set_title("confidence")
     if familiarity_path:
         ax = axes.pop(0)
         familiarity, _ = _read_decimated(familiarity_path, band=1)

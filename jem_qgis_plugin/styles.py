@@ -35,6 +35,7 @@ from qgis.core import (
 )
 from qgis.PyQt.QtGui import QColor
 
+from jem_core.label_agreement import TAG_WORDS
 from jem_core.process_state import gdal_exceptions
 
 from .paths import resource_path
@@ -42,10 +43,10 @@ from .paths import resource_path
 CLASS_MAP_TEMPLATE = "class_map.qml"
 CONFIDENCE_TEMPLATE = "confidence.qml"
 FAMILIARITY_TEMPLATE = "familiarity.qml"
-# Share of pixels clipped at each end of the familiarity ramp, so a few outliers do not flatten it.
-FAMILIARITY_CUT = 0.02
-# Longest side of the decimated read the familiarity range is estimated from.
-FAMILIARITY_READ_SIDE = 1024
+# Share of pixels clipped at each end of a stretched ramp, so a few outliers do not flatten it.
+STRETCH_CUT = 0.02
+# Longest side of the decimated read a stretched ramp's range is estimated from.
+STRETCH_READ_SIDE = 1024
 # jem_core.mapping.CLASS_NODATA: the class map's value for pixels no patch covered.
 CLASS_NODATA = 255
 # Colours closer than this (Euclidean distance of 0-255 RGB) read as one colour in a legend.
@@ -157,7 +158,7 @@ def class_map_renderer(layer: QgsRasterLayer) -> QgsPalettedRasterRenderer:
     return renderer
 
 
-def familiarity_range(path: str) -> tuple[float, float]:
+def stretched_range(path: str) -> tuple[float, float]:
     """The 2-98 % range of the raster's values, from a decimated read with numpy: QGIS's own
     cumulativeCut would store a histogram of megabytes in <raster>.aux.xml."""
     from osgeo import gdal
@@ -165,7 +166,7 @@ def familiarity_range(path: str) -> tuple[float, float]:
     with gdal_exceptions():
         dataset = gdal.Open(path)
         band = dataset.GetRasterBand(1)
-        scale = max(band.XSize, band.YSize) / FAMILIARITY_READ_SIDE
+        scale = max(band.XSize, band.YSize) / STRETCH_READ_SIDE
         width, height = (max(1, int(band.XSize / scale)), max(1, int(band.YSize / scale))) if scale > 1 \
             else (band.XSize, band.YSize)
         values = band.ReadAsArray(buf_xsize=width, buf_ysize=height).astype(np.float64).ravel()
@@ -173,22 +174,35 @@ def familiarity_range(path: str) -> tuple[float, float]:
     values = values[np.isfinite(values) & ((values != nodata) if nodata is not None else True)]
     if values.size == 0:
         return 0.0, 1.0
-    low, high = np.quantile(values, [FAMILIARITY_CUT, 1 - FAMILIARITY_CUT])
+    low, high = np.quantile(values, [STRETCH_CUT, 1 - STRETCH_CUT])
     return float(low), float(high if high > low else low + 1.0)
 
 
+def has_label_agreement(path: str) -> bool:
+    """Whether a confidence raster holds p(y|x) times the label agreement (a retrained model's map): a score
+    that ranks errors but is no probability (its median is ~0.1 on the scene benchmark)."""
+    from osgeo import gdal
+
+    with gdal_exceptions():
+        return TAG_WORDS in (gdal.Open(path).GetMetadataItem("jem_confidence") or "")
+
+
 def confidence_renderer(layer: QgsRasterLayer) -> QgsSingleBandPseudoColorRenderer:
-    """The template's fixed ramp over max p(y|x) in 0..1: low confidence (likely wrong) stands out in red,
-    high confidence is transparent, the same on every map."""
+    """Low confidence (likely wrong) stands out in red, high confidence is transparent.  p(y|x) gets the
+    template's fixed ramp over 0..1, the same on every map; p(y|x) times the label agreement, a score
+    whose scale is not a probability's, gets the template's ramp stretched over the map's 2–98 % range."""
     fallback = template(CONFIDENCE_TEMPLATE)
-    return _ramp_renderer(layer, fallback, [value for value, _ in fallback.stops],
-                          ("unsure: class likely wrong", "sure"))
+    values = [value for value, _ in fallback.stops]
+    if has_label_agreement(layer.source()):
+        low, high = stretched_range(layer.source())
+        values = [low + position * (high - low) for position in values]
+    return _ramp_renderer(layer, fallback, values, ("unsure: class likely wrong", "sure"))
 
 
 def familiarity_renderer(layer: QgsRasterLayer) -> QgsSingleBandPseudoColorRenderer:
     """The template's colour ramp (stops at 0..1) stretched over the 2–98 % range of the raster's −E(x)."""
     fallback = template(FAMILIARITY_TEMPLATE)
-    low, high = familiarity_range(layer.source())
+    low, high = stretched_range(layer.source())
     return _ramp_renderer(layer, fallback, [low + position * (high - low) for position, _ in fallback.stops],
                           ("unusual for the model", "like the training data"))
 

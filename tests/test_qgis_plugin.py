@@ -151,6 +151,28 @@ def test_land_cover_map_outputs_are_aligned_styled_and_named(provider, model_fil
     assert progress and max(progress) == pytest.approx(100)
 
 
+def test_a_retrained_models_confidence_ramp_is_stretched_over_the_maps_range(provider, model_file, raster, tmp_path):
+    """p(y|x) times the label agreement is a score, not a probability: its ramp spans the map's 2–98 % range."""
+    import torch
+
+    from jem_core.label_agreement import labelled_features
+    from jem_core.model_file import save_model
+
+    loaded = load_model(model_file)
+    agreeing = tmp_path / "agreeing.pt"
+    labelled = labelled_features(loaded, torch.rand(6, 3, PATCH, PATCH) * 255, torch.tensor([0, 1, 2] * 2))
+    save_model(agreeing, loaded.model, loaded.meta, labelled)
+    out_confidence = tmp_path / "confidence.tif"
+    run("jem:landcovermap", {"INPUT": str(raster), "MODEL": str(agreeing), "STRIDE": 8, "DEVICE": "cpu",
+                             "OUTPUT": str(tmp_path / "classes.tif"), "CONFIDENCE": str(out_confidence)})
+    confidence = QgsRasterLayer(str(out_confidence), "confidence")
+    ramp = confidence.renderer().shader().rasterShaderFunction().colorRampItemList()
+    values = read_band(out_confidence)
+    low, high = np.quantile(values[np.isfinite(values)], [0.02, 0.98])
+    assert ramp[0].value == pytest.approx(low, abs=1e-3) and ramp[-1].value == pytest.approx(high, abs=1e-3)
+    assert 0 < ramp[0].value < ramp[-1].value < 1 and ramp[0].color.alpha() == 255 and ramp[-1].color.alpha() == 0
+
+
 def read_band(path: Path) -> np.ndarray:
     from osgeo import gdal
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..confidence_box import CONFIDENCE_BOX_PATCHES
 from ..files import write_json
+from ..label_agreement import AGREEMENT_NEIGHBOURS, AGREEMENT_SHARPNESS
 from ..map_preview import render_map_preview
 from ..mapping import RESOLUTIONS, map_raster
 from ..raster_io import parse_band_list
@@ -29,9 +30,11 @@ def register(subparsers) -> None:
                         "--confidence-box; how sure the classifier is, low where the map is likely wrong. A model "
                         "from `jem retrain` holds its labelled patches' features, and its confidence is p(y|x) times "
                         "the label agreement q_y (how much nearer, in the network's features, the cell lies to the "
-                        "labelled patches of its class than to other classes'): a score, not a probability, that "
-                        "ranked wrong pixels below right ones with AUROC 0.81 against 0.78 for p(y|x) alone on the "
-                        "scene benchmark (docs/labelling.md)")
+                        f"labelled patches of its class than to other classes': q_y ∝ d_y^-{AGREEMENT_SHARPNESS:g}, "
+                        f"d_y the mean cosine distance to its {AGREEMENT_NEIGHBOURS} nearest labelled patches of "
+                        "class y): a score, not a probability, that "
+                        "ranked wrong pixels below right ones with AUROC 0.807 against 0.775 for p(y|x) alone on six "
+                        "scene-benchmark retrains (docs/labelling.md)")
     p.add_argument("--out-familiarity", type=Path,
                    help="familiarity −E(x) GeoTIFF (Float32): higher = more like the training data (OOD map); "
                         "it does not mark wrong classes")

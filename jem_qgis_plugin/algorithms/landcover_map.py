@@ -1,5 +1,5 @@
 """`jem:landcovermap`: a trained model slid over a raster → class map, confidence map (p(y|x) of the mapped
-class) and familiarity map −E(x)."""
+class, times its label agreement for a retrained model) and familiarity map −E(x)."""
 from __future__ import annotations
 
 from typing import Any
@@ -39,7 +39,12 @@ class LandCoverMapAlgorithm(JemAlgorithm):
     HELP = ("Slides a trained JEM model over a raster and writes rasters aligned with the input: the "
             "<b>class map</b> (most probable class per pixel, named and coloured), the <b>confidence map</b> "
             "p(y|x) of the mapped class, 0–1 (how sure the classifier is; the layer that marks likely errors: "
-            "low values, shown in red, are where the class map is most likely wrong; written by default) and, "
+            "low values, shown in red, are where the class map is most likely wrong; written by default; for a "
+            "model made by <i>Retrain from annotations</i> it is p(y|x) times the <i>label agreement</i>: how much "
+            "nearer, in the network's features, each patch lies to the labelled patches of its class than to "
+            "other classes'. That product is a score, not a probability (typical values 0.05–0.3), so its red ramp "
+            "spans the map's own 2–98 % range; it marked the errors of the scene benchmark's retrains better than "
+            "p(y|x) alone) and, "
             "optionally, "
             "the <b>familiarity map</b> −E(x) = logsumexp f(x) (how much each patch looks like the training "
             "data: low means unusual imagery, out of the model's experience; it does not tell right from "
@@ -50,8 +55,8 @@ class LandCoverMapAlgorithm(JemAlgorithm):
             "bands measure, else all bands when the counts match. <b>Stride</b>: pixels between patch "
             "origins; it must divide the model's patch size (0, the default: a quarter of the patch size, e.g. 8 px "
             "for 32 px patches). Smaller strides give a finer map and cost more: overlapping patches are "
-            f"averaged, and the confidence averages the mapped class's p(y|x) over a box {CONFIDENCE_BOX:g} "
-            "patches wide (with a stride of a whole patch: each cell's own max p(y|x)), which marked the errors "
+            f"averaged, and the confidence averages the mapped class's score over a box {CONFIDENCE_BOX:g} "
+            "patches wide (with a stride of a whole patch: each cell's own), which marked the errors "
             "best on the scene benchmark (docs/labelling.md).<br>"
             "Advanced: <b>Output grid</b> <i>input</i> (default) writes the input's own grid, <i>patch</i> one "
             "pixel per stride × stride cell. These defaults cost time: on the OSCD Beirut crop (1070 × 1180 px, "
@@ -75,7 +80,7 @@ class LandCoverMapAlgorithm(JemAlgorithm):
                 QgsProcessingParameterString("STRETCH", "Value stretch (auto, none, percentile:2,98, "
                                              "linear:MIN,MAX)", defaultValue="auto"))
         self.addParameter(QgsProcessingParameterRasterDestination("OUTPUT", "Class map"))
-        self.addParameter(QgsProcessingParameterRasterDestination("CONFIDENCE", "Confidence p(y|x)",
+        self.addParameter(QgsProcessingParameterRasterDestination("CONFIDENCE", "Confidence",
                                                                   optional=True, createByDefault=True))
         self.addParameter(QgsProcessingParameterRasterDestination("FAMILIARITY", "Familiarity −E(x)",
                                                                   optional=True, createByDefault=False))

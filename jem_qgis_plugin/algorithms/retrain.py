@@ -69,7 +69,8 @@ class RetrainAlgorithm(JemAlgorithm):
             "left empty is saved beside the annotation file as <i>&lt;annotations&gt;_retrained.pt</i> "
             "(_2, _3 … when that exists; beside the raster for a layer without a file). Optional outputs "
             "(none by default here; the labelling dock asks for the first two as temporary layers): the new "
-            "class map, confidence map p(y|x) (low: the class is likely wrong) and familiarity map "
+            "class map, confidence map (p(y|x) times the label agreement with the annotations; low: the class is "
+            "likely wrong) and familiarity map "
             "−E(x) (low: unlike the training data) of the raster, as <i>JEM land cover "
             "map</i> makes them. Runs in the background; Cancel stops it and writes nothing.")
 
@@ -119,7 +120,7 @@ class RetrainAlgorithm(JemAlgorithm):
             "JEM model (*.pt)", optional=True, createByDefault=False))
         self.addParameter(QgsProcessingParameterRasterDestination("OUTPUT_MAP", "New class map", optional=True,
                                                                   createByDefault=False))
-        self.addParameter(QgsProcessingParameterRasterDestination("OUTPUT_CONFIDENCE", "New confidence p(y|x)",
+        self.addParameter(QgsProcessingParameterRasterDestination("OUTPUT_CONFIDENCE", "New confidence",
                                                                   optional=True, createByDefault=False))
         self.addParameter(QgsProcessingParameterRasterDestination("OUTPUT_FAMILIARITY", "New familiarity −E(x)",
                                                                   optional=True, createByDefault=False))
