@@ -10,8 +10,14 @@ wrong scored pixels of the JEM's class map (which no candidate changes).  Candid
 
     max p                 each cell's own max p(y|x) (`jem map --confidence-box 0`)
     smoothed W            p(mapped class) averaged over a W × W scene-pixel box
-    box B                 the confidence layer `jem map --confidence-box B` writes (B patches, in whole
-                          stride cells): the kept model mapped again by this checkout's jem_core
+    box B, p alone        `jem map --confidence-box B`'s layer for a model without labelled features:
+                          p(y|x) of the mapped class over a box of B patches (in whole stride cells), the
+                          kept model mapped again by this checkout's jem_core
+    box B                 the same with label agreement (jem_core/label_agreement.py), the layer a
+                          retrained model's map has: a kept model written before models held their
+                          labelled patches' features gets them as `jem retrain` computes them (the
+                          annotations with --label-shift copies, read by the model)
+    box 1.25, sharpness S the default box with q ∝ d^-S instead of the default sharpness
     + second opinion      max p + the probability that a classifier of another kind, fitted to the same
                           labelled patches on colour/texture features (scene_benchmark.patch_features),
                           gives the mapped class: a logistic regression (C = 0.1, standardised
@@ -36,6 +42,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -56,9 +63,12 @@ from scene_benchmark import (
 )
 
 from jem_core.active.retrain import RETRAIN_DEFAULTS  # noqa: E402
+from jem_core.confidence_box import CONFIDENCE_BOX_PATCHES  # noqa: E402
+from jem_core.model_file import LoadedModel  # noqa: E402
 
 SMOOTHING = (33, 49, 65)  # scene pixels: about 1/2, 3/4 and 1 patch at the default 1/2 reading
 BOXES = (0.75, 1.25, 1.75)  # patches: 3, 5 and 7 cells at the benchmark's stride of a quarter patch
+SHARPNESS = (1.0, 4.0)  # besides the default
 READINGS = (1.5, 3.0)
 
 
@@ -86,15 +96,55 @@ def reading_probabilities(work: Path, name: str, scene: Scene, reading: float) -
     return jem_probabilities(work, name, scene, suffix)
 
 
-def boxed_confidence(work: Path, name: str, scene: Scene, box: float) -> np.ndarray:
-    """The confidence layer `jem map --confidence-box box` writes for the kept model (mapped once, then kept)."""
+def with_labelled_features(work: Path, name: str, scene: Scene, label_shift: int | None) -> LoadedModel:
+    """The kept model with its labelled patches' features, computed as `jem retrain` does when the file
+    has none (written before models held them)."""
+    from jem_core.active.patches import patches_from_annotations
+    from jem_core.cli.label_cmd import raster_grid, read_annotations
+    from jem_core.label_agreement import labelled_features
+    from jem_core.model_file import load_model
+
+    loaded = load_model(work / f"{name}.pt")
+    if loaded.labelled is None:
+        meta = loaded.meta
+        wkt, pixel_x, pixel_y = raster_grid(str(scene.raster))
+        footprint = meta.coarsen * meta.image_size
+        annotations = read_annotations(scene.annotations, "class", wkt, pixel_x * footprint, pixel_y * footprint)
+        shift = round(RETRAIN_DEFAULTS.label_shift_fraction * meta.image_size) if label_shift is None else label_shift
+        labelled = patches_from_annotations([str(scene.raster)], annotations, meta.image_size, None, meta,
+                                            meta.class_names, "auto", shift, meta.coarsen)
+        loaded.labelled = labelled_features(loaded, labelled.images, labelled.labels)
+    return loaded
+
+
+def boxed_confidence(work: Path, name: str, scene: Scene, box: float, model: LoadedModel,
+                     tag: str = "") -> np.ndarray:
+    """The confidence layer `jem map --confidence-box box` writes for `model` (mapped once, then kept
+    as {name}_box{box}{tag}_confidence.tif)."""
     from jem_core.mapping import map_raster
 
-    path = work / f"{name}_box{box:g}_confidence.tif"
+    path = work / f"{name}_box{box:g}{tag}_confidence.tif"
     if not path.exists():
-        map_raster(str(work / f"{name}.pt"), str(scene.raster), str(work / f"{name}_box{box:g}_classes.tif"),
-                   str(path), stride=MAP_STRIDE, resolution="input", confidence_box=box)
+        map_raster(model, str(scene.raster), str(work / f"{name}_box{box:g}{tag}_classes.tif"), str(path),
+                   stride=MAP_STRIDE, resolution="input", confidence_box=box)
     return on_scene_grid(read_raster(path).astype(np.float64), scene)
+
+
+def boxed_layers(work: Path, name: str, scene: Scene, label_shift: int | None) -> dict[str, np.ndarray]:
+    """The confidence layers of the kept model: p alone and with label agreement at each box size, and
+    with other sharpness at the default box."""
+    model = with_labelled_features(work, name, scene, label_shift)
+    labelled = model.labelled
+    layers = {}
+    for box in BOXES:
+        layers[f"box {box:g}, p alone"] = boxed_confidence(work, name, scene, box, replace(model, labelled=None))
+    for box in BOXES:
+        layers[f"box {box:g}"] = boxed_confidence(work, name, scene, box, model, "_agreement")
+    for sharpness in SHARPNESS:
+        sharper = replace(model, labelled=replace(labelled, sharpness=sharpness))
+        layers[f"box {CONFIDENCE_BOX_PATCHES:g}, sharpness {sharpness:g}"] = boxed_confidence(
+            work, name, scene, CONFIDENCE_BOX_PATCHES, sharper, f"_agreement{sharpness:g}")
+    return layers
 
 
 def logistic_regression():
@@ -116,17 +166,16 @@ def smoothed_of_mapped(p: np.ndarray, width: int) -> np.ndarray:
 
 
 def candidates(p: np.ndarray, familiarity: np.ndarray, readings: dict[float, np.ndarray],
-               boxed: dict[float, np.ndarray], scene: Scene, seed: int) -> dict[str, np.ndarray]:
+               boxed: dict[str, np.ndarray], scene: Scene, seed: int) -> dict[str, np.ndarray]:
     """p: the JEM map's p(y|x); familiarity: its −E(x); readings: the same model's p(y|x) at other
-    readings (reading → map); boxed: its confidence layers at other --confidence-box sizes (box → map)."""
+    readings (reading → map); boxed: its confidence layers (boxed_layers)."""
     mapped = p.argmax(0)[None]
     of_mapped = lambda q: np.take_along_axis(q, mapped, 0)[0]  # noqa: E731
     max_p = p.max(0)
     scores = {"max p": max_p}
     for width in SMOOTHING:
         scores[f"smoothed {width}"] = smoothed_of_mapped(p, width)
-    for box, confidence in boxed.items():
-        scores[f"box {box:g}"] = confidence
+    scores.update(boxed)
     reading = RETRAIN_DEFAULTS.coarsen  # the second opinion reads the scene as the JEM did
     opinions = {"logreg": patch_classifier_probabilities(scene, logistic_regression(), reading),
                 "forest": patch_classifier_probabilities(scene, random_forest(seed), reading)}
@@ -137,8 +186,8 @@ def candidates(p: np.ndarray, familiarity: np.ndarray, readings: dict[float, np.
     for r, q in at_readings.items():
         scores[f"+ reading 1/{r:g}"] = max_p + q
     scores["+ both readings"] = max_p + sum(at_readings.values())
-    for box, confidence in boxed.items():
-        scores[f"box {box:g} + both readings"] = confidence + sum(at_readings.values())
+    for box in BOXES:
+        scores[f"box {box:g}, p alone + both readings"] = boxed[f"box {box:g}, p alone"] + sum(at_readings.values())
     scores["max logit"] = np.log(np.clip(max_p, 1e-12, None)) + familiarity
     z = lambda v: (v - v[scene.scored].mean()) / v[scene.scored].std()  # noqa: E731
     for weight in FAMILIARITY_WEIGHTS:
@@ -170,6 +219,8 @@ def main() -> None:
     parser.add_argument("--labels", type=int, default=5, help="labels per class of the kept runs")
     parser.add_argument("--method", default="jem", help="the kept JEM run's method name (default: %(default)s)")
     parser.add_argument("--ensemble", metavar="NAME", help="a second kept JEM run to average with --method")
+    parser.add_argument("--label-shift", type=int, help="the kept runs' --label-shift, for a kept model without "
+                        "labelled features (default: jem retrain's)")
     parser.add_argument("--json", type=Path, help="write the AUROCs here")
     args = parser.parse_args()
     table: dict[str, list[float]] = {}
@@ -182,7 +233,7 @@ def main() -> None:
         accuracies.append(float(correct.mean()))
         readings = {r: reading_probabilities(work, args.method, scene, r) for r in READINGS}
         familiarity = jem_familiarity(work, args.method, scene)
-        boxed = {box: boxed_confidence(work, args.method, scene, box) for box in BOXES}
+        boxed = boxed_layers(work, args.method, scene, args.label_shift)
         for candidate, values in candidates(p, familiarity, readings, boxed, scene, seed).items():
             table.setdefault(candidate, []).append(round(float(roc_auc_score(correct, values[scene.scored])), 3))
         if args.ensemble:
