@@ -89,7 +89,7 @@ import torch
 from . import JEMError, ProgressFn, StopFn
 from .confidence_box import CONFIDENCE_BOX_PATCHES, MAX_CONFIDENCE_BOX, ConfidenceBox, box_cells
 from .device import resolve_device
-from .label_agreement import TAG_WORDS, LabelledFeatures
+from .label_agreement import AGREEMENT_NEIGHBOURS, TAG_WORDS, LabelledFeatures
 from .map_writer import CLASS_NODATA, MapOutputs, RowWriter
 from .model_file import LoadedModel, as_loaded
 from .raster_io import RasterSource, Stretch, choose_stretch, open_raster, raster_error, require_crs
@@ -103,8 +103,8 @@ FAMILIARITY_TAG = "-E(x) = logsumexp of the mean logits of the patches covering 
 def confidence_tag(cells: int, agreement: LabelledFeatures | None = None) -> str:
     """What the confidence layer holds, for its metadata."""
     score = "p(y|x)" if agreement is None else (
-        f"p(y|x) x {TAG_WORDS} q_y (q_k proportional to d_k^-{agreement.sharpness:g}, d_k the cosine distance "
-        "in the network's features to the nearest labelled patch of class k)")
+        f"p(y|x) x {TAG_WORDS} q_y (q_k proportional to d_k^-{agreement.sharpness:g}, d_k the mean cosine "
+        f"distance in the network's features to the {AGREEMENT_NEIGHBOURS} nearest labelled patches of class k)")
     if cells == 1:
         return f"{score} of the cell's mapped class y; {CELL_PROBABILITIES}"
     return (f"{score} of the cell's mapped class y, averaged over the {cells} x {cells} cells around it; "
@@ -205,9 +205,9 @@ def _map(loaded: LoadedModel, source: RasterSource, grid: PatchGrid, stretch: St
         kinds = set(outputs.files)
         smoother = ConfidenceBox(box, writer.add_cell_row) if box > 1 and "confidence" in kinds else None
         stats = _run(loaded, source, grid, stretch, batch_size, device, read_ahead,
-                     smoother.add if smoother else writer.add_cell_row, counts,
-                     kinds | {"support"} if smoother else kinds, progress, should_stop)
-        if smoother:
+                     smoother.add if smoother is not None else writer.add_cell_row, counts,
+                     kinds | {"support"} if smoother is not None else kinds, progress, should_stop)
+        if smoother is not None:
             smoother.finish()
         if stats["patches"] == 0:
             raise JEMError(f"'{source.description}' has no {grid.patch_size} × {grid.patch_size} px patch without "
@@ -248,15 +248,14 @@ def _run(loaded: LoadedModel, source: RasterSource, grid: PatchGrid, stretch: St
     patch can touch it.  A model with labelled features also scores each patch's label agreement, averaged
     per cell beside the logits."""
     classes = len(loaded.meta.class_names)
-    agreement = loaded.labelled.to(device) if loaded.labelled is not None and kinds & {"confidence", "support"} \
-        else None
-    columns = 2 * classes if agreement else classes  # logits, then log agreement
-    sums: dict[int, np.ndarray] = {}  # cell row → summed logits (cell_cols, classes)
+    agreement = loaded.labelled.to(device) if loaded.labelled is not None and "confidence" in kinds else None
+    columns = 2 * classes if agreement is not None else classes  # logits, then log agreement
+    sums: dict[int, np.ndarray] = {}  # cell row → summed scores (cell_cols, columns)
     hits: dict[int, np.ndarray] = {}  # cell row → patches covering each cell (cell_cols,)
     stats = {"patches": 0, "skipped": 0}
     next_cell_row = 0
 
-    def accumulate(rows: np.ndarray, cols: np.ndarray, logits: np.ndarray) -> None:
+    def accumulate(rows: np.ndarray, cols: np.ndarray, scores: np.ndarray) -> None:
         for row in np.unique(rows):  # within one patch row the cols differ, so fancy += adds every patch
             members = rows == row
             cell_rows, cell_cols = grid.cells_of_patches(rows[members], cols[members])
@@ -265,7 +264,7 @@ def _run(loaded: LoadedModel, source: RasterSource, grid: PatchGrid, stretch: St
                     sums[cell_row] = np.zeros((grid.cell_cols, columns), np.float64)
                     hits[cell_row] = np.zeros(grid.cell_cols, np.int32)
                 for targets in cell_cols.T:
-                    sums[cell_row][targets] += logits[members]
+                    sums[cell_row][targets] += scores[members]
                     hits[cell_row][targets] += 1
 
     def emit_through(last_cell_row: int) -> None:
