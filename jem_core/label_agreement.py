@@ -59,17 +59,17 @@ class LabelledFeatures:
     @classmethod
     def from_payload(cls, payload: object, classes: int, dimensions: int, source: str) -> "LabelledFeatures":
         """Checked: a malformed entry is one JEMError naming the file."""
-        fix = f"The {source} is damaged; retrain the model, or map it with an earlier copy."
+        fix = "the file is damaged. Retrain the model, or use an earlier copy of it."
         if not isinstance(payload, dict) or not {"features", "labels"} <= payload.keys():
-            raise JEMError(f"The labelled features in {source} are not readable. {fix}")
+            raise JEMError(f"The labelled features in {source} are not readable: {fix}")
         features, labels = payload["features"], payload["labels"]
         if not (isinstance(features, torch.Tensor) and isinstance(labels, torch.Tensor)
                 and features.ndim == 2 and features.shape[1] == dimensions and labels.shape == features.shape[:1]
                 and features.is_floating_point() and not labels.is_floating_point()
                 and bool(torch.isfinite(features).all()) and len(labels)
                 and int(labels.min()) >= 0 and int(labels.max()) < classes):
-            raise JEMError(f"The labelled features in {source} do not fit the model ({dimensions} features, "
-                           f"{classes} classes). {fix}")
+            raise JEMError(f"The labelled features in {source} do not fit its network ({dimensions} features, "
+                           f"{classes} classes): {fix}")
         return cls(F.normalize(features.float(), dim=1), labels.long(), classes)
 
     def to(self, device: torch.device) -> "LabelledFeatures":
