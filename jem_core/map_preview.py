@@ -86,14 +86,15 @@ def render_map_preview(classes_path: str | os.PathLike, confidence_path: str | o
     if confidence_path:  # low (likely wrong) in dark red as in the QGIS style
         ax = axes.pop(0)
         confidence, info = _read_decimated(confidence_path, band=1)
-        finite = confidence[np.isfinite(confidence)]
-        if TAG_WORDS in info["tags"].get("jem_confidence", "") and finite.size:  # a score: its 2–98 % range
-            low, high = (float(v) for v in np.quantile(finite, [0.02, 0.98]))
-            what = "p(y|x) × label agreement of the mapped class"
+        finite = np.sort(confidence[np.isfinite(confidence)])
+        if TAG_WORDS in info["tags"].get("jem_confidence", "") and finite.size:
+            # a score crowding near 0, not a probability: shown by its rank within the map
+            confidence = np.where(np.isfinite(confidence), np.searchsorted(finite, confidence) / finite.size, np.nan)
+            what = "rank in this map of p(y|x) × label agreement"
         else:  # a probability: the fixed 0–1 scale
-            low, high, what = 0.0, 1.0, "p(y|x) of the mapped class"
-        image = ax.imshow(np.ma.masked_invalid(confidence), cmap="Reds_r", vmin=low, vmax=max(high, low + 1e-6),
-                          extent=extent, interpolation="nearest")
+            what = "p(y|x) of the mapped class"
+        image = ax.imshow(np.ma.masked_invalid(confidence), cmap="Reds_r", vmin=0, vmax=1, extent=extent,
+                          interpolation="nearest")
         fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label=f"{what} (low = likely wrong)")
         ax.set_title("confidence")
     if familiarity_path:

@@ -159,8 +159,14 @@ def class_map_renderer(layer: QgsRasterLayer) -> QgsPalettedRasterRenderer:
 
 
 def stretched_range(path: str) -> tuple[float, float]:
-    """The 2-98 % range of the raster's values, from a decimated read with numpy: QGIS's own
-    cumulativeCut would store a histogram of megabytes in <raster>.aux.xml."""
+    """The 2-98 % range of the raster's values."""
+    low, high = value_quantiles(path, [STRETCH_CUT, 1 - STRETCH_CUT])
+    return low, (high if high > low else low + 1.0)
+
+
+def value_quantiles(path: str, levels: list[float]) -> list[float]:
+    """Quantiles of the raster's valid values (0..1 for a raster without any), from a decimated read with
+    numpy: QGIS's own cumulativeCut would store a histogram of megabytes in <raster>.aux.xml."""
     from osgeo import gdal
 
     with gdal_exceptions():
@@ -173,9 +179,8 @@ def stretched_range(path: str) -> tuple[float, float]:
         nodata = band.GetNoDataValue()
     values = values[np.isfinite(values) & ((values != nodata) if nodata is not None else True)]
     if values.size == 0:
-        return 0.0, 1.0
-    low, high = np.quantile(values, [STRETCH_CUT, 1 - STRETCH_CUT])
-    return float(low), float(high if high > low else low + 1.0)
+        return [float(level) for level in levels]
+    return [float(value) for value in np.quantile(values, levels)]
 
 
 def has_label_agreement(path: str) -> bool:
@@ -189,13 +194,15 @@ def has_label_agreement(path: str) -> bool:
 
 def confidence_renderer(layer: QgsRasterLayer) -> QgsSingleBandPseudoColorRenderer:
     """Low confidence (likely wrong) stands out in red, high confidence is transparent.  p(y|x) gets the
-    template's fixed ramp over 0..1, the same on every map; p(y|x) times the label agreement, a score
-    whose scale is not a probability's, gets the template's ramp stretched over the map's 2–98 % range."""
+    template's fixed ramp over 0..1, the same on every map.  p(y|x) times the label agreement is a score
+    whose scale is not a probability's and whose values crowd near 0 (high only near labelled patches), so
+    each template stop goes to the map's quantile at the stop's position within the 2–98 % range: with the
+    template's stops at 0, 0.5, 0.8 and 1, the least confident half of the map is red to orange."""
     fallback = template(CONFIDENCE_TEMPLATE)
     values = [value for value, _ in fallback.stops]
     if has_label_agreement(layer.source()):
-        low, high = stretched_range(layer.source())
-        values = [low + position * (high - low) for position in values]
+        levels = [STRETCH_CUT + position * (1 - 2 * STRETCH_CUT) for position in values]
+        values = list(np.maximum.accumulate(value_quantiles(layer.source(), levels)) + 1e-6 * np.arange(len(levels)))
     return _ramp_renderer(layer, fallback, values, ("unsure: class likely wrong", "sure"))
 
 

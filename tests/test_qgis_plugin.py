@@ -152,7 +152,8 @@ def test_land_cover_map_outputs_are_aligned_styled_and_named(provider, model_fil
 
 
 def test_a_retrained_models_confidence_ramp_is_stretched_over_the_maps_range(provider, model_file, raster, tmp_path):
-    """p(y|x) times the label agreement is a score, not a probability: its ramp spans the map's 2–98 % range."""
+    """p(y|x) times the label agreement is a score, not a probability: its ramp's stops sit at the map's
+    quantiles (the template's stop positions within its 2–98 % range)."""
     import torch
 
     from jem_core.label_agreement import labelled_features
@@ -168,8 +169,9 @@ def test_a_retrained_models_confidence_ramp_is_stretched_over_the_maps_range(pro
     confidence = QgsRasterLayer(str(out_confidence), "confidence")
     ramp = confidence.renderer().shader().rasterShaderFunction().colorRampItemList()
     values = read_band(out_confidence)
-    low, high = np.quantile(values[np.isfinite(values)], [0.02, 0.98])
-    assert ramp[0].value == pytest.approx(low, abs=1e-3) and ramp[-1].value == pytest.approx(high, abs=1e-3)
+    levels = [0.02 + 0.96 * stop for stop in (0, 0.5, 0.8, 1)]  # resources/styles/confidence.qml's stops
+    expected = np.quantile(values[np.isfinite(values)], levels)
+    assert [item.value for item in ramp] == pytest.approx(expected, abs=1e-3)
     assert 0 < ramp[0].value < ramp[-1].value < 1 and ramp[0].color.alpha() == 255 and ramp[-1].color.alpha() == 0
 
 
