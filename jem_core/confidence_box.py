@@ -22,6 +22,9 @@ from typing import Callable
 import numpy as np
 
 CONFIDENCE_BOX_PATCHES = 1.25  # box side in patches: 5 cells at a stride of a quarter patch
+# In a confidence raster's jem_confidence tag when its score is p(y|x) times the label agreement (here, not in
+# label_agreement.py, because the QGIS plugin reads it before torch may be installed).
+AGREEMENT_TAG_WORDS = "label agreement"
 MAX_CONFIDENCE_BOX = 10  # patches; the rows the box holds back grow with it
 
 Row = dict[str, np.ndarray]

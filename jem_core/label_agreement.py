@@ -41,7 +41,6 @@ MAX_LABELLED_FEATURES = 8192  # a file holds at most this many (an even draw per
 FARTHEST = 2.0  # the largest cosine distance: a class without labelled patches
 NEAREST = 1e-4  # distances are clamped here, so a patch on a labelled one gets a finite score
 FEATURE_BATCH = 256
-TAG_WORDS = "label agreement"  # in a confidence raster's jem_confidence tag when the layer uses it
 
 
 @dataclass

@@ -9,7 +9,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .label_agreement import TAG_WORDS
+from .confidence_box import AGREEMENT_TAG_WORDS
 from .map_writer import CLASS_NODATA
 from .plots import pyplot, save_figure
 from .raster_io import band_percentiles, open_raster
@@ -87,7 +87,7 @@ def render_map_preview(classes_path: str | os.PathLike, confidence_path: str | o
         ax = axes.pop(0)
         confidence, info = _read_decimated(confidence_path, band=1)
         finite = np.sort(confidence[np.isfinite(confidence)])
-        if TAG_WORDS in info["tags"].get("jem_confidence", "") and finite.size:
+        if AGREEMENT_TAG_WORDS in info["tags"].get("jem_confidence", "") and finite.size:
             # a score crowding near 0, not a probability: shown by its rank within the map
             confidence = np.where(np.isfinite(confidence), np.searchsorted(finite, confidence) / finite.size, np.nan)
             what = "rank in this map of p(y|x) × label agreement"

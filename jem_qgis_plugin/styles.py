@@ -35,7 +35,7 @@ from qgis.core import (
 )
 from qgis.PyQt.QtGui import QColor
 
-from jem_core.label_agreement import TAG_WORDS
+from jem_core.confidence_box import AGREEMENT_TAG_WORDS
 from jem_core.process_state import gdal_exceptions
 
 from .paths import resource_path
@@ -189,7 +189,7 @@ def has_label_agreement(path: str) -> bool:
     from osgeo import gdal
 
     with gdal_exceptions():
-        return TAG_WORDS in (gdal.Open(path).GetMetadataItem("jem_confidence") or "")
+        return AGREEMENT_TAG_WORDS in (gdal.Open(path).GetMetadataItem("jem_confidence") or "")
 
 
 def confidence_renderer(layer: QgsRasterLayer) -> QgsSingleBandPseudoColorRenderer:

@@ -79,11 +79,16 @@ def assert_class_map(layer) -> None:
     assert layer.renderer().classes()
 
 
-def assert_confidence(layer) -> None:
-    """max p(y|x) on a fixed 0–1 ramp (low confidence stands out the same on every map)."""
+def assert_confidence(layer, retrained: bool = False) -> None:
+    """max p(y|x) on a fixed 0–1 ramp (low confidence stands out the same on every map); a retrained model's
+    p(y|x) × label agreement on a ramp whose stops follow the map's own values inside 0–1."""
     assert layer.isValid() and layer.renderer().type() == "singlebandpseudocolor"
     ramp = layer.renderer().shader().rasterShaderFunction().colorRampItemList()
-    assert (ramp[0].value, ramp[-1].value) == (0, 1)
+    if retrained:
+        values = [item.value for item in ramp]
+        assert 0 < values[0] and values == sorted(values) and values[-1] < 1
+    else:
+        assert (ramp[0].value, ramp[-1].value) == (0, 1)
 
 
 def assert_familiarity(layer) -> None:
@@ -198,7 +203,7 @@ def test_retrain_twice_with_maps_loaded_and_models_kept_beside_the_annotations(p
     for result in (first, second):
         assert load_model(result["OUTPUT_MODEL"]).meta.class_names == ["field", "town"]
         assert_class_map(loaded(project, result["OUTPUT_MAP"]))
-        assert_confidence(loaded(project, result["OUTPUT_CONFIDENCE"]))
+        assert_confidence(loaded(project, result["OUTPUT_CONFIDENCE"]), retrained=True)
     assert loaded(project, first["OUTPUT_MAP"]).name() == "new_classes"
     assert loaded(project, second["OUTPUT_MAP"]).name() == "scene class map (ann_retrained_2)"
     assert loaded(project, second["OUTPUT_CONFIDENCE"]).name() == "scene confidence (ann_retrained_2)"
