@@ -160,12 +160,15 @@ def class_map_renderer(layer: QgsRasterLayer) -> QgsPalettedRasterRenderer:
 
 def stretched_range(path: str) -> tuple[float, float]:
     """The 2-98 % range of the raster's values."""
-    low, high = value_quantiles(path, [STRETCH_CUT, 1 - STRETCH_CUT])
+    quantiles = value_quantiles(path, [STRETCH_CUT, 1 - STRETCH_CUT])
+    if quantiles is None:
+        return 0.0, 1.0
+    low, high = quantiles
     return low, (high if high > low else low + 1.0)
 
 
-def value_quantiles(path: str, levels: list[float]) -> list[float]:
-    """Quantiles of the raster's valid values (0..1 for a raster without any), from a decimated read with
+def value_quantiles(path: str, levels: list[float]) -> list[float] | None:
+    """Quantiles of the raster's valid values (None for a raster without any), from a decimated read with
     numpy: QGIS's own cumulativeCut would store a histogram of megabytes in <raster>.aux.xml."""
     from osgeo import gdal
 
@@ -179,7 +182,7 @@ def value_quantiles(path: str, levels: list[float]) -> list[float]:
         nodata = band.GetNoDataValue()
     values = values[np.isfinite(values) & ((values != nodata) if nodata is not None else True)]
     if values.size == 0:
-        return [float(level) for level in levels]
+        return None
     return [float(value) for value in np.quantile(values, levels)]
 
 
@@ -202,7 +205,8 @@ def confidence_renderer(layer: QgsRasterLayer) -> QgsSingleBandPseudoColorRender
     values = [value for value, _ in fallback.stops]
     if has_label_agreement(layer.source()):
         levels = [STRETCH_CUT + position * (1 - 2 * STRETCH_CUT) for position in values]
-        values = list(np.maximum.accumulate(value_quantiles(layer.source(), levels)) + 1e-6 * np.arange(len(levels)))
+        quantiles = value_quantiles(layer.source(), levels) or levels  # an empty map: the template's own stops
+        values = list(np.maximum.accumulate(quantiles) + 1e-6 * np.arange(len(levels)))
     return _ramp_renderer(layer, fallback, values, ("unsure: class likely wrong", "sure"))
 
 
