@@ -14,9 +14,9 @@ wrong scored pixels of the JEM's class map (which no candidate changes).  Candid
                           p(y|x) of the mapped class over a box of B patches (in whole stride cells), the
                           kept model mapped again by this checkout's jem_core
     box B                 the same with label agreement (jem_core/label_agreement.py), the layer a
-                          retrained model's map has: a kept model written before models held their
-                          labelled patches' features gets them as `jem retrain` computes them (the
-                          annotations with --label-shift copies, read by the model)
+                          retrained model's map has, the labelled patches' features and places
+                          computed as `jem retrain` computes them (the annotations with their
+                          --label-shift copies, read by the model)
     box 1.25, sharpness S the default box with q ∝ d^-S instead of the default sharpness
     + second opinion      max p + the probability that a classifier of another kind, fitted to the same
                           labelled patches on colour/texture features (scene_benchmark.patch_features),
@@ -68,7 +68,7 @@ from jem_core.model_file import LoadedModel  # noqa: E402
 
 SMOOTHING = (33, 49, 65)  # scene pixels: about 1/2, 3/4 and 1 patch at the default 1/2 reading
 BOXES = (0.75, 1.25, 1.75)  # patches: 3, 5 and 7 cells at the benchmark's stride of a quarter patch
-SHARPNESS = (1.0, 4.0)  # besides the default
+SHARPNESS = (2.0, 8.0)  # besides the default
 READINGS = (1.5, 3.0)
 
 
@@ -97,23 +97,22 @@ def reading_probabilities(work: Path, name: str, scene: Scene, reading: float) -
 
 
 def with_labelled_features(work: Path, name: str, scene: Scene, label_shift: int | None) -> LoadedModel:
-    """The kept model with its labelled patches' features, computed as `jem retrain` does when the file
-    has none (written before models held them)."""
+    """The kept model with its labelled patches' features and places computed as `jem retrain` computes
+    them (the same features a retrain stores, to 6e-8), so models kept by any version are scored alike."""
     from jem_core.active.patches import patches_from_annotations
     from jem_core.cli.label_cmd import raster_grid, read_annotations
     from jem_core.label_agreement import labelled_features
     from jem_core.model_file import load_model
 
     loaded = load_model(work / f"{name}.pt")
-    if loaded.labelled is None:
-        meta = loaded.meta
-        wkt, pixel_x, pixel_y = raster_grid(str(scene.raster))
-        footprint = meta.coarsen * meta.image_size
-        annotations = read_annotations(scene.annotations, "class", wkt, pixel_x * footprint, pixel_y * footprint)
-        shift = round(RETRAIN_DEFAULTS.label_shift_fraction * meta.image_size) if label_shift is None else label_shift
-        labelled = patches_from_annotations([str(scene.raster)], annotations, meta.image_size, None, meta,
-                                            meta.class_names, "auto", shift, meta.coarsen)
-        loaded.labelled = labelled_features(loaded, labelled.images, labelled.labels)
+    meta = loaded.meta
+    wkt, pixel_x, pixel_y = raster_grid(str(scene.raster))
+    footprint = meta.coarsen * meta.image_size
+    annotations = read_annotations(scene.annotations, "class", wkt, pixel_x * footprint, pixel_y * footprint)
+    shift = round(RETRAIN_DEFAULTS.label_shift_fraction * meta.image_size) if label_shift is None else label_shift
+    labelled = patches_from_annotations([str(scene.raster)], annotations, meta.image_size, None, meta,
+                                        meta.class_names, "auto", shift, meta.coarsen)
+    loaded.labelled = labelled_features(loaded, labelled.images, labelled.labels, labelled.places)
     return loaded
 
 

@@ -25,7 +25,8 @@ MAX_SCENE_PIXELS = 100_000_000
 
 @dataclass
 class SceneDataset:
-    """Images (N, bands, size, size) float32 in their original units, labels (N,) int64."""
+    """Images (N, bands, size, size) float32 in their original units, labels (N,) int64; for labelled raster
+    patches, places (N,): the annotated window each patch comes from (its shifted copies share it)."""
 
     images: torch.Tensor
     labels: torch.Tensor
@@ -33,6 +34,7 @@ class SceneDataset:
     band_names: list[str]
     value_range: list[float]
     paths: list[Path]
+    places: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.labels)

@@ -89,7 +89,7 @@ import torch
 from . import JEMError, ProgressFn, StopFn
 from .confidence_box import AGREEMENT_TAG_WORDS, CONFIDENCE_BOX_PATCHES, MAX_CONFIDENCE_BOX, ConfidenceBox, box_cells
 from .device import resolve_device
-from .label_agreement import AGREEMENT_NEIGHBOURS, LabelledFeatures
+from .label_agreement import AGREEMENT_PLACES, LabelledFeatures
 from .map_writer import CLASS_NODATA, MapOutputs, RowWriter
 from .model_file import LoadedModel, as_loaded
 from .raster_io import RasterSource, Stretch, choose_stretch, open_raster, raster_error, require_crs
@@ -104,7 +104,8 @@ def confidence_tag(cells: int, agreement: LabelledFeatures | None = None) -> str
     """What the confidence layer holds, for its metadata."""
     score = "p(y|x)" if agreement is None else (
         f"p(y|x) x {AGREEMENT_TAG_WORDS} q_y (q_k proportional to d_k^-{agreement.sharpness:g}, d_k the mean cosine "
-        f"distance in the network's features to the {AGREEMENT_NEIGHBOURS} nearest labelled patches of class k)")
+        f"distance in the network's features to the {AGREEMENT_PLACES} nearest labelled places of class k, each "
+        "place's nearest patch)")
     if cells == 1:
         return f"{score} of the cell's mapped class y; {CELL_PROBABILITIES}"
     return (f"{score} of the cell's mapped class y, averaged over the {cells} x {cells} cells around it; "

@@ -109,6 +109,7 @@ def test_a_label_shift_adds_the_eight_neighbouring_patches_inside_the_raster(sce
     shifted = patches_from_annotations([scene], labels, PATCH, shift=4)
     assert len(plain) == 2 and len(shifted) == 18
     assert shifted.labels.tolist() == [plain.labels[0].item()] * 9 + [plain.labels[1].item()] * 9
+    assert shifted.places.tolist() == [0] * 9 + [1] * 9 and plain.places.tolist() == [0, 1]
     assert any(torch.equal(image, plain.images[0]) for image in shifted.images[:9])
     # In the corner the shifts that would leave the raster are clamped: 4 distinct patches, not 9.
     assert len({tuple(image.flatten().tolist()) for image in shifted.images[9:]}) == 4
@@ -129,6 +130,7 @@ def test_polygon_bounds_label_every_cell_inside(scene):
     data = patches_from_annotations([scene], [Annotation("field", (xmin + xmax) / 2, (ymin + ymax) / 2,
                                                          (xmin, ymin, xmax, ymax)), point("town", 70, 20)], PATCH)
     assert data.labels.tolist() == [0, 0, 1]
+    assert data.places.tolist() == [0, 1, 2]  # each cell of a polygon is a labelled place of its own
 
 
 def test_class_order_follows_the_given_list_and_new_classes_are_appended(scene):

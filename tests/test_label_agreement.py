@@ -11,32 +11,46 @@ from test_mapping import PATCH, model_path, read, scene, write_raster  # noqa: F
 
 from jem_core import JEMError
 from jem_core.active.retrain import retrain
-from jem_core.label_agreement import AGREEMENT_NEIGHBOURS, FARTHEST, LabelledFeatures, even_draw, labelled_features
+from jem_core.label_agreement import AGREEMENT_PLACES, FARTHEST, LabelledFeatures, even_draw, labelled_features
 from jem_core.mapping import map_raster
 from jem_core.model_file import LoadedModel, load_model, save_model
 from jem_core.models import feature_count
 from tests.test_active import tiny_config, two_class_annotations, write_scene
 
 
-def bank(classes: int = 3, per_class: int = 4, dimensions: int = 6, seed: int = 0) -> LabelledFeatures:
+def bank(classes: int = 3, per_class: int = 4, dimensions: int = 6, seed: int = 0, ring: int = 1) -> LabelledFeatures:
+    """per_class places of each class, each of `ring` patches."""
     generator = torch.Generator().manual_seed(seed)
-    features = F.normalize(torch.randn(classes * per_class, dimensions, generator=generator), dim=1)
-    return LabelledFeatures(features, torch.arange(classes).repeat_interleave(per_class), classes)
+    features = F.normalize(torch.randn(classes * per_class * ring, dimensions, generator=generator), dim=1)
+    labels = torch.arange(classes).repeat_interleave(per_class * ring)
+    return LabelledFeatures(features, labels, torch.arange(classes * per_class).repeat_interleave(ring), classes)
 
 
-def test_log_agreement_is_minus_sharpness_times_the_log_distance_to_each_class_nearest_labelled_patches():
-    labelled = bank(classes=4, per_class=7)
-    labelled.labels[labelled.labels == 2] = 0  # class 2 has no labelled patch left
-    labelled.labels[-4:] = 1  # class 3 has fewer than AGREEMENT_NEIGHBOURS
+def test_log_agreement_is_minus_sharpness_times_the_log_mean_distance_to_each_class_nearest_places():
+    labelled = bank(classes=4, per_class=3, ring=3)
+    labelled.labels[labelled.labels == 2] = 0  # class 2 has no labelled place left
+    labelled.labels[labelled.places == 9] = 1  # class 3 has one place left, fewer than AGREEMENT_PLACES
+    labelled.labels[labelled.places == 10] = 1
     x = torch.randn(5, 6, generator=torch.Generator().manual_seed(1))
     got = labelled.log_agreement(x)
     for i in range(5):
         distances = 1 - F.normalize(x[i].double(), dim=0) @ labelled.features.double().T
         for k in range(4):
-            of_class = sorted(distances[labelled.labels == k].tolist())[:AGREEMENT_NEIGHBOURS]
-            nearest = np.mean(of_class) if of_class else FARTHEST
+            places = labelled.places[labelled.labels == k].unique().tolist()
+            by_place = sorted(float(distances[labelled.places == a].min()) for a in places)[:AGREEMENT_PLACES]
+            nearest = np.mean(by_place) if by_place else FARTHEST
             assert float(got[i, k]) == pytest.approx(-labelled.sharpness * np.log(nearest), abs=1e-4)
-    assert len(of_class) == 3  # class 3 has 3 labelled patches left: its distance is their mean
+    assert len(by_place) == 1 and AGREEMENT_PLACES > 1  # class 3's distance is that of its one place
+
+
+def test_the_copies_of_one_place_back_its_class_once():
+    """Two places of class 0 far apart and one of class 1: a patch on one class-0 place is backed by the
+    other class-0 place too, however many copies the first has."""
+    features = F.normalize(torch.tensor([[1.0, 0.0, 0.0]] * 5 + [[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]), dim=1)
+    labelled = LabelledFeatures(features, torch.tensor([0] * 6 + [1]), torch.tensor([0] * 5 + [1, 2]), 2)
+    d = (1 - torch.tensor([[1.0, 0.0, 0.0]]) @ features.T)[0]
+    got = labelled.log_agreement(torch.tensor([[1.0, 0.0, 0.0]]))
+    assert float(got[0, 0]) == pytest.approx(-labelled.sharpness * np.log(float(d[0] + d[5]) / 2), abs=1e-4)
 
 
 def test_the_class_of_the_nearest_labelled_patches_agrees_most():
@@ -73,21 +87,33 @@ def test_labelled_features_are_the_models_pooled_features_of_the_normalised_pixe
     assert torch.allclose(labelled.features, expected, atol=1e-5)
     assert torch.allclose(F.normalize(features, dim=1), expected, atol=1e-5)
     assert torch.equal(labelled.labels, labels) and labelled.features.shape[1] == feature_count(model)
+    assert torch.equal(labelled.places, torch.arange(7))  # no places given: one per patch
+    grouped = labelled_features(loaded, pixels, labels, torch.tensor([4, 7, 9, 11, 4, 7, 9]))
+    assert grouped.places.tolist() == [0, 1, 2, 3, 0, 1, 2]  # numbered 0…P−1
 
 
 def test_model_files_carry_labelled_features_and_refuse_broken_ones(tmp_path):
     model = ensemble(2)
     loaded = LoadedModel(model, meta_for(model))
-    labelled = labelled_features(loaded, torch.rand(8, 3, 16, 16) * 255, torch.tensor([0, 1, 2, 3] * 2))
+    labels = torch.tensor([0, 1, 2, 3] * 2)
+    labelled = labelled_features(loaded, torch.rand(8, 3, 16, 16) * 255, labels, torch.tensor([0, 1, 2, 3] * 2))
     save_model(tmp_path / "with.pt", model, loaded.meta, labelled)
     back = load_model(tmp_path / "with.pt").labelled
     assert torch.allclose(back.features, labelled.features) and torch.equal(back.labels, labelled.labels)
+    assert torch.equal(back.places, labelled.places)
     save_model(tmp_path / "without.pt", model, loaded.meta)
     assert load_model(tmp_path / "without.pt").labelled is None
     payload = torch.load(tmp_path / "with.pt", weights_only=True)
-    for broken in ({"features": labelled.features[:, :5], "labels": labelled.labels},  # other dimensions
-                   {"features": labelled.features, "labels": labelled.labels + 4},  # a class the model lacks
-                   {"features": labelled.features * float("nan"), "labels": labelled.labels}, "junk"):
+    earlier = {"features": labelled.features, "labels": labels}  # a file written before places were stored
+    payload["labelled_features"] = earlier
+    torch.save(payload, tmp_path / "earlier.pt")
+    assert torch.equal(load_model(tmp_path / "earlier.pt").labelled.places, torch.arange(8))
+    for broken in ({"features": labelled.features[:, :5], "labels": labels},  # other dimensions
+                   {"features": labelled.features, "labels": labels + 4},  # a class the model lacks
+                   {"features": labelled.features * float("nan"), "labels": labels}, "junk",
+                   {**earlier, "places": torch.zeros(8, dtype=torch.long)},  # one place, four classes
+                   {**earlier, "places": torch.arange(8) - 1},  # a negative place
+                   {**earlier, "places": torch.arange(7)}):  # not one per patch
         payload["labelled_features"] = broken
         torch.save(payload, tmp_path / "broken.pt")
         with pytest.raises(JEMError, match="broken.pt"):
@@ -153,3 +179,5 @@ def test_retrain_writes_its_labelled_patches_features_into_the_model(tmp_path):
     assert saved.labelled.features.shape[1] == feature_count(saved.model)
     assert torch.allclose(saved.labelled.features, result.loaded.labelled.features)
     assert sorted(set(saved.labelled.labels.tolist())) == [0, 1]
+    places = len(two_class_annotations())  # each annotation and its 8 shifted copies are one place
+    assert saved.labelled.places.tolist() == torch.arange(places).repeat_interleave(9).tolist()

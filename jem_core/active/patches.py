@@ -221,7 +221,9 @@ def patches_from_annotations(rasters: Sequence[RasterInput], annotations: Sequen
         if len(names) < 2:
             raise JEMError(f"Only one class ('{names[0]}') is labelled. A classifier needs labels of at least two "
                            "classes (or a starting model that knows others).")
-        windows = [(moved, name) for window, name in windows for moved in shifted(reader, window, shift)]
+        rings = [shifted(reader, window, shift) for window, _ in windows]
+        places = torch.tensor([place for place, ring in enumerate(rings) for _ in ring])
+        windows = [(moved, name) for ring, (_, name) in zip(rings, windows) for moved in ring]
         images = np.stack([reader.read(window)[0] for window, _ in windows])
         labels = torch.tensor([names.index(name) for _, name in windows])
         band_names = reader.band_names
@@ -229,7 +231,7 @@ def patches_from_annotations(rasters: Sequence[RasterInput], annotations: Sequen
         sources = [Path(reader.sources[w.raster].description) for w, _ in windows]
     value_range = list(model_meta.value_range) if model_meta is not None else \
         ([0.0, 255.0] if dtype == "uint8" else [float(images.min()), float(images.max())])
-    return SceneDataset(torch.from_numpy(images), labels, names, list(band_names), value_range, sources)
+    return SceneDataset(torch.from_numpy(images), labels, names, list(band_names), value_range, sources, places)
 
 
 def shifted(reader: PatchReader, window: PatchWindow, shift: int) -> list[PatchWindow]:

@@ -245,7 +245,7 @@ def retrain_on_patches(labelled: SceneDataset, unlabelled: torch.Tensor | Sequen
                for index, member_unlabelled in enumerate(unlabelled_sets)]
     loaded, metrics = combined(results, labelled, config)
     loaded.meta.coarsen = coarsen
-    loaded.labelled = labelled_features(loaded, labelled.images, labelled.labels, config.seed)
+    loaded.labelled = labelled_features(loaded, labelled.images, labelled.labels, labelled.places, config.seed)
     if len(results) > 1:  # a single network's run has said its own
         for warning in metrics["warnings"]:
             log(f"warning: {warning}")
