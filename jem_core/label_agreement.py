@@ -14,8 +14,8 @@ nearest copy, so a class is backed by several labels rather than by the copies o
 `jem retrain` stores the labelled patches' features and places in the model file (LabelledFeatures); a map
 made with such a model has as confidence p(y|x) · q_y(x) of the mapped class y (averaged over the
 confidence box), a model without them p(y|x) alone.  On two sets of six default retrains of the scene
-benchmark this ranked wrong pixels below right ones with an AUROC of 0.826 and 0.814, against 0.778 and
-0.764 for the boxed p(y|x) alone (docs/labelling.md).  A class with no labelled patch (a starting model's
+benchmark this ranked wrong pixels below right ones with an AUROC of 0.824 and 0.808, against 0.775 and
+0.770 for the boxed p(y|x) alone (docs/labelling.md).  A class with no labelled patch (a starting model's
 class kept with --keep-model-classes) is as far as can be (d = 2) and so gets little agreement.
 
 A patch's log q up to a constant, −s · log d_k, is averaged over the patches covering a cell like the
@@ -35,9 +35,9 @@ from . import JEMError
 if TYPE_CHECKING:  # model_file imports this module
     from .model_file import LoadedModel
 
-# Two sets of six retrains (docs/labelling.md): the 2 nearest places at sharpness 4 0.826 / 0.814; sharpness 2
-# 0.820 / 0.808; the nearest place 0.813 / 0.791; 3 places 0.821 / 0.812; the 5 nearest patches, places
-# ignored (stop 32's form), 0.808 / 0.794 at sharpness 2
+# Two sets of six retrains, exploratory (docs/labelling.md): the 2 nearest places at sharpness 4 0.826 / 0.814;
+# sharpness 2 0.820 / 0.808; the nearest place 0.813 / 0.791; 3 places 0.821 / 0.812; the 5 nearest patches,
+# places ignored (the form before), 0.808 / 0.794 at sharpness 2
 AGREEMENT_SHARPNESS = 4.0
 AGREEMENT_PLACES = 2  # labelled places per class the distance averages over
 MAX_LABELLED_FEATURES = 8192  # a file holds at most this many (an even draw per class beyond it)

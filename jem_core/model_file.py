@@ -10,9 +10,9 @@ never runs code from the file):
     state_dict      the network's weights (an ensemble's: members.0.…, members.1.…)
     meta            ModelMeta as a dict (class names, band names, image size,
                     normalisation, value range, training config, metrics)
-    labelled_features  optional (`jem retrain`): the labelled patches' pooled features and classes, for
-                    the map's label agreement (label_agreement.py); files without it map as before, and
-                    earlier JEM-EO versions ignore it
+    labelled_features  optional (`jem retrain`): the labelled patches' pooled features, classes and
+                    places, for the map's label agreement (label_agreement.py); files without it map as
+                    before, and earlier JEM-EO versions ignore it
 
 Files are written with files.atomic_write (a temporary name beside the target, then a rename), so
 a crash never leaves a half-written model under the real name.

@@ -188,7 +188,7 @@ def value_quantiles(path: str, levels: list[float]) -> list[float] | None:
 
 def has_label_agreement(path: str) -> bool:
     """Whether a confidence raster holds p(y|x) times the label agreement (a retrained model's map): a score
-    that ranks errors but is no probability (its median is ~0.1 on the scene benchmark)."""
+    that ranks errors but is no probability (its median is ~0.2 on the scene benchmark)."""
     from osgeo import gdal
 
     with gdal_exceptions():

@@ -33,7 +33,7 @@ def register(subparsers) -> None:
                         f"labelled patches of its class than to other classes': q_y ∝ d_y^-{AGREEMENT_SHARPNESS:g}, "
                         f"d_y the mean cosine distance to the {AGREEMENT_PLACES} nearest labelled places of class "
                         "y, a place being an annotation with its shifted copies): a score, not a probability, that "
-                        "ranked wrong pixels below right ones with AUROC 0.826 and 0.814 against 0.778 and 0.764 for "
+                        "ranked wrong pixels below right ones with AUROC 0.824 and 0.808 against 0.775 and 0.770 for "
                         "p(y|x) alone on two sets of six scene-benchmark retrains (docs/labelling.md)")
     p.add_argument("--out-familiarity", type=Path,
                    help="familiarity −E(x) GeoTIFF (Float32): higher = more like the training data (OOD map); "
